@@ -1,0 +1,105 @@
+"""The rollout engine interface (SPEC section 1).
+
+An engine samples continuations of token-id prefixes and reports, per new token, the sampling
+policy's log-prob and the entropy of its full next-token distribution. Plain Python types only:
+no transformers or vLLM objects cross this boundary, so the tree sampler and the pipeline work
+with any engine. Engines register in ``ENGINES`` and are built by name from config.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ibtpo_core.registry import Registry
+
+ENGINES: Registry[Callable[..., "RolloutEngine"]] = Registry("engine")
+
+
+@dataclass(frozen=True)
+class StopConditions:
+    """When a sampled continuation ends.
+
+    ``eos_token_ids`` always end it. With ``stop_at_step_end``, any token in
+    ``step_end_token_ids`` (the tokens whose text holds the step delimiter) ends it too.
+    """
+
+    eos_token_ids: tuple[int, ...]
+    step_end_token_ids: tuple[int, ...] = ()
+    stop_at_step_end: bool = False
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of ``prefixes[prefix_index]``."""
+
+    prefix_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # log pi_sample(token) per new token, pi_sample = softmax(logits / T)
+    entropies: list[float] | None  # entropy of pi_sample per new token; None if not exposed
+    finish_reason: str  # "eos" | "step_end" | "length"
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutEngine(ABC):
+    """Sample continuations; batched, seeded, reusing shared prefixes where the engine can."""
+
+    @property
+    @abstractmethod
+    def max_context(self) -> int:
+        """Longest prefix + continuation the model accepts, in tokens."""
+
+    @abstractmethod
+    def _generate(self, prefixes: list[list[int]], num_samples: int, temperature: float,
+                  max_new_tokens: int, stop: StopConditions, seed: int | None) -> list[Completion]:
+        ...
+
+    @abstractmethod
+    def load_weights(self, path: str) -> None:
+        """Replace the policy's weights with the checkpoint at ``path`` (same architecture)."""
+
+    def generate(self, prefixes: Sequence[Sequence[int]], *, num_samples: int = 1,
+                 temperature: float = 1.0, max_new_tokens: int, stop: StopConditions,
+                 seed: int | None = None) -> list[Completion]:
+        """Sample ``num_samples`` continuations of every prefix.
+
+        Returns ``len(prefixes) * num_samples`` completions, prefix-major (all samples of
+        prefix 0 first). The same seed and inputs give the same samples.
+        """
+        prefixes = [list(p) for p in prefixes]
+        validate_request(prefixes, num_samples, temperature, max_new_tokens, self.max_context)
+        if not prefixes:
+            return []
+        return self._generate(prefixes, num_samples, temperature, max_new_tokens, stop, seed)
+
+
+def validate_request(prefixes: list[list[int]], num_samples: int, temperature: float,
+                     max_new_tokens: int, max_context: int) -> None:
+    """Reject bad sampling requests with the fix in the message."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+    if max_new_tokens < 1:
+        raise ValueError(
+            f"max_new_tokens must be >= 1 (got {max_new_tokens}): raise the response length "
+            f"limit (max_new_tokens / max_response_tokens in the config)")
+    if not temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0 for sampling (got {temperature}): the policy-gradient "
+            f"log-probs are those of softmax(logits / T); use e.g. temperature: 1.0")
+    for i, p in enumerate(prefixes):
+        if len(p) == 0:
+            raise ValueError(
+                f"prefix {i} is empty: a prefix needs at least one token; pass the prompt's "
+                f"token ids (with BOS if the model uses one)")
+        if len(p) + max_new_tokens > max_context:
+            raise ValueError(
+                f"prefix {i} has {len(p)} tokens and max_new_tokens is {max_new_tokens}: "
+                f"{len(p) + max_new_tokens} exceeds the model's context of {max_context} tokens; "
+                f"shorten the prompt or lower max_new_tokens to {max(max_context - len(p), 0)}")
+
+
+def build_engine(name: str, **kwargs) -> RolloutEngine:
+    """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed)."""
+    if name == "hf" and "hf" not in ENGINES:
+        import ibtpo_core.engines.hf  # noqa: F401  registers itself
+    return ENGINES.get(name)(**kwargs)

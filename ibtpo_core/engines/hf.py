@@ -1,0 +1,146 @@
+"""The ``hf`` rollout engine: a transformers checkpoint, sampled on CPU or GPU.
+
+Loads the policy with ``AutoModelForCausalLM.from_pretrained`` (the same path a Qwen3 checkpoint
+takes) and decodes with ``LeanDecoder``. Prefix reuse at two levels: identical prefixes in one
+call are fed once and their key/values copied to every sample, and a ``PrefixStore`` keeps the
+key/values of earlier sequences so that branching from a node of a tree feeds only the tokens
+past the longest stored match. Weight loads clear the store (the key/values change with them).
+"""
+from __future__ import annotations
+
+import torch
+
+from ibtpo_core.engines.base import ENGINES, Completion, RolloutEngine, StopConditions
+from ibtpo_core.engines.lean import LeanDecoder
+from ibtpo_core.engines.prefix_store import PrefixStore
+
+
+@ENGINES.register("hf")
+class HFEngine(RolloutEngine):
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32",
+                 max_batch: int = 256, prefix_cache_tokens: int = 1_000_000,
+                 reuse_prefixes: bool = True, trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM  # heavy import kept local
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        ).to(self.device).eval()
+        self.decoder = LeanDecoder(self.model)
+        self.max_batch = max_batch
+        self.reuse_prefixes = reuse_prefixes
+        self.store = PrefixStore(prefix_cache_tokens)
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0}
+
+    @property
+    def max_context(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def load_weights(self, path: str) -> None:
+        from safetensors.torch import load_file
+        import glob
+        import os
+
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {path}: pass a checkpoint directory "
+                                    f"written by save_pretrained")
+        state = {}
+        for f in files:
+            state.update(load_file(f, device=str(self.device)))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the engine's model: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}")
+        self.model.tie_weights()
+        self.decoder.refresh()
+        self.store.clear()
+
+    def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed):
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        rows_per_prefix = max(1, self.max_batch // num_samples)
+        out: list[Completion] = []
+        for start in range(0, len(prefixes), rows_per_prefix):
+            chunk = prefixes[start:start + rows_per_prefix]
+            for c in self._generate_chunk(chunk, num_samples, temperature, max_new_tokens, stop, gen):
+                c.prefix_index += start
+                out.append(c)
+        return out
+
+    @torch.inference_mode()
+    def _generate_chunk(self, prefixes: list[list[int]], n: int, temperature: float,
+                        max_new: int, stop: StopConditions, gen: torch.Generator) -> list[Completion]:
+        dev = self.device
+        P = len(prefixes)
+        cap = max(len(p) for p in prefixes) + max_new
+        buf = self.decoder.new_buffer(P, cap)
+        # 1. reuse stored key/values; always feed at least the last prefix token (for its logits)
+        cached = []
+        for i, p in enumerate(prefixes):
+            kv, m = self.store.lookup(p) if self.reuse_prefixes else (None, 0)
+            m = min(m, len(p) - 1)
+            if kv is not None and m > 0:
+                buf.load_rows(i, kv, m)
+            else:
+                m = 0
+            cached.append(m)
+        # 2. prefill the uncached suffixes, right-padded; garbage written past a row's end is
+        #    masked by causality and overwritten as that row decodes
+        suffix_len = [len(p) - m for p, m in zip(prefixes, cached)]
+        S = max(suffix_len)
+        toks = torch.zeros(P, S, dtype=torch.long)
+        pos = torch.zeros(P, S, dtype=torch.long)
+        for i, (p, m) in enumerate(zip(prefixes, cached)):
+            s = len(p) - m
+            toks[i, :s] = torch.tensor(p[m:])
+            pos[i] = torch.arange(m, m + S)
+        logits = self.decoder.forward(toks.to(dev), pos.to(dev), buf,
+                                      torch.tensor(suffix_len, device=dev) - 1)  # (P, V)
+        self.stats["prefill_tokens"] += sum(suffix_len)
+        self.stats["reused_tokens"] += sum(cached)
+        # 3. one row per sample
+        index = torch.arange(P, device=dev).repeat_interleave(n)
+        if n > 1:
+            buf.expand_rows(index)
+            logits = logits.index_select(0, index)
+        B = P * n
+        lengths = torch.tensor([len(prefixes[i]) for i in index.tolist()], device=dev)  # (B,)
+        eos = torch.tensor(list(stop.eos_token_ids), dtype=torch.long, device=dev)
+        step_end = torch.tensor(list(stop.step_end_token_ids) if stop.stop_at_step_end else [],
+                                dtype=torch.long, device=dev)
+        new_tok = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+        new_lp = torch.zeros(B, max_new, device=dev)
+        new_ent = torch.zeros(B, max_new, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        n_new = torch.zeros(B, dtype=torch.long, device=dev)
+        reason = torch.zeros(B, dtype=torch.long, device=dev)  # 0 length, 1 eos, 2 step_end
+        for t in range(max_new):
+            logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+            probs = logp.exp()
+            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
+            new_tok[:, t] = tok
+            new_lp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
+            new_ent[:, t] = -(probs * logp).nan_to_num().sum(-1)
+            live = ~done
+            n_new += live.long()
+            hit_eos = torch.isin(tok, eos) & live
+            hit_step = torch.isin(tok, step_end) & live
+            reason = torch.where(hit_eos, 1, torch.where(hit_step & ~hit_eos, 2, reason))
+            done = done | hit_eos | hit_step
+            if bool(done.all()) or t == max_new - 1:
+                break
+            logits = self.decoder.forward(tok[:, None], (lengths + t)[:, None], buf)
+        self.stats["decoded_tokens"] += int(n_new.sum())
+        out = []
+        toks_l, lp_l, ent_l = new_tok.tolist(), new_lp.tolist(), new_ent.tolist()
+        names = ("length", "eos", "step_end")
+        for b in range(B):
+            k = int(n_new[b])
+            i = b // n
+            out.append(Completion(i, toks_l[b][:k], lp_l[b][:k], ent_l[b][:k], names[int(reason[b])]))
+            if self.reuse_prefixes:
+                fed = prefixes[i] + toks_l[b][: k - 1]  # the last sampled token was never fed
+                self.store.insert(fed, buf.rows(b, len(fed)))
+        return out

@@ -1,0 +1,41 @@
+"""A name -> function registry. Variants of the algorithm (advantages, losses, selection rules,
+engines, verifiers) register here and are chosen by name from config; an unknown name raises a
+``ValueError`` that lists the valid ones."""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named table of interchangeable implementations of one concept."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            close = difflib.get_close_matches(name, list(self._items), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"unknown {self.kind} {name!r}.{hint} Valid names: {', '.join(sorted(self._items))}"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
