@@ -23,6 +23,9 @@ OPS = ("+", "-", "*", "/")
 class CountdownSpec:
     """Difficulty knobs of the built-in task."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
+
+
     num_count: int = 4
     min_value: int = 1
     max_value: int = 6

@@ -74,22 +74,22 @@ class HFEngine(RolloutEngine):
                         max_new: int, stop: StopConditions, gen: torch.Generator) -> list[Completion]:
         dev = self.device
         P = len(prefixes)
-        cap = max(len(p) for p in prefixes) + max_new
-        buf = self.decoder.new_buffer(P, cap)
         # 1. reuse stored key/values; always feed at least the last prefix token (for its logits)
-        cached = []
-        for i, p in enumerate(prefixes):
+        hits = []
+        for p in prefixes:
             kv, m = self.store.lookup(p) if self.reuse_prefixes else (None, 0)
             m = min(m, len(p) - 1)
-            if kv is not None and m > 0:
-                buf.load_rows(i, kv, m)
-            else:
-                m = 0
-            cached.append(m)
-        # 2. prefill the uncached suffixes, right-padded; garbage written past a row's end is
-        #    masked by causality and overwritten as that row decodes
+            hits.append((kv, m) if kv is not None and m > 0 else (None, 0))
+        cached = [m for _, m in hits]
         suffix_len = [len(p) - m for p, m in zip(prefixes, cached)]
         S = max(suffix_len)
+        # right padding writes up to position cached + S - 1 in every row
+        buf = self.decoder.new_buffer(P, max(m + S for m in cached) + max_new)
+        for i, (kv, m) in enumerate(hits):
+            if kv is not None:
+                buf.load_rows(i, kv, m)
+        # 2. prefill the uncached suffixes, right-padded; garbage written past a row's end is
+        #    masked by causality and overwritten as that row decodes
         toks = torch.zeros(P, S, dtype=torch.long)
         pos = torch.zeros(P, S, dtype=torch.long)
         for i, (p, m) in enumerate(zip(prefixes, cached)):

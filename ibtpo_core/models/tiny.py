@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TinyModelSpec:
+
+    __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
+
     hidden_size: int = 128
     intermediate_size: int = 512
     num_layers: int = 4

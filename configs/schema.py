@@ -1,0 +1,174 @@
+"""The typed experiment config and its loader.
+
+Every section is validated when loaded: wrong types, out-of-range values and unknown keys fail at
+once, before any expensive work, with a message that names the key, the problem and the fix (for
+a misspelt key, the closest valid one). Sections that belong to the library (task, model,
+warm-up, evaluation, algorithm) are its own frozen dataclasses, validated here by pydantic, so
+the library stays free of pydantic and the schema is not written twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ibtpo_core.data.countdown import CountdownSpec
+from ibtpo_core.evaluate import EvalSpec
+from ibtpo_core.models.tiny import TinyModelSpec
+from ibtpo_core.training.warmup import WarmupSpec
+
+ENGINE_NAMES = ("hf", "vllm")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where prompts come from. ``countdown``: the built-in task, enumerated and split locally."""
+
+    source: Literal["countdown"] = "countdown"
+    seed: int = 0
+    n_test: int = Field(1000, ge=1)
+    n_val: int = Field(200, ge=0)
+    countdown: CountdownSpec = CountdownSpec()
+
+
+class ModelConfig(Section):
+    """The policy: a checkpoint directory (``path``), or a tiny model created from ``tiny``."""
+
+    path: Optional[str] = None
+    tiny: Optional[TinyModelSpec] = TinyModelSpec()
+    init_seed: int = 0
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is None and self.tiny is None:
+            raise ValueError("model needs either path (a checkpoint directory) or tiny (a spec of "
+                             "the built-in tiny model)")
+        return self
+
+
+class EngineConfig(Section):
+    name: str = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch: int = Field(256, ge=1)
+    prefix_cache_tokens: int = Field(1_000_000, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ENGINE_NAMES:
+            raise ValueError(f"unknown engine {v!r}; valid engines: {', '.join(ENGINE_NAMES)}")
+        return v
+
+
+class WarmupConfig(Section):
+    enabled: bool = True
+    spec: WarmupSpec = WarmupSpec()
+
+
+class EvalConfig(Section):
+    n: Optional[int] = Field(None, ge=1, description="problems of the test split; None = all")
+    spec: EvalSpec = EvalSpec()
+
+
+class ExperimentConfig(Section):
+    name: str
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = the number of free cores")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    warmup: WarmupConfig = WarmupConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.replace("${name}", self.name))
+
+
+def _model_fields(model: Any) -> list[str]:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    if dataclasses.is_dataclass(model):
+        return [f.name for f in dataclasses.fields(model)]
+    return []
+
+
+def _field_type(model: Any, name: str) -> Any:
+    import typing
+
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        ann = model.model_fields[name].annotation
+    else:
+        ann = {f.name: f.type for f in dataclasses.fields(model)}[name]
+        if isinstance(ann, str):
+            ann = typing.get_type_hints(model)[name]
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    return args[0] if args else ann
+
+
+def _valid_keys_at(loc: tuple) -> list[str]:
+    """The valid keys of the section at ``loc`` (a pydantic error location)."""
+    model: Any = ExperimentConfig
+    for part in loc:
+        if part not in _model_fields(model):
+            break
+        model = _field_type(model, part)
+    return _model_fields(model)
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(map(str, loc))
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            valid = _valid_keys_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            lines.append(f"  - unknown key {key!r}: {hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {key or '(top level)'}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML; raise ``ValueError`` naming every fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist: pass a YAML file such as "
+                                f"configs/experiments/tiny_ibtpo.yaml")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must be a YAML mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    raw.setdefault("name", path.stem)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_errors(err, str(path))) from None

@@ -1,0 +1,75 @@
+"""Stage outputs on disk: content digests, atomic writes, manifests.
+
+A stage writes into a temporary sibling folder and renames it into place only when complete,
+so a killed write never leaves a half-written output that a rerun would trust. A manifest
+(written last) records the digest of every file; ``verify_manifest`` recomputes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def digest_json(obj) -> str:
+    """sha256 of a JSON-serialisable object (sorted keys): the identity of a config section."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def digest_files(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 for every file below ``folder`` except the manifest."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[str(p.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def folder_digest(files: dict[str, str]) -> str:
+    return digest_json(files)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary folder; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(folder: Path, extra: dict) -> dict:
+    """Record every file's digest plus ``extra`` in ``folder/manifest.json``; return it."""
+    files = digest_files(folder)
+    manifest = {"digest": folder_digest(files), "files": files, **extra}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a complete, unaltered stage output; None if missing or corrupted."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if digest_files(Path(folder)) != manifest.get("files"):
+        return None
+    return manifest

@@ -1,0 +1,57 @@
+"""The ``ibtpo`` command line: ``run`` an experiment config, ``tree-score`` a tree file."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ibtpo_core.runtime import set_offline_defaults
+
+
+def _cmd_run(args) -> int:
+    from ibtpo_core.runner import run_experiment
+
+    result = run_experiment(args.config, args.set or [])
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_tree_score(args) -> int:
+    from ibtpo_core.algo.tree_score import score_tree_file
+
+    print(json.dumps(score_tree_file(args.tree, beta=args.beta,
+                                     entropy_estimator=args.entropy_estimator,
+                                     local_advantage=args.local_advantage)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ibtpo", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run an experiment config (data, warm-up, RL, evaluation)")
+    r.add_argument("config")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set warmup.spec.steps=100 (repeatable)")
+    r.set_defaults(func=_cmd_run)
+    t = sub.add_parser("tree-score", help="print n, c, V, H, I, IB and advantages of a tree file")
+    t.add_argument("tree")
+    t.add_argument("--beta", type=float, default=1.0)
+    t.add_argument("--entropy-estimator", choices=["token_entropy", "surprisal"],
+                   default="token_entropy")
+    t.add_argument("--local-advantage", choices=["log_ratio", "diff"], default="log_ratio")
+    t.set_defaults(func=_cmd_tree_score)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_offline_defaults()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ibtpo {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The pipeline's stages as plain functions over folders: each reads its inputs from paths,
+writes one output folder atomically with a manifest, and returns a small record
+(path, digest, metrics). Prefect tasks and the CLI both call these; nothing here knows about
+Prefect or MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ibtpo_core.artifacts import atomic_dir, read_manifest, write_manifest
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def _record(folder: Path, manifest: dict) -> dict:
+    return {"path": str(folder), "digest": manifest["digest"], "metrics": manifest.get("metrics", {})}
+
+
+def cached(folder: Path) -> dict | None:
+    """The record of a finished, intact stage output in ``folder``; None if it must be (re)made."""
+    manifest = read_manifest(folder)
+    return None if manifest is None else _record(folder, manifest)
+
+
+def prepare_data(data_cfg, folder: Path) -> dict:
+    """Write ``train/validation/test.jsonl`` of the built-in countdown task."""
+    from ibtpo_core.data.countdown import make_splits
+
+    folder = Path(folder)
+    splits = make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
+    with atomic_dir(folder) as tmp:
+        for name, rows in splits.items():
+            _write_jsonl(tmp / f"{name}.jsonl", rows)
+        counts = {f"data/{k}_rows": float(len(v)) for k, v in splits.items()}
+        manifest = write_manifest(tmp, {"metrics": counts,
+                                        "task": dataclasses.asdict(data_cfg.countdown)})
+    return _record(folder, manifest)
+
+
+def create_model(model_cfg, folder: Path) -> dict:
+    """Save the tokenizer and a freshly initialised tiny model (or copy nothing for ``path``)."""
+    from ibtpo_core.data.tokenizer import build_tokenizer
+    from ibtpo_core.models.tiny import create_tiny_model
+
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        n = create_tiny_model(build_tokenizer(), model_cfg.tiny, model_cfg.init_seed, str(tmp))
+        manifest = write_manifest(tmp, {"metrics": {"model/params": float(n)}})
+    return _record(folder, manifest)
+
+
+def warm_up(model_dir: Path, data_dir: Path, task, spec, folder: Path, progress=None) -> dict:
+    """Supervised warm-up of ``model_dir`` on the training split; saves the checkpoint."""
+    from ibtpo_core.training.warmup import run_warmup
+
+    folder = Path(folder)
+    train = read_jsonl(Path(data_dir) / "train.jsonl")
+    with atomic_dir(folder) as tmp:
+        metrics = run_warmup(str(model_dir), str(tmp), train, task, spec, progress=progress)
+        manifest = write_manifest(tmp, {"metrics": metrics})
+    return _record(folder, manifest)
+
+
+def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, folder: Path,
+                        split: str = "test") -> dict:
+    """Accuracy, pass@k and distinct correct solutions of a checkpoint on a split."""
+    from transformers import AutoTokenizer
+
+    from ibtpo_core.engines.base import build_engine
+    from ibtpo_core.evaluate import evaluate
+
+    rows = read_jsonl(Path(data_dir) / f"{split}.jsonl")
+    if eval_cfg.n is not None:
+        rows = rows[: eval_cfg.n]
+    engine = build_engine(engine_cfg.name, model_path=str(model_dir), device=engine_cfg.device,
+                          dtype=engine_cfg.dtype, max_batch=engine_cfg.max_batch,
+                          reuse_prefixes=False)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    metrics = evaluate(engine, tok, rows, eval_cfg.spec)
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        (tmp / "results.json").write_text(json.dumps(metrics, indent=1))
+        manifest = write_manifest(tmp, {"metrics": metrics})
+    return _record(folder, manifest)
