@@ -51,42 +51,50 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def _generate(self, prefixes: list[list[int]], num_samples: int, temperature: float,
-                  max_new_tokens: int, stop: StopConditions, seed: int | None) -> list[Completion]:
-        ...
+                  max_new_tokens: list[int], stop: StopConditions, seed: int | None) -> list[Completion]:
+        """``max_new_tokens`` holds one limit per prefix."""
 
     @abstractmethod
     def load_weights(self, path: str) -> None:
         """Replace the policy's weights with the checkpoint at ``path`` (same architecture)."""
 
     def generate(self, prefixes: Sequence[Sequence[int]], *, num_samples: int = 1,
-                 temperature: float = 1.0, max_new_tokens: int, stop: StopConditions,
-                 seed: int | None = None) -> list[Completion]:
+                 temperature: float = 1.0, max_new_tokens: int | Sequence[int],
+                 stop: StopConditions, seed: int | None = None) -> list[Completion]:
         """Sample ``num_samples`` continuations of every prefix.
 
+        ``max_new_tokens`` is one limit for all prefixes or one per prefix.
         Returns ``len(prefixes) * num_samples`` completions, prefix-major (all samples of
         prefix 0 first). The same seed and inputs give the same samples.
         """
         prefixes = [list(p) for p in prefixes]
-        validate_request(prefixes, num_samples, temperature, max_new_tokens, self.max_context)
+        if isinstance(max_new_tokens, int):
+            limits = [max_new_tokens] * len(prefixes)
+        else:
+            limits = [int(x) for x in max_new_tokens]
+            if len(limits) != len(prefixes):
+                raise ValueError(f"max_new_tokens has {len(limits)} limits for {len(prefixes)} "
+                                 f"prefixes: give one int or one per prefix")
+        validate_request(prefixes, num_samples, temperature, limits, self.max_context)
         if not prefixes:
             return []
-        return self._generate(prefixes, num_samples, temperature, max_new_tokens, stop, seed)
+        return self._generate(prefixes, num_samples, temperature, limits, stop, seed)
 
 
 def validate_request(prefixes: list[list[int]], num_samples: int, temperature: float,
-                     max_new_tokens: int, max_context: int) -> None:
+                     limits: list[int], max_context: int) -> None:
     """Reject bad sampling requests with the fix in the message."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
-    if max_new_tokens < 1:
+    if limits and min(limits) < 1:
         raise ValueError(
-            f"max_new_tokens must be >= 1 (got {max_new_tokens}): raise the response length "
+            f"max_new_tokens must be >= 1 (got {min(limits)}): raise the response length "
             f"limit (max_new_tokens / max_response_tokens in the config)")
     if not temperature > 0:
         raise ValueError(
             f"temperature must be > 0 for sampling (got {temperature}): the policy-gradient "
             f"log-probs are those of softmax(logits / T); use e.g. temperature: 1.0")
-    for i, p in enumerate(prefixes):
+    for i, (p, max_new_tokens) in enumerate(zip(prefixes, limits)):
         if len(p) == 0:
             raise ValueError(
                 f"prefix {i} is empty: a prefix needs at least one token; pass the prompt's "

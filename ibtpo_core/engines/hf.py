@@ -64,16 +64,18 @@ class HFEngine(RolloutEngine):
         out: list[Completion] = []
         for start in range(0, len(prefixes), rows_per_prefix):
             chunk = prefixes[start:start + rows_per_prefix]
-            for c in self._generate_chunk(chunk, num_samples, temperature, max_new_tokens, stop, gen):
+            limits = max_new_tokens[start:start + rows_per_prefix]
+            for c in self._generate_chunk(chunk, num_samples, temperature, limits, stop, gen):
                 c.prefix_index += start
                 out.append(c)
         return out
 
     @torch.inference_mode()
     def _generate_chunk(self, prefixes: list[list[int]], n: int, temperature: float,
-                        max_new: int, stop: StopConditions, gen: torch.Generator) -> list[Completion]:
+                        limits: list[int], stop: StopConditions, gen: torch.Generator) -> list[Completion]:
         dev = self.device
         P = len(prefixes)
+        max_new = max(limits)
         # 1. reuse stored key/values; always feed at least the last prefix token (for its logits)
         hits = []
         for p in prefixes:
@@ -107,6 +109,7 @@ class HFEngine(RolloutEngine):
             logits = logits.index_select(0, index)
         B = P * n
         lengths = torch.tensor([len(prefixes[i]) for i in index.tolist()], device=dev)  # (B,)
+        limit = torch.tensor(limits, device=dev).index_select(0, index)  # (B,)
         eos = torch.tensor(list(stop.eos_token_ids), dtype=torch.long, device=dev)
         step_end = torch.tensor(list(stop.step_end_token_ids) if stop.stop_at_step_end else [],
                                 dtype=torch.long, device=dev)
@@ -128,8 +131,8 @@ class HFEngine(RolloutEngine):
             hit_eos = torch.isin(tok, eos) & live
             hit_step = torch.isin(tok, step_end) & live
             reason = torch.where(hit_eos, 1, torch.where(hit_step & ~hit_eos, 2, reason))
-            done = done | hit_eos | hit_step
-            if bool(done.all()) or t == max_new - 1:
+            done = done | hit_eos | hit_step | (n_new >= limit)
+            if bool(done.all()):
                 break
             logits = self.decoder.forward(tok[:, None], (lengths + t)[:, None], buf)
         self.stats["decoded_tokens"] += int(n_new.sum())

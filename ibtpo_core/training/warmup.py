@@ -76,7 +76,7 @@ def run_warmup(model_dir: str, out_dir: str, train_rows: list[dict], task: Count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, spec.steps, losses[-1])
     model.eval()

@@ -1,0 +1,130 @@
+"""Advantage estimators (SPEC sections 4 and 6), registered by name, one signature:
+
+    fn(forest: Forest, stats: TreeStats, spec: AdvantageSpec) -> (N,) float64 per-node advantage
+
+Every token of step s gets the advantage of node s; roots get 0.
+
+``ibtpo``: for a non-root node s with parent p and root r
+    A_GL(s) = V(s) - V(r)
+    A_IB(s) = clip(log(V(s) / V(p)), -2, 2)    (V(p) = 0 -> 0;  V(s) = 0 < V(p) -> -2)
+              or, with local_advantage: diff,  V(s) - V(p)
+    A(s)    = (A_GL(s) + alpha * A_IB(s)) / sqrt(n(s))
+``tree_entropy`` (TreeRL-like): the same with local_advantage forced to ``diff``.
+``grpo``: each leaf gets (r - mean) / (std + eps) over the leaves of its tree (its group; std
+    is the unbiased sample std, as in verl); an internal node gets the mean of the leaves below
+    it (GRPO trees are flat: root -> G leaves, so this only matters for probe trees).
+``normalize: tree_std`` divides each tree's non-root advantages by their std (zeros if ~0).
+A tree whose leaves all share one reward gets all-zero advantages under every estimator.
+Pure torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum, values
+from ibtpo_core.registry import Registry
+
+ADVANTAGES: Registry[Callable] = Registry("advantage")
+A_IB_CLIP = 2.0
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class AdvantageSpec:
+    __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
+
+    name: str = "ibtpo"
+    local_advantage: Literal["log_ratio", "diff"] = "log_ratio"
+    alpha: float = 1.0
+    normalize: Literal["none", "tree_std"] = "none"
+
+    def __post_init__(self):
+        ADVANTAGES.get(self.name)  # an unknown name fails here, listing the valid ones
+
+
+def global_advantage(f: Forest, V: torch.Tensor) -> torch.Tensor:
+    """A_GL(s) = V(s) - V(root); 0 for roots."""
+    return torch.where(f.parent >= 0, V - V[f.root], torch.zeros_like(V))
+
+
+def local_advantage(f: Forest, V: torch.Tensor, kind: str) -> torch.Tensor:
+    """A_IB(s) (``log_ratio``) or V(s) - V(parent) (``diff``); 0 for roots."""
+    has_p = f.parent >= 0
+    Vp = V[f.parent.clamp(min=0)]
+    if kind == "diff":
+        out = V - Vp
+    elif kind == "log_ratio":
+        safe = torch.log(V.clamp(min=1e-300) / Vp.clamp(min=1e-300)).clamp(-A_IB_CLIP, A_IB_CLIP)
+        out = torch.where(Vp <= 0, torch.zeros_like(V), torch.where(V <= 0, -A_IB_CLIP, safe))
+    else:
+        raise ValueError(f"unknown local_advantage {kind!r}; valid: log_ratio, diff")
+    return torch.where(has_p, out, torch.zeros_like(V))
+
+
+def _tree_std_normalize(f: Forest, A: torch.Tensor) -> torch.Tensor:
+    nonroot = f.parent >= 0
+    T = f.num_trees
+    cnt = _scatter_sum(f.tree, nonroot.double(), T)
+    mean = _scatter_sum(f.tree, torch.where(nonroot, A, 0.0), T) / cnt.clamp(min=1)
+    var = _scatter_sum(f.tree, torch.where(nonroot, (A - mean[f.tree]) ** 2, 0.0), T) / cnt.clamp(min=1)
+    std = var.sqrt()[f.tree]
+    return torch.where(std > EPS, A / std.clamp(min=EPS), torch.zeros_like(A))
+
+
+def _tree_advantage(f: Forest, stats: TreeStats, local: str, spec: AdvantageSpec) -> torch.Tensor:
+    A = global_advantage(f, stats.V) + spec.alpha * local_advantage(f, stats.V, local)
+    A = A / stats.n.clamp(min=1).sqrt()
+    A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
+    return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A
+
+
+@ADVANTAGES.register("ibtpo")
+def ibtpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    return _tree_advantage(f, stats, spec.local_advantage, spec)
+
+
+@ADVANTAGES.register("tree_entropy")
+def tree_entropy_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    return _tree_advantage(f, stats, "diff", spec)
+
+
+@ADVANTAGES.register("grpo")
+def grpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    T = f.num_trees
+    leaf = f.is_leaf
+    r = torch.where(leaf, f.reward, torch.zeros_like(f.reward))
+    cnt = _scatter_sum(f.tree, leaf.double(), T)
+    mean = _scatter_sum(f.tree, r, T) / cnt.clamp(min=1)
+    var = _scatter_sum(f.tree, torch.where(leaf, (r - mean[f.tree]) ** 2, 0.0), T) / (cnt - 1).clamp(min=1)
+    std = var.sqrt()[f.tree]
+    a_leaf = torch.where(leaf & (std > EPS), (r - mean[f.tree]) / (std + EPS), torch.zeros_like(r))
+    # internal nodes: mean over the leaves below (sum pushed up by depth, divided by n)
+    s = a_leaf.clone()
+    for d in range(int(f.depth.max()) if f.num_nodes else 0, 0, -1):
+        rows = (f.depth == d).nonzero().squeeze(1)
+        s = s.index_add(0, f.parent[rows], s[rows])
+    A = torch.where(leaf, a_leaf, s / stats.n.clamp(min=1))
+    A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
+    return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A
+
+
+def compute_advantages(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    return ADVANTAGES.get(spec.name)(f, stats, spec)
+
+
+def eff_rate(f: Forest) -> float:
+    """Share of trees whose leaves do not all have the same reward (SPEC section 6)."""
+    if f.num_trees == 0:
+        return 0.0
+    T = f.num_trees
+    big = torch.where(f.is_leaf, f.reward, torch.full_like(f.reward, -1e300))
+    small = torch.where(f.is_leaf, f.reward, torch.full_like(f.reward, 1e300))
+    hi = torch.full((T,), -1e300, dtype=torch.float64).scatter_reduce(0, f.tree, big, "amax")
+    lo = torch.full((T,), 1e300, dtype=torch.float64).scatter_reduce(0, f.tree, small, "amin")
+    return float(((hi - lo) > 0).double().mean())
+
+
+__all__ = ["ADVANTAGES", "AdvantageSpec", "compute_advantages", "eff_rate", "values"]

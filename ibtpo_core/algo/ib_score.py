@@ -1,0 +1,196 @@
+"""Values and the IB-Score of every node of a batch of trees (SPEC section 2), vectorised.
+
+A batch of trees is flattened into a ``Forest``: one row per node (N), one row per step token
+(T), parent links as indices. Every quantity is computed for all trees at once with
+``scatter_add`` passes, bottom-up by depth:
+
+    n(s)  leaves below s                      c(s)  correct leaves below s (sum of rewards)
+    V(s)  = c(s) / n(s)                       w_k   = n(c_k) / sum_j n(c_j)   (children of s)
+    H(s)  = mean over children k of the mean per-token entropy of k's step
+            (entropy_estimator: token_entropy = exact entropy from logits,
+                                surprisal     = -log pi_old(token))
+    I(s)  = sum_k w_k (V_k / V(s)) log(V_k / V(s))   (0 if < 2 children or V(s) = 0; 0 log 0 = 0)
+    IB(s) by ib_form:  h_plus_bi   H + beta I
+                       i_minus_bh  I - beta H
+                       zscore      z(H) + beta z(I), z over the given candidate set of each tree
+
+I(s) is the KL divergence from the children's weights to their weights given a correct outcome
+(w_k V_k / V(s) is P(child k | correct)), so I >= 0. H, I and IB are defined for nodes with
+children (NaN elsewhere). Pure torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ibtpo_core.algo.tree import Tree
+from ibtpo_core.registry import Registry
+
+IB_FORMS: Registry[Callable] = Registry("ib_form")
+ENTROPY_ESTIMATORS = ("token_entropy", "surprisal")
+
+
+@dataclass
+class Forest:
+    """A batch of trees flattened to index tensors. Node rows follow each tree's node order."""
+
+    parent: torch.Tensor  # (N,) long, -1 for roots
+    tree: torch.Tensor  # (N,) long, tree index of each node
+    root: torch.Tensor  # (N,) long, row of each node's root
+    depth: torch.Tensor  # (N,) long, 0 for roots
+    reward: torch.Tensor  # (N,) float, NaN where not a leaf
+    is_leaf: torch.Tensor  # (N,) bool
+    final: torch.Tensor  # (N,) bool
+    tok_node: torch.Tensor  # (T,) long, node row of each step token (roots' prompt excluded)
+    tok_entropy: torch.Tensor  # (T,) float, NaN where the engine gave none
+    tok_logprob: torch.Tensor  # (T,) float
+    offsets: list[int]  # first row of each tree
+    num_trees: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parent.numel()
+
+    @classmethod
+    def from_trees(cls, trees: list[Tree]) -> "Forest":
+        parent, tree_i, root, depth, reward, leaf, final = [], [], [], [], [], [], []
+        tok_node, tok_ent, tok_lp, offsets = [], [], [], []
+        for t, tr in enumerate(trees):
+            off = len(parent)
+            offsets.append(off)
+            depths = [0] * len(tr.nodes)
+            for n in tr.nodes:
+                row = off + n.id
+                if n.parent is not None:
+                    depths[n.id] = depths[n.parent] + 1
+                parent.append(-1 if n.parent is None else off + n.parent)
+                tree_i.append(t)
+                root.append(off)
+                depth.append(depths[n.id])
+                reward.append(float(n.reward) if n.is_leaf else float("nan"))
+                leaf.append(n.is_leaf)
+                final.append(n.final)
+                if n.parent is not None:
+                    tok_node += [row] * len(n.tokens)
+                    tok_lp += list(n.logprobs)
+                    tok_ent += list(n.entropies) if n.entropies is not None else [float("nan")] * len(n.tokens)
+        L = torch.long
+        return cls(torch.tensor(parent, dtype=L), torch.tensor(tree_i, dtype=L),
+                   torch.tensor(root, dtype=L), torch.tensor(depth, dtype=L),
+                   torch.tensor(reward, dtype=torch.float64), torch.tensor(leaf, dtype=torch.bool),
+                   torch.tensor(final, dtype=torch.bool), torch.tensor(tok_node, dtype=L),
+                   torch.tensor(tok_ent, dtype=torch.float64),
+                   torch.tensor(tok_lp, dtype=torch.float64), offsets, len(trees))
+
+
+@dataclass
+class TreeStats:
+    """Per-node quantities of a forest, each (N,) float64 (NaN where undefined)."""
+
+    n: torch.Tensor
+    c: torch.Tensor
+    V: torch.Tensor
+    num_children: torch.Tensor  # (N,) long
+    step_entropy: torch.Tensor  # mean per-token entropy (or surprisal) of the node's own step
+    H: torch.Tensor
+    I: torch.Tensor
+    IB: torch.Tensor
+
+
+def _scatter_sum(index: torch.Tensor, src: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.zeros(size, dtype=src.dtype).scatter_add_(0, index, src)
+
+
+def values(f: Forest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(n, c, V)``: leaves, correct leaves and V = c / n below every node, bottom-up."""
+    N = f.num_nodes
+    n = f.is_leaf.double()
+    c = torch.where(f.is_leaf, f.reward, torch.zeros_like(f.reward))
+    for d in range(int(f.depth.max()) if N else 0, 0, -1):
+        rows = (f.depth == d).nonzero().squeeze(1)
+        n = n.index_add(0, f.parent[rows], n[rows])
+        c = c.index_add(0, f.parent[rows], c[rows])
+    V = torch.where(n > 0, c / n.clamp(min=1), torch.zeros_like(n))
+    return n, c, V
+
+
+def step_entropy(f: Forest, estimator: str) -> torch.Tensor:
+    """(N,) mean per-token entropy of each node's own step; NaN for nodes with no tokens."""
+    if estimator == "token_entropy":
+        per_tok = f.tok_entropy
+        if torch.isnan(per_tok).any():
+            raise ValueError("entropy_estimator token_entropy needs per-token entropies on every "
+                             "node; this tree lacks some: use entropy_estimator: surprisal")
+    elif estimator == "surprisal":
+        per_tok = -f.tok_logprob
+    else:
+        raise ValueError(f"unknown entropy_estimator {estimator!r}; valid: "
+                         f"{', '.join(ENTROPY_ESTIMATORS)}")
+    N = f.num_nodes
+    total = _scatter_sum(f.tok_node, per_tok, N)
+    count = _scatter_sum(f.tok_node, torch.ones_like(per_tok), N)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def compute_stats(f: Forest, beta: float = 1.0, ib_form: str = "h_plus_bi",
+                  entropy_estimator: str = "token_entropy",
+                  candidates: torch.Tensor | None = None) -> TreeStats:
+    """Every SPEC section 2 quantity for every node of ``f``.
+
+    ``candidates`` (N,) bool restricts the z-scoring of ``ib_form: zscore``; default: all nodes
+    with children.
+    """
+    N = f.num_nodes
+    n, c, V = values(f)
+    child = (f.parent >= 0).nonzero().squeeze(1)  # rows that have a parent
+    par = f.parent[child]
+    num_children = torch.zeros(N, dtype=torch.long).index_add_(0, par, torch.ones_like(par))
+    has_children = num_children > 0
+    # H: mean over children (that have tokens) of their step's mean entropy
+    se = step_entropy(f, entropy_estimator)
+    ok = ~torch.isnan(se[child])
+    h_sum = _scatter_sum(par[ok], se[child][ok], N)
+    h_cnt = _scatter_sum(par[ok], torch.ones_like(se[child][ok]), N)
+    nan = torch.full((N,), float("nan"), dtype=torch.float64)
+    H = torch.where(has_children, torch.where(h_cnt > 0, h_sum / h_cnt.clamp(min=1), 0.0), nan)
+    # I: sum_k w_k (V_k / V) log(V_k / V), w_k = n_k / sum_j n_j
+    Vp = V[par]
+    ratio = torch.where(Vp > 0, V[child] / Vp.clamp(min=1e-300), torch.zeros_like(Vp))
+    xlogx = torch.where(ratio > 0, ratio * torch.log(ratio.clamp(min=1e-300)), torch.zeros_like(ratio))
+    n_sum = _scatter_sum(par, n[child], N)
+    w = n[child] / n_sum[par].clamp(min=1e-300)
+    I = _scatter_sum(par, w * xlogx, N)
+    I = torch.where((num_children >= 2) & (V > 0), I.clamp(min=0.0), torch.zeros_like(I))
+    I = torch.where(has_children, I, nan)
+    cand = has_children if candidates is None else candidates & has_children
+    IB = IB_FORMS.get(ib_form)(H, I, beta, f.tree, cand)
+    IB = torch.where(has_children, IB, nan)
+    return TreeStats(n, c, V, num_children, se, H, I, IB)
+
+
+@IB_FORMS.register("h_plus_bi")
+def _h_plus_bi(H, I, beta, tree, cand):
+    return H + beta * I
+
+
+@IB_FORMS.register("i_minus_bh")
+def _i_minus_bh(H, I, beta, tree, cand):
+    return I - beta * H
+
+
+@IB_FORMS.register("zscore")
+def _zscore(H, I, beta, tree, cand):
+    """z(H) + beta z(I); mean and (population) std over the candidates of the same tree."""
+    return _z(H, tree, cand) + beta * _z(I, tree, cand)
+
+
+def _z(x: torch.Tensor, tree: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    T = int(tree.max()) + 1 if tree.numel() else 0
+    xm = torch.where(mask, x, torch.zeros_like(x))
+    cnt = _scatter_sum(tree, mask.double(), T)
+    mean = _scatter_sum(tree, xm, T) / cnt.clamp(min=1)
+    var = _scatter_sum(tree, torch.where(mask, (x - mean[tree]) ** 2, torch.zeros_like(x)), T) / cnt.clamp(min=1)
+    std = var.sqrt()[tree]
+    return torch.where(std > 1e-12, (x - mean[tree]) / std.clamp(min=1e-12), torch.zeros_like(x))

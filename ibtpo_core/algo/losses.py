@@ -1,0 +1,95 @@
+"""Policy losses (SPEC sections 5 and 6), registered by name, one signature:
+
+    fn(logprobs, old_logprobs, advantages, mask, spec, ref_logprobs=None, entropy=None)
+        -> (loss, metrics)
+
+all tensors (B, T); ``mask`` marks response tokens. ``ppo_clip``, token-mean over the batch:
+
+    r_t  = exp(logprobs - old_logprobs)
+    loss = -mean_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
+           + beta_kl * mean_t KL_k3(pi_theta || pi_ref)  - entropy_coef * mean_t H_t
+    KL_k3 = exp(ref - logp) - (ref - logp) - 1     (Schulman's k3 estimator, >= 0)
+
+Metrics (masked token means): ``loss/clipfrac`` (share of tokens where the clipped term is the
+one taken), ``loss/approx_kl`` (k3 of pi_theta against pi_old), ``clip_ratio/low_mean`` (share
+clipped at 1 - eps_low with A < 0), ``clip_ratio/high_mean`` (at 1 + eps_high with A > 0),
+``entropy``, ``kl`` (to the reference, when given), ``loss/pg``. Pure torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ibtpo_core.registry import Registry
+
+LOSSES: Registry[Callable] = Registry("loss")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
+
+    name: str = "ppo_clip"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta_kl: float = 0.0
+    entropy_coef: float = 0.0
+
+    def __post_init__(self):
+        LOSSES.get(self.name)
+        if not 0 <= self.eps_low < 1:
+            raise ValueError(f"eps_low must be in [0, 1) (got {self.eps_low})")
+        if self.eps_high < 0:
+            raise ValueError(f"eps_high must be >= 0 (got {self.eps_high})")
+        if self.beta_kl < 0:
+            raise ValueError(f"beta_kl must be >= 0 (got {self.beta_kl}); 0 turns the KL term off")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from samples of pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+@LOSSES.register("ppo_clip")
+def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
+                  ref_logprobs=None, entropy=None):
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    clipped = ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)
+    surr1, surr2 = ratio * advantages, clipped * advantages
+    pg = -torch.minimum(surr1, surr2)
+    loss = masked_mean(pg, mask)
+    m = mask.bool()
+    with torch.no_grad():
+        took_clip = (surr2 < surr1) & m
+        metrics = {
+            "loss/pg": float(masked_mean(pg, mask)),
+            "loss/clipfrac": float(masked_mean(took_clip.float(), mask)),
+            "loss/approx_kl": float(masked_mean(kl_k3(logprobs, old_logprobs), mask)),
+            "clip_ratio/low_mean": float(masked_mean(((ratio < 1 - spec.eps_low) & (advantages < 0)).float(), mask)),
+            "clip_ratio/high_mean": float(masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)),
+        }
+    if ref_logprobs is not None and spec.beta_kl > 0:
+        kl = masked_mean(kl_k3(logprobs, ref_logprobs), mask)
+        loss = loss + spec.beta_kl * kl
+        metrics["kl"] = float(kl.detach())
+    if entropy is not None:
+        ent = masked_mean(entropy, mask)
+        metrics["entropy"] = float(ent.detach())
+        if spec.entropy_coef:
+            loss = loss - spec.entropy_coef * ent
+    metrics["loss/total"] = float(loss.detach())
+    return loss, metrics
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec, ref_logprobs=None,
+                entropy=None):
+    return LOSSES.get(spec.name)(logprobs, old_logprobs, advantages, mask, spec,
+                                 ref_logprobs=ref_logprobs, entropy=entropy)

@@ -1,0 +1,319 @@
+"""Samplers that turn prompts into trees through a rollout engine (SPEC section 3).
+
+``ibtree`` (IBTree):
+    budget = G * mean response tokens (measured on iteration 1) unless budget_tokens is set
+    iteration 1: M independent responses per prompt, cut into steps, inserted, verified
+    iterations 2..C, while a tree's decoded tokens < its budget:
+        recompute n, c, V, H, I, IB bottom-up (all trees at once)
+        each tree picks N_c candidates by select_by / select (see ``selection``)
+        one continuation per pick from the prefix ending at that node, to the end; cut, attach,
+        verify. N_c is sized so the rest of the budget is spent over the remaining iterations:
+        N_c = round(remaining / (iterations left * expected continuation length)), >= 1.
+``independent`` (GRPO): G responses per prompt as a flat tree (root -> G leaves, no steps).
+
+Token accounting counts decoded tokens only: a shared prefix is prompt for the engine.
+The engine is passed in (the core never builds one); ``score_fn(prompt_index, token_ids)``
+returns the verifier's reward, so this module knows nothing of tokenizers or tasks. Pure torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import torch
+
+from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.selection import PICK, SELECT_BY, candidate_mask, select_nodes
+from ibtpo_core.algo.tree import StepSpec, Tree, split_steps
+from ibtpo_core.engines.base import RolloutEngine, StopConditions
+from ibtpo_core.registry import Registry
+
+SAMPLERS: Registry[Callable] = Registry("sampler")
+ScoreFn = Callable[[int, list[int]], float]
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """IBTree's knobs (SPEC section 3); ``None`` means the SPEC default derived from G."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
+
+    sampler: Literal["ibtree", "independent"] = "ibtree"
+    G: int = 8
+    M: Optional[int] = None  # G // 2
+    B_max: int = 3
+    B_root: Optional[int] = None  # G
+    C: int = 4
+    N_c: Optional[int] = None  # sized from the budget
+    select_by: str = "ib"
+    select: Literal["greedy", "softmax"] = "greedy"
+    select_temperature: float = 1.0
+    beta: float = 1.0
+    ib_form: str = "h_plus_bi"
+    entropy_estimator: Literal["token_entropy", "surprisal"] = "token_entropy"
+    dedup_siblings: bool = False
+    max_resamples: int = 2
+    budget_tokens: Optional[int] = None  # per prompt
+    steps: StepSpec = field(default_factory=StepSpec)
+
+    def __post_init__(self):
+        if self.G < 2:
+            raise ValueError(f"G must be >= 2 (got {self.G}): a group needs two samples to "
+                             f"have a reward spread")
+        if self.B_max < 2:
+            raise ValueError(f"B_max must be >= 2 (got {self.B_max}): a node needs room for a "
+                             f"second child to branch (SPEC default 3)")
+        if self.C < 1:
+            raise ValueError(f"C must be >= 1 (got {self.C})")
+        if self.M is not None and not 1 <= self.M:
+            raise ValueError(f"M must be >= 1 (got {self.M})")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0 (got {self.beta})")
+        if self.budget_tokens is not None and self.budget_tokens < 1:
+            raise ValueError(f"budget_tokens must be positive (got {self.budget_tokens}); "
+                             f"leave it null to spend G x mean response length")
+        SELECT_BY.get(self.select_by)
+        PICK.get(self.select)
+        from ibtpo_core.algo.ib_score import IB_FORMS
+        IB_FORMS.get(self.ib_form)
+
+    @property
+    def m(self) -> int:
+        return self.M if self.M is not None else max(1, self.G // 2)
+
+    @property
+    def b_root(self) -> int:
+        return self.B_root if self.B_root is not None else self.G
+
+
+@dataclass
+class SampleResult:
+    trees: list[Tree]
+    metrics: dict[str, float]
+
+
+def _attach(tree: Tree, node: int, comp, reward: float, step_ids, spec: StepSpec) -> int:
+    spans = split_steps(comp.token_ids, step_ids, spec.min_step_tokens, spec.max_step_tokens)
+    return tree.insert(node, comp.token_ids, comp.logprobs, comp.entropies, reward, spans,
+                       final_last=comp.finish_reason == "eos")
+
+
+def _path_len(tree: Tree, node: int) -> int:
+    return sum(len(tree.nodes[i].tokens) for i in tree.path(node))
+
+
+@SAMPLERS.register("ibtree")
+def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpec,
+                  score_fn: ScoreFn, stop: StopConditions, max_new_tokens: int,
+                  temperature: float = 1.0, seed: int = 0) -> SampleResult:
+    step_ids = frozenset(stop.step_end_token_ids)
+    trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
+    used = [0] * len(prompts)
+    gen = torch.Generator().manual_seed(seed)
+    first = engine.generate(prompts, num_samples=spec.m, temperature=temperature,
+                            max_new_tokens=max_new_tokens, stop=stop, seed=seed)
+    for c in first:
+        used[c.prefix_index] += len(c.token_ids)
+        _attach(trees[c.prefix_index], 0, c, score_fn(c.prefix_index, c.token_ids), step_ids, spec.steps)
+    mean_len = sum(len(c.token_ids) for c in first) / max(1, len(first))
+    budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
+    iterations = 1
+    for it in range(2, spec.C + 1):
+        remaining = [budget - u for u in used]
+        if max(remaining) <= 0:
+            break
+        f = Forest.from_trees(trees)
+        cand0 = None
+        stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator)
+        cand = candidate_mask(f, stats, spec.B_max, spec.b_root)
+        if spec.ib_form == "zscore":  # z over this iteration's candidates
+            cand0 = cand
+            stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand0)
+        est = _expected_continuation(f, trees, cand)
+        k = []
+        for t in range(len(trees)):
+            n_cand = int(cand[f.tree == t].sum())
+            if remaining[t] <= 0 or n_cand == 0:
+                k.append(0)
+            elif spec.N_c is not None:
+                k.append(min(spec.N_c, n_cand))
+            else:
+                left = spec.C - it + 1
+                k.append(max(1, min(n_cand, round(remaining[t] / (left * max(est[t], 1.0))))))
+        rows = select_nodes(f, stats, k, spec.select_by, spec.select, spec.select_temperature,
+                            spec.B_max, spec.b_root, gen)
+        if not rows:
+            break
+        iterations = it
+        picks = [(int(f.tree[r]), r - f.offsets[int(f.tree[r])]) for r in rows]
+        comps = _branch(engine, trees, picks, spec, stop, max_new_tokens, temperature,
+                        seed + it, used)
+        for (t, node), c in zip(picks, comps):
+            if c is None:
+                continue
+            _attach(trees[t], node, c, score_fn(t, _full_response(trees[t], node, c)), step_ids, spec.steps)
+    return SampleResult(trees, tree_metrics(trees, used, budget, mean_len, iterations,
+                                            spec.beta, spec.ib_form, spec.entropy_estimator))
+
+
+def _full_response(tree: Tree, node: int, comp) -> list[int]:
+    toks = []
+    for i in tree.path(node):
+        toks += tree.nodes[i].tokens
+    return toks + comp.token_ids
+
+
+def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperature, seed, used):
+    """One continuation per pick; with dedup_siblings, a first step equal to an existing
+    sibling's is resampled up to max_resamples times (those tokens count as decoded)."""
+    prefixes = [trees[t].prefix_tokens(node) for t, node in picks]
+    limits = [max_new_tokens - _path_len(trees[t], node) for t, node in picks]
+    keep = [i for i, lim in enumerate(limits) if lim >= 1]
+    out = [None] * len(picks)
+    if not spec.dedup_siblings:
+        comps = engine.generate([prefixes[i] for i in keep], num_samples=1, temperature=temperature,
+                                max_new_tokens=[limits[i] for i in keep], stop=stop, seed=seed)
+        for i, c in zip(keep, comps):
+            out[i] = c
+            used[picks[i][0]] += len(c.token_ids)
+        return out
+    step_stop = StopConditions(stop.eos_token_ids, stop.step_end_token_ids, stop_at_step_end=True)
+    firsts = {}
+    pending = keep
+    for attempt in range(spec.max_resamples + 1):
+        comps = engine.generate([prefixes[i] for i in pending], num_samples=1, temperature=temperature,
+                                max_new_tokens=[limits[i] for i in pending], stop=step_stop,
+                                seed=seed * 1000 + attempt)
+        retry = []
+        for i, c in zip(pending, comps):
+            t, node = picks[i]
+            used[t] += len(c.token_ids)
+            siblings = {tuple(trees[t].nodes[ch].tokens) for ch in trees[t].nodes[node].children}
+            siblings |= {tuple(firsts[j].token_ids) for j in firsts if picks[j] == picks[i]}
+            if tuple(c.token_ids) in siblings and attempt < spec.max_resamples:
+                retry.append(i)
+            else:
+                firsts[i] = c
+        pending = retry
+        if not pending:
+            break
+    cont = [i for i in keep if firsts[i].finish_reason == "step_end" and limits[i] > len(firsts[i].token_ids)]
+    rest = engine.generate([prefixes[i] + firsts[i].token_ids for i in cont], num_samples=1,
+                           temperature=temperature,
+                           max_new_tokens=[limits[i] - len(firsts[i].token_ids) for i in cont],
+                           stop=stop, seed=seed * 1000 + 999)
+    tails = dict(zip(cont, rest))
+    for i in keep:
+        c = firsts[i]
+        if i in tails:
+            r = tails[i]
+            used[picks[i][0]] += len(r.token_ids)
+            c = type(c)(c.prefix_index, c.token_ids + r.token_ids, c.logprobs + r.logprobs,
+                        None if c.entropies is None or r.entropies is None else c.entropies + r.entropies,
+                        r.finish_reason)
+        elif c.finish_reason == "step_end":
+            c = type(c)(c.prefix_index, c.token_ids, c.logprobs, c.entropies, "length")
+        out[i] = c
+    return out
+
+
+def _expected_continuation(f: Forest, trees: list[Tree], cand: torch.Tensor) -> list[float]:
+    """Per tree: mean over candidates of the mean tokens still to decode below each."""
+    out = []
+    for t, tree in enumerate(trees):
+        rows = (cand & (f.tree == t)).nonzero().squeeze(1).tolist()
+        if not rows:
+            out.append(1.0)
+            continue
+        depth_tokens = {0: 0}
+        for n in tree.nodes[1:]:
+            depth_tokens[n.id] = depth_tokens[n.parent] + len(n.tokens)
+        ests = []
+        for r in rows:
+            node = r - f.offsets[t]
+            below = _leaves_below(tree, node)
+            ests.append(sum(depth_tokens[l] for l in below) / len(below) - depth_tokens[node])
+        out.append(sum(ests) / len(ests))
+    return out
+
+
+def _leaves_below(tree: Tree, node: int) -> list[int]:
+    stack, out = [node], []
+    while stack:
+        k = stack.pop()
+        ch = tree.nodes[k].children
+        if ch:
+            stack.extend(ch)
+        else:
+            out.append(k)
+    return out
+
+
+@SAMPLERS.register("independent")
+def sample_independent(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpec,
+                       score_fn: ScoreFn, stop: StopConditions, max_new_tokens: int,
+                       temperature: float = 1.0, seed: int = 0) -> SampleResult:
+    trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
+    used = [0] * len(prompts)
+    comps = engine.generate(prompts, num_samples=spec.G, temperature=temperature,
+                            max_new_tokens=max_new_tokens, stop=stop, seed=seed)
+    for c in comps:
+        used[c.prefix_index] += len(c.token_ids)
+        trees[c.prefix_index].add_node(0, c.token_ids, c.logprobs, c.entropies,
+                                       reward=score_fn(c.prefix_index, c.token_ids),
+                                       final=c.finish_reason == "eos")
+    mean_len = sum(used) / max(1, len(comps))
+    return SampleResult(trees, tree_metrics(trees, used, spec.G * mean_len, mean_len, 1, spec.beta,
+                                            spec.ib_form, "surprisal"))
+
+
+def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: float,
+                 iterations: int, beta: float, ib_form: str, estimator: str) -> dict[str, float]:
+    """Token accounting and the IB diagnostic (means over trees)."""
+    n = max(1, len(trees))
+    leaves = [t.leaves() for t in trees]
+    num_leaves = [len(l) for l in leaves]
+    unique = []
+    path_tokens = 0
+    for t, ls in zip(trees, leaves):
+        seqs = set()
+        for leaf in ls:
+            toks = tuple(x for i in t.path(leaf.id) for x in t.nodes[i].tokens)
+            seqs.add(toks)
+            path_tokens += len(toks)
+        unique.append(len(seqs))
+    decoded = sum(used)
+    per_budget = budget / max(mean_len, 1e-9)
+    rewards = [leaf.reward for ls in leaves for leaf in ls]
+    out = {
+        "tree/decoded_tokens": float(decoded),
+        "tree/num_leaves": sum(num_leaves) / n,
+        "tree/unique_leaves": sum(unique) / n,
+        "tree/shared_prefix_frac": 1.0 - decoded / path_tokens if path_tokens else 0.0,
+        "tree/leaves_per_budget": sum(num_leaves) / n / per_budget,
+        "tree/unique_leaves_per_budget": sum(unique) / n / per_budget,
+        "tree/budget_tokens": budget,
+        "tree/iterations": float(iterations),
+        "tree/mean_response_tokens": mean_len,
+        "reward": sum(rewards) / max(1, len(rewards)),
+    }
+    out.update(ib_diagnostic(trees, beta, ib_form, estimator))
+    return out
+
+
+def ib_diagnostic(trees: list[Tree], beta: float, ib_form: str, estimator: str) -> dict[str, float]:
+    """Mean IB-Score, H and I over internal nodes with >= 2 children (SPEC section 2)."""
+    f = Forest.from_trees(trees)
+    if estimator == "token_entropy" and torch.isnan(f.tok_entropy).any():
+        estimator = "surprisal"
+    stats = compute_stats(f, beta, ib_form, estimator)
+    m = stats.num_children >= 2
+    if not bool(m.any()):
+        return {"ib/score_mean": 0.0, "ib/h_mean": 0.0, "ib/i_mean": 0.0, "ib/branch_nodes": 0.0}
+    return {"ib/score_mean": float(stats.IB[m].mean()), "ib/h_mean": float(stats.H[m].mean()),
+            "ib/i_mean": float(stats.I[m].mean()), "ib/branch_nodes": float(m.sum()) / f.num_trees}
+
+
+def sample(name: str, *args, **kwargs) -> SampleResult:
+    return SAMPLERS.get(name)(*args, **kwargs)

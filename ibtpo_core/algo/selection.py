@@ -1,0 +1,88 @@
+"""IB-guided selection (SPEC section 3): which nodes of each tree get a new branch.
+
+Candidates: nodes with children that are not final (the final-answer step and what follows it
+never branch) and have fewer than ``B_max`` children; a root while it has fewer than ``B_root``
+children (a new child of the root is an extra independent sample). Each candidate is scored by
+the registered ``select_by`` rule (``ib``: IB-Score, ``entropy``: H, ``relevance``: I,
+``random``: uniform), then each tree picks its ``k`` best (``greedy``; ties to the lower node
+id) or ``k`` drawn without replacement from softmax(score / temperature) (``softmax``, by the
+Gumbel-top-k trick). Pure torch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ibtpo_core.algo.ib_score import Forest, TreeStats
+from ibtpo_core.registry import Registry
+
+SELECT_BY: Registry[Callable] = Registry("select_by")
+PICK: Registry[Callable] = Registry("select")
+
+
+@SELECT_BY.register("ib")
+def _by_ib(stats: TreeStats, gen: torch.Generator) -> torch.Tensor:
+    return stats.IB
+
+
+@SELECT_BY.register("entropy")
+def _by_entropy(stats: TreeStats, gen: torch.Generator) -> torch.Tensor:
+    return stats.H
+
+
+@SELECT_BY.register("relevance")
+def _by_relevance(stats: TreeStats, gen: torch.Generator) -> torch.Tensor:
+    return stats.I
+
+
+@SELECT_BY.register("random")
+def _by_random(stats: TreeStats, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(stats.n.shape, generator=gen, dtype=torch.float64)
+
+
+def candidate_mask(f: Forest, stats: TreeStats, B_max: int, B_root: int) -> torch.Tensor:
+    """(N,) bool: nodes that may receive a new child this iteration."""
+    is_root = f.parent < 0
+    inner = (stats.num_children > 0) & ~f.final & ~is_root & (stats.num_children < B_max)
+    return inner | (is_root & (stats.num_children < B_root))
+
+
+@PICK.register("greedy")
+def pick_greedy(scores, cand, tree, k_per_tree, temperature, gen) -> list[int]:
+    s = torch.where(cand, scores.nan_to_num(nan=float("-inf")), torch.full_like(scores, float("-inf")))
+    return _top_k_per_tree(s, cand, tree, k_per_tree)
+
+
+@PICK.register("softmax")
+def pick_softmax(scores, cand, tree, k_per_tree, temperature, gen) -> list[int]:
+    if temperature <= 0:
+        raise ValueError(f"select_temperature must be > 0 for softmax selection (got {temperature})")
+    u = torch.rand(scores.shape, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(u))
+    s = scores.nan_to_num(nan=0.0) / temperature + gumbel
+    s = torch.where(cand, s, torch.full_like(s, float("-inf")))
+    return _top_k_per_tree(s, cand, tree, k_per_tree)
+
+
+def _top_k_per_tree(s: torch.Tensor, cand: torch.Tensor, tree: torch.Tensor,
+                    k_per_tree: list[int]) -> list[int]:
+    order = torch.sort(-s, stable=True).indices.tolist()  # best first, ties by row
+    taken = [0] * len(k_per_tree)
+    out = []
+    cand_l, tree_l = cand.tolist(), tree.tolist()
+    for row in order:
+        t = tree_l[row]
+        if cand_l[row] and taken[t] < k_per_tree[t]:
+            out.append(row)
+            taken[t] += 1
+    return sorted(out)
+
+
+def select_nodes(f: Forest, stats: TreeStats, k_per_tree: list[int], select_by: str,
+                 select: str, temperature: float, B_max: int, B_root: int,
+                 gen: torch.Generator) -> list[int]:
+    """Forest rows chosen for one new branch each (at most ``k_per_tree[t]`` in tree t)."""
+    cand = candidate_mask(f, stats, B_max, B_root)
+    scores = SELECT_BY.get(select_by)(stats, gen)
+    return PICK.get(select)(scores, cand, f.tree, k_per_tree, temperature, gen)

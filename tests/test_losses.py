@@ -1,0 +1,77 @@
+"""The clipped surrogate with hand-worked numbers, its gradient, clipping band and metrics."""
+import math
+
+import pytest
+import torch
+
+from ibtpo_core.algo.losses import LossSpec, kl_k3, policy_loss
+
+
+def one_token(ratio, adv, spec=LossSpec()):
+    old = torch.tensor([[-1.0]])
+    logp = (old + math.log(ratio)).requires_grad_(True)
+    loss, m = policy_loss(logp, old, torch.tensor([[adv]]), torch.ones(1, 1), spec)
+    loss.backward()
+    return float(loss), m, float(logp.grad)
+
+
+def test_hand_worked_clipping():
+    # r = 1.5, A = 1: min(1.5, clip(1.5) = 1.2) = 1.2 -> loss -1.2, clipped above, no gradient
+    loss, m, g = one_token(1.5, 1.0)
+    assert loss == pytest.approx(-1.2) and g == 0.0
+    assert m["loss/clipfrac"] == 1.0 and m["clip_ratio/high_mean"] == 1.0 and m["clip_ratio/low_mean"] == 0.0
+    # r = 1.5, A = -1: min(-1.5, -1.2) = -1.5 -> loss 1.5; the unclipped term keeps the gradient
+    loss, m, g = one_token(1.5, -1.0)
+    assert loss == pytest.approx(1.5) and m["loss/clipfrac"] == 0.0 and g == pytest.approx(1.5)
+    # r = 0.5, A = -1: min(-0.5, -0.8) = -0.8 -> loss 0.8, clipped below
+    loss, m, g = one_token(0.5, -1.0)
+    assert loss == pytest.approx(0.8) and g == 0.0
+    assert m["clip_ratio/low_mean"] == 1.0 and m["loss/clipfrac"] == 1.0
+    # inside the band the gradient is -A * r: r = 1.1, A = 1 -> d loss / d logp = -1.1
+    loss, m, g = one_token(1.1, 1.0)
+    assert loss == pytest.approx(-1.1) and g == pytest.approx(-1.1) and m["loss/clipfrac"] == 0.0
+
+
+def test_clip_higher_widens_only_the_upper_band():
+    # eps_high = 0.28: r = 1.25 is inside the band now
+    loss, m, g = one_token(1.25, 1.0, LossSpec(eps_high=0.28))
+    assert loss == pytest.approx(-1.25) and g == pytest.approx(-1.25)
+    loss, m, g = one_token(1.25, 1.0)
+    assert loss == pytest.approx(-1.2) and g == 0.0
+
+
+def test_token_mean_over_the_mask_and_zero_advantage_gives_zero_gradient():
+    old = torch.zeros(2, 3)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    adv = torch.tensor([[1.0, 0.0, 5.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    loss, m = policy_loss(logp, old, adv, mask, LossSpec())
+    # r = 1 everywhere: loss = -(1 + 0 - 2 + 0 + 0) / 5 = 0.2 (the masked 5.0 is ignored)
+    assert float(loss) == pytest.approx(0.2)
+    loss.backward()
+    assert logp.grad[0, 1] == 0 and logp.grad[1, 1] == 0 and logp.grad[0, 2] == 0
+    assert logp.grad[0, 0] == pytest.approx(-1 / 5)
+
+
+def test_k3_kl_and_entropy_bonus():
+    # logp = ln 0.5, ref = ln 0.25: d = ln 0.5; k3 = 0.5 - ln 0.5 - 1 = ln 2 - 0.5
+    v = kl_k3(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25)))
+    assert float(v) == pytest.approx(math.log(2) - 0.5)
+    logp = torch.full((1, 2), math.log(0.5))
+    ent = torch.tensor([[1.0, 3.0]])
+    spec = LossSpec(beta_kl=0.1, entropy_coef=0.01)
+    loss, m = policy_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), spec,
+                          ref_logprobs=torch.full((1, 2), math.log(0.25)), entropy=ent)
+    # pg 0 + 0.1 * (ln 2 - 0.5) - 0.01 * mean(1, 3)
+    assert float(loss) == pytest.approx(0.1 * (math.log(2) - 0.5) - 0.02, abs=1e-6)
+    assert m["kl"] == pytest.approx(math.log(2) - 0.5) and m["entropy"] == pytest.approx(2.0)
+    assert m["loss/approx_kl"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(eps_low=1.2), "eps_low must be in"), (dict(eps_high=-0.1), "eps_high must be >= 0"),
+    (dict(beta_kl=-1), "beta_kl must be >= 0"), (dict(name="ppo"), "Valid names: ppo_clip"),
+])
+def test_bad_loss_specs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossSpec(**kwargs)

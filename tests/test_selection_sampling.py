@@ -1,0 +1,150 @@
+"""Candidate rule, selection and the IBTree loop against a scripted engine."""
+import math
+
+import pytest
+import torch
+
+from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.sampling import TreeSpec, sample
+from ibtpo_core.algo.selection import candidate_mask, select_nodes
+from ibtpo_core.algo.tree import Tree
+from ibtpo_core.engines.base import Completion, RolloutEngine, StopConditions
+
+NL, EOS = 3, 1
+
+
+def tree_for_selection() -> Tree:
+    """
+    0 root: children 1, 2 (B_root decides whether it may grow)
+    1 (H from children 3, 4): children 3 (r=1), 4 (r=0)   -> I = ln 2, two children
+    2: one child 5 (r=1)                                    -> I = 0
+    """
+    t = Tree([9])
+    t.add_node(0, [10, NL], [-0.1, -0.1], [0.1, 0.1])
+    t.add_node(0, [11, NL], [-0.1, -0.1], [0.1, 0.1])
+    t.add_node(1, [12, EOS], [-0.1, -0.1], [0.2, 0.2], reward=1.0, final=True)
+    t.add_node(1, [13, EOS], [-0.1, -0.1], [0.4, 0.4], reward=0.0, final=True)
+    t.add_node(2, [14, EOS], [-0.1, -0.1], [2.0, 2.0], reward=1.0, final=True)
+    return t
+
+
+def test_candidates_follow_b_max_b_root_and_final():
+    f = Forest.from_trees([tree_for_selection()])
+    s = compute_stats(f)
+    assert candidate_mask(f, s, B_max=3, B_root=8).tolist() == [True, True, True, False, False, False]
+    assert candidate_mask(f, s, B_max=2, B_root=2).tolist() == [False, False, True, False, False, False]
+
+
+def test_select_by_each_rule():
+    f = Forest.from_trees([tree_for_selection()])
+    s = compute_stats(f)
+    g = torch.Generator().manual_seed(0)
+    # H(1) = mean(0.2, 0.4) = 0.3, I(1) = ln 2 -> IB 0.993;  H(2) = 2.0, I(2) = 0 -> IB 2.0
+    # H(0) = mean(0.1, 0.1) = 0.1, I(0) = w(2/3)(0.5/(2/3))ln(0.75)+(1/3)(1.5)ln 1.5 -> small
+    pick = lambda by, k=1: select_nodes(f, s, [k], by, "greedy", 1.0, 3, 8, g)
+    assert pick("ib") == [2]
+    assert pick("entropy") == [2]
+    assert pick("relevance") == [1]
+    assert pick("ib", k=2) == [1, 2]
+    assert len(pick("random", k=2)) == 2
+    many = {tuple(select_nodes(f, s, [1], "ib", "softmax", 100.0, 3, 8, g)) for _ in range(50)}
+    assert len(many) > 1  # a hot softmax explores
+    with pytest.raises(ValueError, match="Valid names: entropy, ib, random, relevance"):
+        pick("ibb")
+
+
+class ScriptedEngine(RolloutEngine):
+    """Emits steps '<a> NL' then EOS; the step token depends on the prefix length and a counter
+    so branches differ. Records every request."""
+
+    def __init__(self):
+        self.calls = []
+        self.count = 0
+
+    @property
+    def max_context(self):
+        return 512
+
+    def load_weights(self, path):
+        pass
+
+    def _generate(self, prefixes, num_samples, temperature, limits, stop, seed):
+        self.calls.append((prefixes, num_samples, limits, stop.stop_at_step_end))
+        out = []
+        for i, (p, lim) in enumerate(zip(prefixes, limits)):
+            for _ in range(num_samples):
+                self.count += 1
+                toks = []
+                while len(toks) < lim:
+                    depth = sum(1 for x in p + toks if x == NL)
+                    if depth >= 3:
+                        toks.append(EOS)
+                        break
+                    toks += [20 + (self.count + depth) % 5, NL]
+                    if stop.stop_at_step_end:
+                        break
+                toks = toks[:lim]
+                reason = "eos" if toks and toks[-1] == EOS else ("step_end" if stop.stop_at_step_end else "length")
+                out.append(Completion(i, toks, [-0.5] * len(toks), [1.0] * len(toks), reason))
+        return out
+
+
+def score_even(i, toks):
+    return float(sum(toks) % 2 == 0)
+
+
+def test_ibtree_spends_the_budget_and_reports_accounting():
+    eng = ScriptedEngine()
+    stop = StopConditions((EOS,), (NL,))
+    prompts = [[100 + k] for k in range(4)]
+    spec = TreeSpec(G=8)
+    r = sample("ibtree", eng, prompts, spec, score_even, stop, 32, 1.0, 0)
+    m = r.metrics
+    # iteration 1: M = G/2 = 4 samples a prompt, each 3 steps of 2 tokens + EOS = 7 tokens
+    assert eng.calls[0][1] == 4 and m["tree/mean_response_tokens"] == 7.0
+    assert m["tree/budget_tokens"] == 8 * 7
+    assert m["tree/decoded_tokens"] <= 4 * 56 * 1.25  # within a quarter of the budget
+    assert m["tree/decoded_tokens"] >= 4 * 56 * 0.75
+    assert 1 < m["tree/iterations"] <= 4
+    for t in r.trees:
+        decoded = sum(len(n.tokens) for n in t.nodes[1:])
+        assert decoded <= sum(len(x) for x in [t.nodes[0].tokens]) + 1000
+        assert len(t.root.children) <= 8
+        assert all(len(n.children) <= 3 for n in t.nodes[1:])
+    # branches start from prefixes of existing paths, and their limits shrink with depth
+    for prefixes, n, limits, _ in eng.calls[1:]:
+        assert n == 1 and all(lim <= 32 for lim in limits)
+    assert 0 < m["tree/shared_prefix_frac"] < 1
+    assert m["tree/num_leaves"] > 4
+
+
+def test_independent_sampler_builds_flat_groups():
+    eng = ScriptedEngine()
+    stop = StopConditions((EOS,), (NL,))
+    r = sample("independent", eng, [[100], [101]], TreeSpec(sampler="independent", G=6), score_even,
+               stop, 32, 1.0, 0)
+    assert all(len(t.root.children) == 6 and len(t.leaves()) == 6 for t in r.trees)
+    assert r.metrics["tree/leaves_per_budget"] == pytest.approx(1.0)
+    assert r.metrics["tree/shared_prefix_frac"] == 0.0
+
+
+def test_dedup_siblings_resamples_first_steps():
+    eng = ScriptedEngine()
+    stop = StopConditions((EOS,), (NL,))
+    spec = TreeSpec(G=4, dedup_siblings=True, max_resamples=2)
+    r = sample("ibtree", eng, [[100]], spec, score_even, stop, 32, 1.0, 0)
+    assert any(step for *_, step in eng.calls[1:])  # first steps were sampled to the step end
+    t = r.trees[0]
+    for n in t.nodes:
+        kids = [tuple(t.nodes[c].tokens) for c in n.children if t.nodes[c].children]
+        assert len(kids) == len(set(kids))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(G=1), "G must be >= 2"), (dict(B_max=1), "B_max must be >= 2"),
+    (dict(beta=-0.5), "beta must be >= 0"), (dict(select_by="ibb"), "Valid names"),
+    (dict(budget_tokens=-5), "budget_tokens must be positive"), (dict(ib_form="x"), "Valid names"),
+])
+def test_bad_tree_specs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TreeSpec(**kwargs)
