@@ -40,10 +40,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--model", default=None, help="checkpoint dir (default: a fresh tiny model)")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores; stop other jobs first)")
     args = ap.parse_args()
     set_offline_defaults()
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads or os.cpu_count() or 1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ibtpo_core.data.tokenizer import build_tokenizer

@@ -44,7 +44,7 @@ def test_logprobs_and_entropies_match_a_fresh_forward(setup, temperature):
 def test_stops_at_eos_step_end_or_length(setup):
     tok, engine, model, stop, prompts = setup
     step_stop = StopConditions(stop.eos_token_ids, stop.step_end_token_ids, stop_at_step_end=True)
-    comps = engine.generate(prompts, num_samples=8, max_new_tokens=12, stop=step_stop, seed=1)
+    comps = engine.generate(prompts, num_samples=16, max_new_tokens=40, stop=step_stop, seed=1)
     newline = stop.step_end_token_ids[0]
     for c in comps:
         body = c.token_ids[:-1]
@@ -54,7 +54,7 @@ def test_stops_at_eos_step_end_or_length(setup):
         elif c.finish_reason == "eos":
             assert c.token_ids[-1] == tok.eos_token_id
         else:
-            assert c.finish_reason == "length" and len(c.token_ids) == 12
+            assert c.finish_reason == "length" and len(c.token_ids) == 40
     assert any(c.finish_reason == "step_end" for c in comps)
 
 

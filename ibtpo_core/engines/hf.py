@@ -15,6 +15,15 @@ from ibtpo_core.engines.lean import LeanDecoder
 from ibtpo_core.engines.prefix_store import PrefixStore
 
 
+def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row by inverse CDF: a single uniform per row (``multinomial`` draws one
+    exponential per vocabulary entry, which dominated small-model decode steps)."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device, dtype=cdf.dtype)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return tok.clamp_(max=probs.shape[1] - 1)
+
+
 @ENGINES.register("hf")
 class HFEngine(RolloutEngine):
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32",
@@ -110,39 +119,35 @@ class HFEngine(RolloutEngine):
         B = P * n
         lengths = torch.tensor([len(prefixes[i]) for i in index.tolist()], device=dev)  # (B,)
         limit = torch.tensor(limits, device=dev).index_select(0, index)  # (B,)
-        eos = torch.tensor(list(stop.eos_token_ids), dtype=torch.long, device=dev)
-        step_end = torch.tensor(list(stop.step_end_token_ids) if stop.stop_at_step_end else [],
-                                dtype=torch.long, device=dev)
+        eos_set = set(stop.eos_token_ids)
+        step_set = set(stop.step_end_token_ids) if stop.stop_at_step_end else set()
+        stop_ids = torch.tensor(sorted(eos_set | step_set), dtype=torch.long, device=dev)
         new_tok = torch.zeros(B, max_new, dtype=torch.long, device=dev)
         new_lp = torch.zeros(B, max_new, device=dev)
         new_ent = torch.zeros(B, max_new, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         n_new = torch.zeros(B, dtype=torch.long, device=dev)
-        reason = torch.zeros(B, dtype=torch.long, device=dev)  # 0 length, 1 eos, 2 step_end
         for t in range(max_new):
-            logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
-            probs = logp.exp()
-            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
+            logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+            probs = logp.exp()  # (B, V)
+            tok = _sample(probs, gen)  # (B,)
             new_tok[:, t] = tok
             new_lp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
-            new_ent[:, t] = -(probs * logp).nan_to_num().sum(-1)
-            live = ~done
-            n_new += live.long()
-            hit_eos = torch.isin(tok, eos) & live
-            hit_step = torch.isin(tok, step_end) & live
-            reason = torch.where(hit_eos, 1, torch.where(hit_step & ~hit_eos, 2, reason))
-            done = done | hit_eos | hit_step | (n_new >= limit)
+            new_ent[:, t] = -(probs * logp).sum(-1)
+            n_new += ~done
+            done = done | torch.isin(tok, stop_ids) | (n_new >= limit)
             if bool(done.all()):
                 break
             logits = self.decoder.forward(tok[:, None], (lengths + t)[:, None], buf)
         self.stats["decoded_tokens"] += int(n_new.sum())
         out = []
         toks_l, lp_l, ent_l = new_tok.tolist(), new_lp.tolist(), new_ent.tolist()
-        names = ("length", "eos", "step_end")
         for b in range(B):
             k = int(n_new[b])
             i = b // n
-            out.append(Completion(i, toks_l[b][:k], lp_l[b][:k], ent_l[b][:k], names[int(reason[b])]))
+            last = toks_l[b][k - 1]
+            reason = "eos" if last in eos_set else "step_end" if last in step_set else "length"
+            out.append(Completion(i, toks_l[b][:k], lp_l[b][:k], ent_l[b][:k], reason))
             if self.reuse_prefixes:
                 fed = prefixes[i] + toks_l[b][: k - 1]  # the last sampled token was never fed
                 self.store.insert(fed, buf.rows(b, len(fed)))
