@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ibtpo_core.algo.tree import Tree
@@ -55,34 +56,45 @@ class Forest:
 
     @classmethod
     def from_trees(cls, trees: list[Tree]) -> "Forest":
-        parent, tree_i, root, depth, reward, leaf, final = [], [], [], [], [], [], []
-        tok_node, tok_ent, tok_lp, offsets = [], [], [], []
+        parent, depth, reward, leaf, final, tree_i, root, offsets = [], [], [], [], [], [], [], []
+        n_tok, lps, ents = [], [], []
+        nan = float("nan")
         for t, tr in enumerate(trees):
             off = len(parent)
             offsets.append(off)
-            depths = [0] * len(tr.nodes)
-            for n in tr.nodes:
-                row = off + n.id
-                if n.parent is not None:
-                    depths[n.id] = depths[n.parent] + 1
-                parent.append(-1 if n.parent is None else off + n.parent)
-                tree_i.append(t)
-                root.append(off)
-                depth.append(depths[n.id])
-                reward.append(float(n.reward) if n.is_leaf else float("nan"))
-                leaf.append(n.is_leaf)
+            nodes = tr.nodes
+            d = [0] * len(nodes)
+            for n in nodes[1:]:
+                d[n.id] = d[n.parent] + 1
+            depth += d
+            parent += [-1] + [off + n.parent for n in nodes[1:]]
+            tree_i += [t] * len(nodes)
+            root += [off] * len(nodes)
+            for n in nodes:
+                is_leaf = n.is_leaf
+                leaf.append(is_leaf)
                 final.append(n.final)
-                if n.parent is not None:
-                    tok_node += [row] * len(n.tokens)
-                    tok_lp += list(n.logprobs)
-                    tok_ent += list(n.entropies) if n.entropies is not None else [float("nan")] * len(n.tokens)
-        L = torch.long
-        return cls(torch.tensor(parent, dtype=L), torch.tensor(tree_i, dtype=L),
-                   torch.tensor(root, dtype=L), torch.tensor(depth, dtype=L),
-                   torch.tensor(reward, dtype=torch.float64), torch.tensor(leaf, dtype=torch.bool),
-                   torch.tensor(final, dtype=torch.bool), torch.tensor(tok_node, dtype=L),
-                   torch.tensor(tok_ent, dtype=torch.float64),
-                   torch.tensor(tok_lp, dtype=torch.float64), offsets, len(trees))
+                reward.append(float(n.reward) if is_leaf else nan)
+            n_tok += [0] + [len(n.tokens) for n in nodes[1:]]
+            for n in nodes[1:]:
+                lps += n.logprobs
+                ents += n.entropies if n.entropies is not None else [nan] * len(n.tokens)
+        tok_node = torch.repeat_interleave(torch.arange(len(parent)), _long(n_tok))
+        return cls(_long(parent), _long(tree_i), _long(root), _long(depth), _f64(reward),
+                   _bool(leaf), _bool(final), tok_node, _f64(ents), _f64(lps), offsets, len(trees))
+
+
+# numpy converts long Python lists to arrays several times faster than torch.tensor does
+def _long(x: list) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.int64).reshape(-1))
+
+
+def _f64(x: list) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1))
+
+
+def _bool(x: list) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.bool_).reshape(-1))
 
 
 @dataclass
