@@ -1,0 +1,52 @@
+"""Every shipped config loads; bad configs fail at once, naming the key and the fix."""
+from pathlib import Path
+
+import pytest
+
+from configs.schema import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads_and_has_a_header(path):
+    cfg = load_config(path)
+    assert cfg.name
+    head = path.read_text().splitlines()[0]
+    assert head.startswith("# "), "every experiment YAML begins with a comment header"
+    assert "Run:" in path.read_text()
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: x\ndata:\n  n_tets: 5\n", r"unknown key 'data.n_tets': did you mean 'n_test'\?"),
+    ("name: x\nwarmup:\n  spec:\n    stpes: 5\n", r"unknown key 'warmup.spec.stpes': did you mean 'steps'\?"),
+    ("name: x\nmodle: {}\n", r"unknown key 'modle': did you mean 'model'\?"),
+    ("name: x\ndata:\n  n_test: many\n", r"data.n_test: Input should be a valid integer"),
+    ("name: x\ndata:\n  n_test: 0\n", r"data.n_test: Input should be greater than or equal to 1"),
+    ("name: x\nengine:\n  name: vllmm\n", r"unknown engine 'vllmm'; valid engines: hf, vllm"),
+    ("name: x\nmodel:\n  tiny: null\n", r"model needs either path"),
+])
+def test_bad_configs_name_the_problem(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    cfg = load_config(p, ["warmup.spec.steps=7", "data.n_test=3"])
+    assert cfg.warmup.spec.steps == 7 and cfg.data.n_test == 3
+    with pytest.raises(ValueError, match="did you mean 'steps'"):
+        load_config(p, ["warmup.spec.step=7"])
+    with pytest.raises(ValueError, match="must look like key.sub=value"):
+        load_config(p, ["warmup.spec.steps"])
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
