@@ -16,12 +16,28 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ibtpo_core.algo.advantages import AdvantageSpec
+from ibtpo_core.algo.losses import LossSpec
+from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
 from ibtpo_core.evaluate import EvalSpec
 from ibtpo_core.models.tiny import TinyModelSpec
+from ibtpo_core.training.deepspeed_trainer import UpdateSpec
 from ibtpo_core.training.warmup import WarmupSpec
 
 ENGINE_NAMES = ("hf", "vllm")
+
+# SPEC section 6: each method is a set of defaults under the algo section; explicit keys win.
+METHOD_PRESETS: dict[str, dict] = {
+    "ibtpo": {},
+    "grpo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"}},
+    "grpo_clip_higher": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
+                         "loss": {"eps_high": 0.28}},
+    "grpo_entropy": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
+                     "loss": {"entropy_coef": 0.001}},
+    "tree_entropy": {"tree": {"select_by": "entropy"},
+                     "advantage": {"name": "tree_entropy", "local_advantage": "diff"}},
+}
 
 
 class Section(BaseModel):
@@ -79,6 +95,58 @@ class EvalConfig(Section):
     spec: EvalSpec = EvalSpec()
 
 
+class AlgoConfig(Section):
+    """The method: how trees are sampled, advantages computed, the policy updated."""
+
+    method: str = "ibtpo"
+    tree: TreeSpec = TreeSpec()
+    advantage: AdvantageSpec = AdvantageSpec()
+    loss: LossSpec = LossSpec()
+    update: UpdateSpec = UpdateSpec()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHOD_PRESETS:
+            raise ValueError(f"unknown method {v!r}; valid methods: {', '.join(METHOD_PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.advantage.name == "grpo" and self.tree.sampler != "independent":
+            raise ValueError("advantage grpo normalises over flat groups: set tree.sampler: "
+                             "independent (or use advantage ibtpo / tree_entropy with ibtree)")
+        return self
+
+
+class RolloutConfig(Section):
+    prompts_per_iteration: int = Field(64, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class RLConfig(Section):
+    iterations: int = Field(40, ge=0)
+    rollout: RolloutConfig = RolloutConfig()
+
+
+class BenchmarkConfig(Section):
+    """lm-eval on saved checkpoints: the built-in task's test split by default."""
+
+    enabled: bool = True
+    tasks: list[str] = ["ibtpo_countdown"]
+    limit: Optional[int] = Field(None, ge=1)
+    every: int = Field(0, ge=0, description="also benchmark every k iterations; 0 = at the end")
+    batch_size: int = Field(64, ge=1)
+    max_gen_toks: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)
+
+
+class TrackingConfig(Section):
+    experiment: str = "ibtpo"
+    sample_trees: int = Field(3, ge=0, description="trees logged as artefacts per run")
+
+
 class ExperimentConfig(Section):
     name: str
     seed: int = 0
@@ -89,6 +157,19 @@ class ExperimentConfig(Section):
     engine: EngineConfig = EngineConfig()
     warmup: WarmupConfig = WarmupConfig()
     eval: EvalConfig = EvalConfig()
+    algo: AlgoConfig = AlgoConfig()
+    rl: RLConfig = RLConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _budget_fits(self):
+        t = self.algo.tree
+        if t.budget_tokens is not None and t.budget_tokens < self.rl.rollout.max_new_tokens // 4:
+            raise ValueError(f"algo.tree.budget_tokens={t.budget_tokens} is too small to sample one "
+                             f"trajectory (responses run up to rl.rollout.max_new_tokens="
+                             f"{self.rl.rollout.max_new_tokens}); raise it or leave it null")
+        return self
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir.replace("${name}", self.name))
@@ -157,6 +238,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_method_preset(raw: dict) -> dict:
+    """Fill the algo section with the defaults of its ``method`` (explicit keys win)."""
+    algo = raw.get("algo")
+    if not isinstance(algo, dict):
+        return raw
+    preset = METHOD_PRESETS.get(algo.get("method", "ibtpo"))
+    if preset is None:
+        return raw  # the validator names the unknown method
+    return {**raw, "algo": _merge(preset, algo)}
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate an experiment YAML; raise ``ValueError`` naming every fault."""
     path = Path(path)
@@ -168,6 +267,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ValueError(f"config {path} must be a YAML mapping of sections")
     raw = apply_overrides(raw, overrides or [])
     raw.setdefault("name", path.stem)
+    raw = apply_method_preset(raw)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:

@@ -9,9 +9,12 @@ from ibtpo_core.runtime import set_offline_defaults
 
 
 def _cmd_run(args) -> int:
-    from ibtpo_core.runner import run_experiment
+    from configs.schema import load_config
 
-    result = run_experiment(args.config, args.set or [])
+    load_config(args.config, args.set or [])  # bad config: fail before Prefect starts
+    from flows.train import train
+
+    result = train(args.config, args.set or [])
     print(json.dumps(result))
     return 0
 

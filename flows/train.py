@@ -1,0 +1,132 @@
+"""The training flow: one run of any method of SPEC section 6 on any config.
+
+prepare data -> (create model) -> warm up -> evaluate (before) -> per RL iteration:
+sample trees -> estimate IB-Scores and advantages -> update the policy (DeepSpeed) ->
+(benchmark every k) -> evaluate (after) -> benchmark with lm-eval.
+
+Every stage is a cached task over files; a rerun of the same command skips what is finished
+and resumes at the first iteration that is not, and MLflow records are written once. Reads like
+a script: no math, no model code here.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from configs.schema import ExperimentConfig, load_config
+from ibtpo_core import stages
+from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
+from ibtpo_core.runtime import set_offline_defaults, set_threads
+from tasks import tracking
+from tasks.benchmark import benchmark
+from tasks.common import code_version
+from tasks.evaluate import evaluate_policy
+from tasks.prepare_data import prepare_data
+from tasks.rl_iteration import estimate_scores, sample_trees, update_policy
+from tasks.warm_up import create_model, warm_up
+
+
+def ensure(task, *args):
+    """Run (or fetch from cache) a stage; if its cached output was altered or deleted on disk,
+    recompute it instead of trusting it."""
+    rec = task(*args)
+    if stages.cached(Path(rec["path"])) is None:
+        get_run_logger().warning(f"{task.name}: cached output {rec['path']} is missing or corrupted; recomputing")
+        rec = task.with_options(refresh_cache=True)(*args)
+    return rec
+
+
+def external_model(path: str) -> dict:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model.path {path} is not a model directory (no config.json): pass a "
+                         f"folder written by save_pretrained")
+    return {"path": str(p), "digest": folder_digest(digest_files(p)), "metrics": {}}
+
+
+@flow(name="train", log_prints=True)
+def train(config: str, overrides: list[str] | None = None) -> dict:
+    set_offline_defaults()
+    cfg: ExperimentConfig = load_config(config, overrides or [])
+    tracking.check_tracking_store()
+    threads = set_threads(cfg.threads)
+    t0 = time.time()
+    run_dir = str(cfg.resolved_output_dir())
+    code = code_version()
+    c = cfg.model_dump()
+    parent = tracking.parent_run(cfg.tracking.experiment, digest_json([c, code]), cfg.name,
+                                 params={**c, "seed": cfg.seed, "threads": threads},
+                                 tags={"prefect.flow_run_id": str(flow_run.id), "ibtpo.method": cfg.algo.method})
+    try:
+        return _train(cfg, config, run_dir, code, parent, c, t0)
+    except BaseException:
+        tracking.finish(parent, "FAILED")  # a rerun of the same command resumes this run
+        raise
+
+
+def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: str, c: dict,
+           t0: float) -> dict:
+    cfg_copy = Path(run_dir) / "config.json"
+    cfg_copy.parent.mkdir(parents=True, exist_ok=True)
+    cfg_copy.write_text(json.dumps(c, indent=1))
+    tracking.log_artifact_once(parent, str(cfg_copy))
+    tracking.log_artifact_once(parent, str(Path(config).resolve()))
+
+    data = ensure(prepare_data, c["data"], run_dir, code)
+    data_run = tracking.child_run(parent, "prepare_data")
+    for split, ctx in (("train", "training"), ("test", "evaluation")):
+        tracking.log_dataset(data_run, str(Path(data["path"]) / f"{split}.jsonl"), split,
+                             data["digest"], ctx)
+    tracking.log_metrics_once(data_run, 0, data["metrics"])
+
+    if cfg.model.path is None:
+        policy = ensure(create_model, c["model"], run_dir, code)
+    else:
+        policy = external_model(cfg.model.path)
+    if cfg.warmup.enabled:
+        policy = ensure(warm_up, c["warmup"], c["data"]["countdown"], policy, data, run_dir, code)
+        tracking.log_metrics_once(tracking.child_run(parent, "warm_up"), 0, policy["metrics"])
+    reference = policy
+    before = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, run_dir, code)
+    decoded = 0.0
+    for k in range(cfg.rl.iterations):
+        trees = ensure(sample_trees, k, c["algo"], c["rl"]["rollout"], c["engine"], cfg.seed,
+                       policy, data, run_dir, code)
+        scores = ensure(estimate_scores, k, c["algo"], trees, run_dir, code)
+        new = ensure(update_policy, k, c["algo"], policy, scores, reference, run_dir, code)
+        decoded += trees["metrics"]["tree/decoded_tokens"]
+        metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"],
+                   "decoded_tokens_total": decoded}
+        metrics["kl"] = metrics.get("kl", metrics.get("loss/approx_kl", 0.0))
+        tracking.log_metrics_once(parent, k, metrics)
+        policy = new
+        if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:
+            b = ensure(benchmark, c["benchmark"], policy, data, run_dir, code)
+            tracking.log_metrics_once(tracking.child_run(parent, "benchmark"), k + 1, b["metrics"])
+        print(f"iteration {k + 1}/{cfg.rl.iterations}: reward {metrics['reward']:.3f} "
+              f"eff_rate {metrics['eff_rate']:.2f} decoded {decoded:.0f}")
+    after = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, run_dir, code) \
+        if cfg.rl.iterations else before
+    eval_run = tracking.child_run(parent, "evaluate")
+    tracking.log_metrics_once(eval_run, 0, before["metrics"])
+    tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
+    if cfg.benchmark.enabled:
+        b = ensure(benchmark, c["benchmark"], policy, data, run_dir, code)
+        bench_run = tracking.child_run(parent, "benchmark")
+        tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
+        tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))
+    tracking.log_lineage(parent, policy, data, reference)
+    tracking.log_sample_trees(parent, run_dir, cfg.tracking.sample_trees)
+    tracking.log_plots(parent, run_dir)
+    tracking.finish(parent)
+    m_b, m_a = before["metrics"], after["metrics"]
+    k8 = f"pass_at_{cfg.eval.spec.num_samples}"
+    return {"accuracy_before": m_b["accuracy"], "accuracy_after": m_a["accuracy"],
+            "accuracy_se_before": m_b["accuracy_se"], "accuracy_se_after": m_a["accuracy_se"],
+            f"{k8}_before": m_b[k8], f"{k8}_after": m_a[k8], "n_eval": int(m_a["n_eval"]),
+            "decoded_tokens": decoded, "wall_s": round(time.time() - t0, 1),
+            "mlflow_run_id": parent, "checkpoint": policy["path"]}

@@ -1,0 +1,90 @@
+"""One RL iteration's pieces over plain data: the prompt stream, sampling through an engine,
+scoring (values, IB-Scores, advantages) into training sequences. The pipeline's tasks call
+these and move their results between stages as files; nothing here knows Prefect or MLflow.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
+from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.rewards import VERIFIERS
+from ibtpo_core.algo.sampling import TreeSpec, sample
+from ibtpo_core.algo.tree import Tree, TrainingSequence, training_sequences
+from ibtpo_core.data.countdown import format_prompt
+from ibtpo_core.data.prompts import encode_prompt
+from ibtpo_core.engines.base import RolloutEngine, StopConditions
+
+
+def draw_prompts(train_rows: list[dict], iteration: int, n: int, seed: int) -> list[dict]:
+    """The problems of RL iteration ``iteration`` (seeded; numbers re-ordered)."""
+    if not train_rows:
+        raise ValueError("the training split is empty: no prompts to sample")
+    rng = random.Random(f"{seed}-{iteration}")
+    rows = []
+    for _ in range(n):
+        r = dict(rng.choice(train_rows))
+        r["numbers"] = rng.sample(list(r["numbers"]), len(r["numbers"]))
+        rows.append(r)
+    return rows
+
+
+def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeSpec,
+                 step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
+                 seed: int, verifier: str = "countdown"):
+    """Trees (one per row) and the sampler's metrics."""
+    verify = VERIFIERS.get(verifier)
+    prompts = [encode_prompt(tokenizer, format_prompt(r["numbers"], r["target"])) for r in rows]
+
+    def score(i: int, toks: list[int]) -> float:
+        return verify(tokenizer.decode(toks, skip_special_tokens=True), rows[i])
+
+    stop = StopConditions((tokenizer.eos_token_id,), tuple(step_end_ids))
+    result = sample(spec.sampler, engine, prompts, spec, score, stop, max_new_tokens,
+                    temperature, seed)
+    return result.trees, result.metrics
+
+
+def score_trees(trees: list[Tree], tree: TreeSpec, adv: AdvantageSpec
+                ) -> tuple[list[TrainingSequence], dict[str, float]]:
+    """Training sequences with per-token advantages, and the batch's reward / IB metrics."""
+    f = Forest.from_trees(trees)
+    est = tree.entropy_estimator
+    if est == "token_entropy" and torch.isnan(f.tok_entropy).any():
+        est = "surprisal"
+    stats = compute_stats(f, tree.beta, tree.ib_form, est)
+    A = compute_advantages(f, stats, adv)
+    seqs: list[TrainingSequence] = []
+    for t, tr in enumerate(trees):
+        off = f.offsets[t]
+        seqs += training_sequences(tr, A[off: off + len(tr.nodes)].tolist())
+    rewards = [s.reward for s in seqs]
+    mean = sum(rewards) / max(1, len(rewards))
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards)))
+    adv_tok = [a for s in seqs for a in s.advantages]
+    metrics = {"reward": mean, "reward_std": std, "eff_rate": eff_rate(f),
+               "adv/abs_mean": sum(abs(a) for a in adv_tok) / max(1, len(adv_tok)),
+               "adv/nonzero_frac": sum(a != 0 for a in adv_tok) / max(1, len(adv_tok)),
+               "response_length": sum(len(s.tokens) for s in seqs) / max(1, len(seqs))}
+    return seqs, metrics
+
+
+def save_trees(trees: list[Tree], path: Path) -> None:
+    Path(path).write_text(json.dumps([t.to_json() for t in trees]))
+
+
+def load_trees(path: Path) -> list[Tree]:
+    return [Tree.from_json(obj) for obj in json.loads(Path(path).read_text())]
+
+
+def save_sequences(seqs: list[TrainingSequence], path: Path) -> None:
+    Path(path).write_text(json.dumps([s.__dict__ for s in seqs]))
+
+
+def load_sequences(path: Path) -> list[TrainingSequence]:
+    return [TrainingSequence(**d) for d in json.loads(Path(path).read_text())]

@@ -1,0 +1,136 @@
+"""One policy update with a DeepSpeed engine.
+
+Loads the policy with ``from_pretrained``, wraps it with ``deepspeed.initialize`` (ZeRO stage
+from a ``configs/deepspeed/*.yaml`` file; on CPU the CPU accelerator over gloo), runs one
+optimizer step over all training sequences of an iteration (micro-batches accumulate, the loss
+is the token mean over the whole batch), and saves the new policy with ``save_pretrained`` plus
+the optimizer state (loaded back with ``weights_only=True``). A torch AdamW is passed to
+DeepSpeed, which avoids compiling DeepSpeed's own Adam.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ibtpo_core.algo.losses import LossSpec, policy_loss
+from ibtpo_core.algo.tree import TrainingSequence
+from ibtpo_core.training.policy import collate, token_logprobs
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    micro_batch_size: int = 256
+    deepspeed_config: str = "configs/deepspeed/zero0_cpu.yaml"
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (got {self.lr})")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 (got {self.micro_batch_size})")
+
+
+def _ds_config(path: str, micro: int, world_size: int) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = Path(__file__).resolve().parents[2] / path
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist: use one of "
+                                f"configs/deepspeed/*.yaml")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    for key in ("train_batch_size",):
+        if key in cfg and cfg[key] % world_size:
+            raise ValueError(f"DeepSpeed config {path}: {key}={cfg[key]} is not divisible by the "
+                             f"world size {world_size}; remove it (the trainer derives it)")
+    cfg.pop("train_batch_size", None)
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = 1
+    for sect in ("bf16", "fp16"):
+        if cfg.get(sect, {}).get("enabled") == "auto":
+            cfg[sect]["enabled"] = torch.cuda.is_available() and sect == "bf16"
+    return cfg
+
+
+def _ensure_dist_env() -> int:
+    """Single-process defaults for torch.distributed; a launcher's variables win."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if "MASTER_PORT" not in os.environ:  # no launcher: a free local port, never a fixed one
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    return int(os.environ["WORLD_SIZE"])
+
+
+def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
+                  spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
+    """One optimizer step on ``seqs``; saves the new policy (and optimizer state) to ``out_dir``."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not seqs:
+        raise ValueError("no training sequences: every prompt of the iteration failed to sample")
+    world = _ensure_dist_env()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
+                                   verbose=False)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
+                            betas=spec.betas)
+    opt_path = Path(model_dir) / OPTIMIZER_FILE
+    if opt_path.is_file():
+        opt.load_state_dict(torch.load(opt_path, weights_only=True))
+        for g in opt.param_groups:
+            g["lr"] = spec.lr
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=_ds_config(spec.deepspeed_config, spec.micro_batch_size, world))
+    ref = None
+    if ref_dir is not None and loss.beta_kl > 0:
+        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    total_tokens = sum(len(s.tokens) for s in seqs)
+    micro = [seqs[i:i + spec.micro_batch_size] for i in range(0, len(seqs), spec.micro_batch_size)]
+    sums: dict[str, float] = {}
+    for k, chunk in enumerate(micro):
+        batch = collate(chunk, tok.pad_token_id)
+        logp, ent = token_logprobs(engine, batch, spec.temperature)
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp, _ = token_logprobs(ref, batch, spec.temperature)
+        value, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.response_mask,
+                                     loss, ref_logprobs=ref_logp, entropy=ent)
+        share = float(batch.response_mask.sum()) / total_tokens
+        engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+        engine.backward(value * share, scale_wrt_gas=False)
+        engine.step()
+        for key, v in metrics.items():
+            sums[key] = sums.get(key, 0.0) + v * share
+    grad_norm = engine.get_global_grad_norm()
+    module = engine.module
+    module.eval()
+    module.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    torch.save(optimizer.state_dict(), Path(out_dir) / OPTIMIZER_FILE)
+    sums["num_tokens"] = float(total_tokens)
+    sums["num_sequences"] = float(len(seqs))
+    if grad_norm is not None and not math.isnan(float(grad_norm)):
+        sums["grad_norm"] = float(grad_norm)
+    return sums

@@ -1,0 +1,115 @@
+"""The three stages of one RL iteration, each a cached task over files:
+
+sample_trees      checkpoint k + prompts of iteration k -> trees.json (tree file format)
+estimate_scores   trees.json -> sequences.json (per-token advantages) + reward / IB metrics
+update_policy     checkpoint k + sequences.json -> checkpoint k + 1 (DeepSpeed step)
+
+The rollout engine stays alive across iterations in this process and reloads weights when the
+checkpoint changes, as a vLLM engine must.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import task
+
+from ibtpo_core import stages
+from ibtpo_core.artifacts import atomic_dir, write_manifest
+from tasks.common import CACHE, inject_fault, stage_dir
+
+_ENGINE: dict = {}
+
+
+def get_engine(engine_cfg: dict, model_path: str):
+    """One engine per process and config; weights reloaded when the checkpoint changes."""
+    from ibtpo_core.engines.base import build_engine
+
+    key = json.dumps(engine_cfg, sort_keys=True)
+    held = _ENGINE.get("engine")
+    if held is None or _ENGINE.get("key") != key:
+        held = build_engine(engine_cfg["name"], model_path=model_path, device=engine_cfg["device"],
+                            dtype=engine_cfg["dtype"], max_batch=engine_cfg["max_batch"],
+                            prefix_cache_tokens=engine_cfg["prefix_cache_tokens"])
+        _ENGINE.update(engine=held, key=key, path=model_path)
+    elif _ENGINE.get("path") != model_path:
+        held.load_weights(model_path)
+        _ENGINE["path"] = model_path
+    return held
+
+
+@task(name="sample_trees", cache_policy=CACHE, persist_result=True)
+def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, seed: int,
+                 policy: dict, data: dict, run_dir: str, code: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from configs.schema import AlgoConfig
+    from ibtpo_core.data.tokenizer import step_end_token_ids
+    from ibtpo_core.rl import draw_prompts, sample_trees as sample, save_trees
+
+    folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo, rollout, engine_cfg, seed,
+                       policy["digest"], data["digest"], code)
+    hit = stages.cached(folder)
+    if hit:
+        return hit
+    cfg = AlgoConfig.model_validate(algo)
+    t0 = time.time()
+    train = stages.read_jsonl(Path(data["path"]) / "train.jsonl")
+    rows = draw_prompts(train, iteration, rollout["prompts_per_iteration"], seed)
+    tok = AutoTokenizer.from_pretrained(policy["path"])
+    engine = get_engine(engine_cfg, policy["path"])
+    steps = step_end_token_ids(tok, cfg.tree.steps.delimiter)
+    trees, metrics = sample(engine, tok, rows, cfg.tree, steps, rollout["max_new_tokens"],
+                            rollout["temperature"], seed * 100_003 + iteration)
+    metrics["timing_s/sample_trees"] = time.time() - t0
+    inject_fault("sample_trees", iteration)
+    with atomic_dir(folder) as tmp:
+        save_trees(trees, tmp / "trees.json")
+        (tmp / "prompts.json").write_text(json.dumps(rows))
+        manifest = write_manifest(tmp, {"metrics": metrics})
+    return {"path": str(folder), "digest": manifest["digest"], "metrics": metrics}
+
+
+@task(name="estimate_scores", cache_policy=CACHE, persist_result=True)
+def estimate_scores(iteration: int, algo: dict, trees: dict, run_dir: str, code: str) -> dict:
+    from configs.schema import AlgoConfig
+    from ibtpo_core.rl import load_trees, save_sequences, score_trees
+
+    folder = stage_dir(run_dir, f"it{iteration:04d}-scores", algo, trees["digest"], code)
+    hit = stages.cached(folder)
+    if hit:
+        return hit
+    cfg = AlgoConfig.model_validate(algo)
+    t0 = time.time()
+    seqs, metrics = score_trees(load_trees(Path(trees["path"]) / "trees.json"), cfg.tree, cfg.advantage)
+    metrics["timing_s/estimate_scores"] = time.time() - t0
+    inject_fault("estimate_scores", iteration)
+    with atomic_dir(folder) as tmp:
+        save_sequences(seqs, tmp / "sequences.json")
+        manifest = write_manifest(tmp, {"metrics": metrics})
+    return {"path": str(folder), "digest": manifest["digest"], "metrics": metrics}
+
+
+@task(name="update_policy", cache_policy=CACHE, persist_result=True)
+def update_policy(iteration: int, algo: dict, policy: dict, scores: dict, ref: dict,
+                  run_dir: str, code: str) -> dict:
+    from configs.schema import AlgoConfig
+    from ibtpo_core.rl import load_sequences
+    from ibtpo_core.training.deepspeed_trainer import update_policy as update
+
+    folder = stage_dir(run_dir, f"it{iteration:04d}-policy", algo, policy["digest"],
+                       scores["digest"], ref["digest"], code)
+    hit = stages.cached(folder)
+    if hit:
+        return hit
+    cfg = AlgoConfig.model_validate(algo)
+    t0 = time.time()
+    seqs = load_sequences(Path(scores["path"]) / "sequences.json")
+    with atomic_dir(folder) as tmp:
+        metrics = update(policy["path"], str(tmp), seqs, cfg.loss, cfg.update, ref_dir=ref["path"])
+        metrics["timing_s/update_policy"] = time.time() - t0
+        inject_fault("update_policy", iteration)
+        manifest = write_manifest(tmp, {"metrics": metrics, "parent_checkpoint": policy["digest"],
+                                        "data_digest": scores["digest"]})
+    return {"path": str(folder), "digest": manifest["digest"], "metrics": metrics}

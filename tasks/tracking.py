@@ -1,0 +1,203 @@
+"""MLflow helpers for the flows: one parent run per training run, one level of child runs per
+stage kind, idempotent logging (a rerun that resumes a run logs each iteration exactly once).
+
+The parent run is found again by its ``ibtpo.run_key`` tag (a digest of the config), so a rerun
+of the same command continues the same MLflow run instead of starting a new one.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
+PACKAGES = ("torch", "transformers", "deepspeed", "prefect", "mlflow", "lm_eval", "datasets")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_tracking_store() -> None:
+    """Fail at start, not after an hour of training, when the tracking store is unreachable."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+        raise RuntimeError(f"MLflow tracking store {uri} is not reachable ({type(err).__name__}: "
+                           f"{str(err)[:200]}); start the server or set MLFLOW_TRACKING_URI to a "
+                           f"reachable store, e.g. sqlite:///mlflow.db") from None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = "***" if SECRET.search(k) else str(v)
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[f"version.{p}"] = importlib.metadata.version(p.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _find(client: MlflowClient, experiment_id: str, filt: str):
+    runs = client.search_runs([experiment_id], filter_string=filt, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dict) -> str:
+    """The id of the parent run for ``run_key``: found again on a rerun, else created."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = _find(client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = 'train'")
+    if found is not None:
+        run_id = found.info.run_id
+        if found.info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    else:
+        run = client.create_run(exp_id, run_name=name,
+                                tags={"ibtpo.run_key": run_key, "ibtpo.kind": "train", **tags})
+        run_id = run.info.run_id
+        items = list({**flatten(params), **package_versions()}.items())
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i:i + 100]])
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    return run_id
+
+
+def child_run(parent_id: str, stage: str) -> str:
+    """The child run of ``parent_id`` for one stage kind (one level of nesting)."""
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    found = _find(client, parent.info.experiment_id,
+                  f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`ibtpo.stage` = '{stage}'")
+    if found is not None:
+        return found.info.run_id
+    run = client.create_run(parent.info.experiment_id, run_name=stage,
+                            tags={"mlflow.parentRunId": parent_id, "ibtpo.stage": stage})
+    return run.info.run_id
+
+
+def log_metrics_once(run_id: str, step: int, metrics: dict[str, float], sentinel: str = "iteration") -> bool:
+    """Log ``metrics`` at ``step`` unless that step was logged before; True if logged now."""
+    client = MlflowClient()
+    if any(m.step == step for m in client.get_metric_history(run_id, sentinel)):
+        return False
+    from mlflow.entities import Metric
+    import time
+
+    ts = int(time.time() * 1000)
+    rows = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    rows.append(Metric(sentinel, float(step), ts, step))
+    for i in range(0, len(rows), 200):
+        client.log_batch(run_id, metrics=rows[i:i + 200])
+    return True
+
+
+def log_artifact_once(run_id: str, path: str, artifact_path: str | None = None) -> None:
+    client = MlflowClient()
+    name = Path(path).name
+    existing = {f.path for f in client.list_artifacts(run_id, artifact_path)}
+    target = f"{artifact_path}/{name}" if artifact_path else name
+    if target not in existing:
+        client.log_artifact(run_id, path, artifact_path)
+
+
+def finish(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) -> None:
+    """Lineage: the split as an MLflow dataset input with its content digest and source."""
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if any(d.dataset.name == name for d in (run.inputs.dataset_inputs or [])):
+        return
+    df = pd.read_json(path, lines=True)
+    df["numbers"] = df["numbers"].map(json.dumps)
+    ds = from_pandas(df, source=str(Path(path).resolve()), name=name, digest=digest[:16])
+    from mlflow.entities import DatasetInput, InputTag
+
+    client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
+                                                     [InputTag("mlflow.data.context", context)])])
+
+
+def log_lineage(run_id: str, policy: dict, data: dict, reference: dict) -> None:
+    """Each checkpoint with the digests of the data and the checkpoint it came from."""
+    client = MlflowClient()
+    client.set_tag(run_id, "ibtpo.checkpoint_digest", policy["digest"])
+    client.set_tag(run_id, "ibtpo.checkpoint_path", policy["path"])
+    client.set_tag(run_id, "ibtpo.data_digest", data["digest"])
+    client.set_tag(run_id, "ibtpo.reference_digest", reference["digest"])
+    run_dir = Path(policy["path"]).parent
+    chain = []
+    for folder in sorted(run_dir.glob("it*-policy-*")):
+        m = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+        chain.append({"checkpoint": folder.name, "digest": m.get("digest"),
+                      "parent_checkpoint_digest": m.get("parent_checkpoint"),
+                      "training_data_digest": m.get("data_digest")})
+    out = run_dir / "lineage.json"
+    out.write_text(json.dumps({"data_digest": data["digest"], "warmup_digest": reference["digest"],
+                               "checkpoints": chain}, indent=1))
+    client.log_artifact(run_id, str(out))
+
+
+def log_sample_trees(run_id: str, run_dir: str, count: int) -> None:
+    """A few trees of the last iteration, in the tree-score JSON format."""
+    if count <= 0:
+        return
+    folders = sorted(Path(run_dir).glob("it*-sample-*"))
+    if not folders:
+        return
+    trees = json.loads((folders[-1] / "trees.json").read_text())[:count]
+    out = Path(run_dir) / "sample_trees"
+    out.mkdir(exist_ok=True)
+    for i, t in enumerate(trees):
+        (out / f"tree_{i}.json").write_text(json.dumps(t))
+        log_artifact_once(run_id, str(out / f"tree_{i}.json"), "sample_trees")
+
+
+def log_plots(run_id: str, run_dir: str) -> None:
+    """PNG training curves from the run's own metric history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = MlflowClient()
+    keys = ["reward", "eff_rate", "entropy", "tree/unique_leaves_per_budget", "ib/score_mean",
+            "loss/clipfrac"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, key in zip(axes.flat, keys):
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        ax.plot([m.step for m in hist], [m.value for m in hist])
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    path = Path(run_dir) / "training_curves.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    client.log_artifact(run_id, str(path), "plots")

@@ -1,0 +1,138 @@
+"""The training flow on tiny_smoke.yaml under a Prefect test harness: every stage runs and
+is tracked in MLflow, a rerun is cache hits only, a run that dies mid-iteration resumes there,
+a corrupted stage output is recomputed. Tasks are also checked through ``.fn()``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "experiments" / "tiny_smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    state = tmp_path_factory.mktemp("pipeline")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield state
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _run(state: Path, *extra: str) -> dict:
+    from flows.train import train
+
+    return train(SMOKE, [f"output_dir={state / 'runs'}", *extra])
+
+
+def _history(run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def test_flow_runs_every_stage_and_tracks_it(harness):
+    from mlflow.tracking import MlflowClient
+
+    out = _run(harness)
+    assert out["n_eval"] == 16 and out["decoded_tokens"] > 0
+    client = MlflowClient()
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algo.method"] == "ibtpo" and "version.torch" in run.data.params
+    for key in ("reward", "reward_std", "eff_rate", "entropy", "kl", "loss/clipfrac",
+                "clip_ratio/high_mean", "clip_ratio/low_mean", "tree/decoded_tokens",
+                "tree/num_leaves", "tree/shared_prefix_frac", "tree/leaves_per_budget",
+                "ib/score_mean", "ib/h_mean", "ib/i_mean", "num_tokens", "timing_s/sample_trees",
+                "timing_s/update_policy"):
+        assert _history(run.info.run_id, key) == [0, 1], key
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    stages = {c.data.tags["ibtpo.stage"] for c in children}
+    assert stages == {"prepare_data", "warm_up", "evaluate", "benchmark"}
+    data_run = next(c for c in children if c.data.tags["ibtpo.stage"] == "prepare_data")
+    assert {d.dataset.name for d in data_run.inputs.dataset_inputs} == {"train", "test"}
+    bench = next(c for c in children if c.data.tags["ibtpo.stage"] == "benchmark")
+    assert "lm_eval/ibtpo_countdown/acc_none" in bench.data.metrics
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "tiny_smoke.yaml", "lineage.json", "sample_trees", "plots"} <= arts
+    trees = client.list_artifacts(run.info.run_id, "sample_trees")
+    assert len(trees) == 3
+    lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
+    assert len(lineage["checkpoints"]) == 2
+    assert lineage["checkpoints"][1]["parent_checkpoint_digest"] == lineage["checkpoints"][0]["digest"]
+
+
+def test_rerun_is_cache_hits_only(harness, monkeypatch):
+    import ibtpo_core.rl
+    import ibtpo_core.stages
+    import ibtpo_core.training.deepspeed_trainer
+    import tasks.benchmark
+
+    first = _run(harness)
+
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    for mod, name in ((ibtpo_core.stages, "prepare_data"), (ibtpo_core.stages, "warm_up"),
+                      (ibtpo_core.stages, "create_model"), (ibtpo_core.stages, "evaluate_checkpoint"),
+                      (ibtpo_core.rl, "sample_trees"), (ibtpo_core.rl, "score_trees"),
+                      (ibtpo_core.training.deepspeed_trainer, "update_policy"),
+                      (tasks.benchmark, "run_lm_eval")):
+        monkeypatch.setattr(mod, name, boom)
+    second = _run(harness)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["accuracy_after"] == first["accuracy_after"]
+    assert _history(first["mlflow_run_id"], "iteration") == [0, 1]  # logged once each
+
+
+def test_failed_iteration_resumes_there_and_logs_once(harness, monkeypatch):
+    import ibtpo_core.rl
+
+    other = ["rl.iterations=3", "seed=7"]
+    monkeypatch.setenv("IBTPO_FAULT", "update_policy:1")
+    with pytest.raises(RuntimeError, match="injected fault in update_policy"):
+        _run(harness, *other)
+    monkeypatch.delenv("IBTPO_FAULT")
+    calls = []
+    real = ibtpo_core.rl.sample_trees
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ibtpo_core.rl, "sample_trees", counting)
+    out = _run(harness, *other)
+    assert len(calls) == 1  # iteration 1's trees were cached; only iteration 2 samples anew
+    assert _history(out["mlflow_run_id"], "iteration") == [0, 1, 2]
+
+
+def test_corrupted_checkpoint_is_recomputed(harness):
+    out = _run(harness)
+    ckpt = Path(out["checkpoint"])
+    weights = next(ckpt.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a truncated write
+    again = _run(harness)
+    assert Path(again["checkpoint"]) == ckpt and weights.read_bytes() == data
+
+
+def test_tasks_through_fn(tmp_path):
+    from configs.schema import DataConfig
+    from tasks.common import code_version
+    from tasks.prepare_data import prepare_data
+
+    cfg = DataConfig(n_test=10, n_val=5).model_dump()
+    rec = prepare_data.fn(cfg, str(tmp_path), code_version())
+    assert rec["metrics"]["data/test_rows"] == 10.0
+    assert (Path(rec["path"]) / "train.jsonl").is_file()
+    assert prepare_data.fn(cfg, str(tmp_path), code_version())["digest"] == rec["digest"]
