@@ -151,6 +151,8 @@ class ExperimentConfig(Section):
     name: str
     seed: int = 0
     output_dir: str = "runs/${name}"
+    stage_cache_dir: str = Field("runs/_stages", description="stages shared between runs "
+                                 "(data, model, warm-up, evaluation, benchmark), keyed by inputs")
     threads: int = Field(0, ge=0, description="torch threads; 0 = the number of free cores")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

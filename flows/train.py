@@ -69,14 +69,15 @@ def train(config: str, overrides: list[str] | None = None) -> dict:
 
 
 def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: str, c: dict,
-           t0: float) -> dict:
+           t0: float) -> dict:  # noqa: C901 - reads top to bottom like the pipeline it runs
     cfg_copy = Path(run_dir) / "config.json"
     cfg_copy.parent.mkdir(parents=True, exist_ok=True)
     cfg_copy.write_text(json.dumps(c, indent=1))
     tracking.log_artifact_once(parent, str(cfg_copy))
     tracking.log_artifact_once(parent, str(Path(config).resolve()))
 
-    data = ensure(prepare_data, c["data"], run_dir, code)
+    shared = cfg.stage_cache_dir  # stages keyed by their inputs alone, reused across runs
+    data = ensure(prepare_data, c["data"], shared, code)
     data_run = tracking.child_run(parent, "prepare_data")
     for split, ctx in (("train", "training"), ("test", "evaluation")):
         tracking.log_dataset(data_run, str(Path(data["path"]) / f"{split}.jsonl"), split,
@@ -84,14 +85,14 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     tracking.log_metrics_once(data_run, 0, data["metrics"])
 
     if cfg.model.path is None:
-        policy = ensure(create_model, c["model"], run_dir, code)
+        policy = ensure(create_model, c["model"], shared, code)
     else:
         policy = external_model(cfg.model.path)
     if cfg.warmup.enabled:
-        policy = ensure(warm_up, c["warmup"], c["data"]["countdown"], policy, data, run_dir, code)
+        policy = ensure(warm_up, c["warmup"], c["data"]["countdown"], policy, data, shared, code)
         tracking.log_metrics_once(tracking.child_run(parent, "warm_up"), 0, policy["metrics"])
     reference = policy
-    before = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, run_dir, code)
+    before = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, shared, code)
     decoded = 0.0
     for k in range(cfg.rl.iterations):
         trees = ensure(sample_trees, k, c["algo"], c["rl"]["rollout"], c["engine"], cfg.seed,
@@ -105,21 +106,21 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         tracking.log_metrics_once(parent, k, metrics)
         policy = new
         if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:
-            b = ensure(benchmark, c["benchmark"], policy, data, run_dir, code)
+            b = ensure(benchmark, c["benchmark"], policy, data, shared, code)
             tracking.log_metrics_once(tracking.child_run(parent, "benchmark"), k + 1, b["metrics"])
         print(f"iteration {k + 1}/{cfg.rl.iterations}: reward {metrics['reward']:.3f} "
               f"eff_rate {metrics['eff_rate']:.2f} decoded {decoded:.0f}")
-    after = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, run_dir, code) \
+    after = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, shared, code) \
         if cfg.rl.iterations else before
     eval_run = tracking.child_run(parent, "evaluate")
     tracking.log_metrics_once(eval_run, 0, before["metrics"])
     tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
     if cfg.benchmark.enabled:
-        b = ensure(benchmark, c["benchmark"], policy, data, run_dir, code)
+        b = ensure(benchmark, c["benchmark"], policy, data, shared, code)
         bench_run = tracking.child_run(parent, "benchmark")
         tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
         tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))
-    tracking.log_lineage(parent, policy, data, reference)
+    tracking.log_lineage(parent, run_dir, policy, data, reference)
     tracking.log_sample_trees(parent, run_dir, cfg.tracking.sample_trees)
     tracking.log_plots(parent, run_dir)
     tracking.finish(parent)

@@ -1,4 +1,5 @@
-"""The ``ibtpo`` command line: ``run`` an experiment config, ``tree-score`` a tree file."""
+"""The ``ibtpo`` command line: ``run`` an experiment config (the Prefect training flow),
+``tree-score`` a tree file, ``ui`` for the MLflow and Prefect UIs."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,37 @@ def _cmd_tree_score(args) -> int:
     return 0
 
 
+def _cmd_ui(args) -> int:
+    """MLflow UI (one worker, job execution off) and the Prefect UI, on 127.0.0.1 by default."""
+    import os
+    import shutil
+    import subprocess
+    import time
+    from pathlib import Path
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    bindir = Path(sys.executable).parent
+    procs = [subprocess.Popen([str(bindir / "mlflow") if (bindir / "mlflow").exists() else
+                               shutil.which("mlflow") or "mlflow", "server",
+                               "--backend-store-uri", uri, "--host", args.host,
+                               "--port", str(args.mlflow_port), "--workers", "1"], env=env)]
+    print(f"MLflow UI:  http://{args.host}:{args.mlflow_port}  (store {uri})")
+    if not args.no_prefect:
+        procs.append(subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host",
+                                       args.host, "--port", str(args.prefect_port)], env=env))
+        print(f"Prefect UI: http://{args.host}:{args.prefect_port}")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ibtpo", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -43,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default="token_entropy")
     t.add_argument("--local-advantage", choices=["log_ratio", "diff"], default="log_ratio")
     t.set_defaults(func=_cmd_tree_score)
+    u = sub.add_parser("ui", help="start the MLflow UI (and the Prefect UI)")
+    u.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    u.add_argument("--mlflow-port", type=int, default=5000)
+    u.add_argument("--prefect-port", type=int, default=4200)
+    u.add_argument("--no-prefect", action="store_true", help="start only the MLflow UI")
+    u.set_defaults(func=_cmd_ui)
     return p
 
 

@@ -35,6 +35,13 @@ def check_tracking_store() -> None:
                            f"reachable store, e.g. sqlite:///mlflow.db") from None
 
 
+def artifact_root(uri: str) -> str | None:
+    """For a sqlite store, artefacts live beside the database (not in the working directory)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None  # a server decides
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -67,7 +74,8 @@ def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dic
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_root(tracking_uri()))
     found = _find(client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = 'train'")
     if found is not None:
         run_id = found.info.run_id
@@ -145,14 +153,14 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
                                                      [InputTag("mlflow.data.context", context)])])
 
 
-def log_lineage(run_id: str, policy: dict, data: dict, reference: dict) -> None:
+def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: dict) -> None:
     """Each checkpoint with the digests of the data and the checkpoint it came from."""
     client = MlflowClient()
     client.set_tag(run_id, "ibtpo.checkpoint_digest", policy["digest"])
     client.set_tag(run_id, "ibtpo.checkpoint_path", policy["path"])
     client.set_tag(run_id, "ibtpo.data_digest", data["digest"])
     client.set_tag(run_id, "ibtpo.reference_digest", reference["digest"])
-    run_dir = Path(policy["path"]).parent
+    run_dir = Path(run_dir)
     chain = []
     for folder in sorted(run_dir.glob("it*-policy-*")):
         m = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}

@@ -31,7 +31,7 @@ def harness(tmp_path_factory):
 def _run(state: Path, *extra: str) -> dict:
     from flows.train import train
 
-    return train(SMOKE, [f"output_dir={state / 'runs'}", *extra])
+    return train(SMOKE, [f"output_dir={state / 'runs'}", f"stage_cache_dir={state / 'stages'}", *extra])
 
 
 def _history(run_id: str, key: str) -> list[int]:
