@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "MLFLOW_ENABLE_TELEMETRY": "false"}
 
 
 def set_offline_defaults() -> None:
@@ -13,14 +15,20 @@ def set_offline_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
-def free_cores() -> int:
-    """Cores not busy right now (a busy core made 2-thread torch 15x slower on these machines)."""
+def free_cores(sample_s: float = 0.3) -> int:
+    """Cores not busy right now (a busy core made 2-thread torch 15x slower on these machines).
+
+    Sampled over ``sample_s`` seconds: the load average lags by a minute and would count a job
+    that has just ended (an install, say) as still running.
+    """
     n = os.cpu_count() or 1
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(n, round(n - load + 0.3)))
+        import psutil
+
+        busy = psutil.cpu_percent(interval=sample_s) / 100.0 * n
+    except ImportError:
+        busy = os.getloadavg()[0]
+    return max(1, min(n, round(n - busy + 0.3)))
 
 
 def set_threads(threads: int = 0) -> int:

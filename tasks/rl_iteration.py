@@ -96,7 +96,7 @@ def update_policy(iteration: int, algo: dict, policy: dict, scores: dict, ref: d
                   run_dir: str, code: str) -> dict:
     from configs.schema import AlgoConfig
     from ibtpo_core.rl import load_sequences
-    from ibtpo_core.training.deepspeed_trainer import update_policy as update
+    from ibtpo_core.training.deepspeed_trainer import launch_update, update_policy as update
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-policy", algo, policy["digest"],
                        scores["digest"], ref["digest"], code)
@@ -105,9 +105,15 @@ def update_policy(iteration: int, algo: dict, policy: dict, scores: dict, ref: d
         return hit
     cfg = AlgoConfig.model_validate(algo)
     t0 = time.time()
-    seqs = load_sequences(Path(scores["path"]) / "sequences.json")
+    seqs_path = Path(scores["path"]) / "sequences.json"
     with atomic_dir(folder) as tmp:
-        metrics = update(policy["path"], str(tmp), seqs, cfg.loss, cfg.update, ref_dir=ref["path"])
+        if cfg.update.num_processes > 1:
+            metrics = launch_update(policy["path"], str(tmp), str(seqs_path), cfg.loss, cfg.update,
+                                    ref_dir=ref["path"])
+            (tmp / "update_metrics.json").unlink()
+        else:
+            metrics = update(policy["path"], str(tmp), load_sequences(seqs_path), cfg.loss,
+                             cfg.update, ref_dir=ref["path"])
         metrics["timing_s/update_policy"] = time.time() - t0
         inject_fault("update_policy", iteration)
         manifest = write_manifest(tmp, {"metrics": metrics, "parent_checkpoint": policy["digest"],

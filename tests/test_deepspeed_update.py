@@ -58,3 +58,22 @@ def test_missing_deepspeed_config_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="DeepSpeed config .* does not exist"):
         update_policy(tiny_model_dir, str(tmp_path / "x"), sequences(tiny_model_dir), LossSpec(),
                       UpdateSpec(deepspeed_config="configs/deepspeed/nope.yaml"))
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_processes_equal_one(tiny_model_dir, tmp_path, launcher):
+    """Two ranks (gloo on CPU), each on half the sequences, take the same step as one."""
+    from ibtpo_core.rl import save_sequences
+    from ibtpo_core.training.deepspeed_trainer import launch_update
+
+    seqs = sequences(tiny_model_dir)
+    save_sequences(seqs, tmp_path / "seqs.json")
+    one = update_policy(tiny_model_dir, str(tmp_path / "one"), seqs, LossSpec(), UpdateSpec(lr=1e-3))
+    two = launch_update(tiny_model_dir, str(tmp_path / "two"), str(tmp_path / "seqs.json"),
+                        LossSpec(), UpdateSpec(lr=1e-3, num_processes=2, launcher=launcher))
+    assert two["num_tokens"] == one["num_tokens"] == 42
+    assert two["loss/total"] == pytest.approx(one["loss/total"], abs=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -33,8 +34,12 @@ class UpdateSpec:
     micro_batch_size: int = 256
     deepspeed_config: str = "configs/deepspeed/zero0_cpu.yaml"
     temperature: float = 1.0
+    num_processes: int = 1  # > 1: the update task launches this many ranks
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
 
     def __post_init__(self):
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1 (got {self.num_processes})")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         if self.micro_batch_size < 1:
@@ -105,8 +110,15 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
     ref = None
     if ref_dir is not None and loss.beta_kl > 0:
         ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    # every rank reads all sequences and trains on its shard; the loss is the token mean over
+    # the whole batch, and DeepSpeed averages gradients over ranks, hence the world-size factor
     total_tokens = sum(len(s.tokens) for s in seqs)
-    micro = [seqs[i:i + spec.micro_batch_size] for i in range(0, len(seqs), spec.micro_batch_size)]
+    rank = int(os.environ.get("RANK", "0"))
+    shard = seqs[rank::world]
+    micro = [shard[i:i + spec.micro_batch_size] for i in range(0, len(shard), spec.micro_batch_size)]
+    if not micro:
+        raise ValueError(f"rank {rank} got no sequences: {len(seqs)} sequences cannot feed "
+                         f"{world} processes; lower num_processes")
     sums: dict[str, float] = {}
     for k, chunk in enumerate(micro):
         batch = collate(chunk, tok.pad_token_id)
@@ -119,18 +131,59 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
                                      loss, ref_logprobs=ref_logp, entropy=ent)
         share = float(batch.response_mask.sum()) / total_tokens
         engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-        engine.backward(value * share, scale_wrt_gas=False)
+        engine.backward(value * share * world, scale_wrt_gas=False)
         engine.step()
         for key, v in metrics.items():
             sums[key] = sums.get(key, 0.0) + v * share
     grad_norm = engine.get_global_grad_norm()
-    module = engine.module
-    module.eval()
-    module.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    torch.save(optimizer.state_dict(), Path(out_dir) / OPTIMIZER_FILE)
+    if world > 1:  # metric shares are relative to the global token count: sum them
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(vec)
+        sums = dict(zip(keys, vec.tolist()))
+    if rank == 0:
+        module = engine.module
+        module.eval()
+        module.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
+        torch.save(optimizer.state_dict(), Path(out_dir) / OPTIMIZER_FILE)
     sums["num_tokens"] = float(total_tokens)
     sums["num_sequences"] = float(len(seqs))
     if grad_norm is not None and not math.isnan(float(grad_norm)):
         sums["grad_norm"] = float(grad_norm)
     return sums
+
+
+def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, spec: UpdateSpec,
+                  ref_dir: str | None = None) -> dict[str, float]:
+    """Run ``update_policy`` in ``spec.num_processes`` ranks through torchrun or the deepspeed
+    launcher (rank 0 saves and writes the metrics); returns the metrics."""
+    import dataclasses
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bindir = Path(sys.executable).parent
+    args = ["-m", "ibtpo_core.training.update_main", "--model", model_dir, "--out", out_dir,
+            "--sequences", seqs_path, "--loss", json.dumps(dataclasses.asdict(loss)),
+            "--update", json.dumps(dataclasses.asdict(spec))]
+    if ref_dir:
+        args += ["--ref", ref_dir]
+    n = str(spec.num_processes)
+    if spec.launcher == "torchrun":
+        cmd = [str(bindir / "torchrun"), "--nproc_per_node", n, "--master_addr", "127.0.0.1",
+               "--master_port", str(port)] + args
+    else:  # the deepspeed launcher; on CPU --num_gpus counts CPU ranks
+        cmd = [str(bindir / "deepspeed"), "--no_local_rank", "--num_gpus", n,
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module"] + args[1:]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {spec.launcher} update with {n} processes failed "
+                           f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads((Path(out_dir) / "update_metrics.json").read_text())
