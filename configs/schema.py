@@ -20,6 +20,7 @@ from ibtpo_core.algo.advantages import AdvantageSpec
 from ibtpo_core.algo.losses import LossSpec
 from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
+from ibtpo_core.data.sources import DatasetSource
 from ibtpo_core.evaluate import EvalSpec
 from ibtpo_core.models.tiny import TinyModelSpec
 from ibtpo_core.training.deepspeed_trainer import UpdateSpec
@@ -45,13 +46,23 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    """Where prompts come from. ``countdown``: the built-in task, enumerated and split locally."""
+    """Where prompts come from. ``countdown``: the built-in task, enumerated and split locally;
+    ``datasets``: any ``datasets`` source of countdown-style rows (the test split capped at
+    ``n_test``, validation taken from the end of train)."""
 
-    source: Literal["countdown"] = "countdown"
+    source: Literal["countdown", "datasets"] = "countdown"
     seed: int = 0
     n_test: int = Field(1000, ge=1)
     n_val: int = Field(200, ge=0)
     countdown: CountdownSpec = CountdownSpec()
+    datasets: Optional[DatasetSource] = None  # with source: datasets
+
+    @model_validator(mode="after")
+    def _source_given(self):
+        if self.source == "datasets" and self.datasets is None:
+            raise ValueError("source: datasets needs a datasets section (path, data_files, "
+                             "numbers_field, target_field)")
+        return self
 
 
 class ModelConfig(Section):

@@ -34,11 +34,14 @@ def cached(folder: Path) -> dict | None:
 
 
 def prepare_data(data_cfg, folder: Path) -> dict:
-    """Write ``train/validation/test.jsonl`` of the built-in countdown task."""
+    """Write ``train/validation/test.jsonl`` of the built-in task or a ``datasets`` source."""
     from ibtpo_core.data.countdown import make_splits
 
     folder = Path(folder)
-    splits = make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
+    if data_cfg.source == "datasets":
+        splits = _splits_from_datasets(data_cfg)
+    else:
+        splits = make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
     with atomic_dir(folder) as tmp:
         for name, rows in splits.items():
             _write_jsonl(tmp / f"{name}.jsonl", rows)
@@ -46,6 +49,20 @@ def prepare_data(data_cfg, folder: Path) -> dict:
         manifest = write_manifest(tmp, {"metrics": counts,
                                         "task": dataclasses.asdict(data_cfg.countdown)})
     return _record(folder, manifest)
+
+
+def _splits_from_datasets(data_cfg) -> dict[str, list[dict]]:
+    from ibtpo_core.data.sources import load_split
+
+    src = data_cfg.datasets
+    test = load_split(src, src.test_split)[: data_cfg.n_test]
+    held = {r["key"] for r in test}
+    train = [r for r in load_split(src, src.train_split) if r["key"] not in held]
+    n_val = min(data_cfg.n_val, max(0, len(train) - 1))
+    if not train:
+        raise ValueError("every training row is also a test problem: nothing left to train on")
+    return {"train": train[: len(train) - n_val], "validation": train[len(train) - n_val:],
+            "test": test}
 
 
 def create_model(model_cfg, folder: Path) -> dict:
