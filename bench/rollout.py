@@ -9,7 +9,6 @@ tokens per second, the engine / generate ratio, and the share of the machine's F
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ibtpo_core.runtime import set_offline_defaults, set_threads
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import write_json  # noqa: E402
+from ibtpo_core.runtime import set_offline_defaults, set_threads  # noqa: E402
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
@@ -100,9 +102,7 @@ def main() -> int:
     print(f"{'batch':>5} {'engine tok/s':>13} {'generate tok/s':>15} {'ratio':>6} {'FLOP share':>10}")
     for b, e, g, r, s in rows:
         print(f"{b:>5} {e:>13.0f} {g:>15.0f} {r:>6.2f} {s:>10.4f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return 0
 
 

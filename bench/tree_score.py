@@ -9,7 +9,6 @@ tests use as an oracle. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -18,7 +17,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import write_json  # noqa: E402
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages  # noqa: E402
 from ibtpo_core.algo.ib_score import Forest, compute_stats  # noqa: E402
 from ibtpo_core.algo.tree import Tree  # noqa: E402
@@ -85,9 +86,7 @@ def main() -> int:
     print(f"{'score only':>12} {o:>9.4f}   (forest already flat)")
     print(f"{'loop':>12} {l:>9.4f}")
     print(f"ratio loop / vectorised {l / v:.1f}x; loop / score only {l / o:.1f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    write_json(args.json, res)
     return 0
 
 

@@ -41,6 +41,14 @@ METHOD_PRESETS: dict[str, dict] = {
 }
 
 
+def one_of(kind: str, value: str, valid) -> str:
+    if value not in valid:
+        close = difflib.get_close_matches(value, list(valid), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {kind} {value!r}{hint}; valid {kind}s: {', '.join(valid)}")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,9 +99,7 @@ class EngineConfig(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in ENGINE_NAMES:
-            raise ValueError(f"unknown engine {v!r}; valid engines: {', '.join(ENGINE_NAMES)}")
-        return v
+        return one_of("engine", v, ENGINE_NAMES)
 
 
 class WarmupConfig(Section):
@@ -118,9 +124,7 @@ class AlgoConfig(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHOD_PRESETS:
-            raise ValueError(f"unknown method {v!r}; valid methods: {', '.join(METHOD_PRESETS)}")
-        return v
+        return one_of("method", v, METHOD_PRESETS)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -27,6 +27,17 @@ def _record(folder: Path, manifest: dict) -> dict:
     return {"path": str(folder), "digest": manifest["digest"], "metrics": manifest.get("metrics", {})}
 
 
+def publish(folder: Path, write, metrics: dict, **extra) -> dict:
+    """Write a stage's output atomically: ``write(tmp)`` fills a temporary folder, the manifest
+    (file digests, ``metrics``, ``extra``) is written last, then the folder is renamed into
+    place. Returns the stage's record."""
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        write(tmp)
+        manifest = write_manifest(tmp, {"metrics": metrics, **extra})
+    return _record(folder, manifest)
+
+
 def cached(folder: Path) -> dict | None:
     """The record of a finished, intact stage output in ``folder``; None if it must be (re)made."""
     manifest = read_manifest(folder)
@@ -42,13 +53,12 @@ def prepare_data(data_cfg, folder: Path) -> dict:
         splits = _splits_from_datasets(data_cfg)
     else:
         splits = make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
-    with atomic_dir(folder) as tmp:
+    def write(tmp: Path) -> None:
         for name, rows in splits.items():
             _write_jsonl(tmp / f"{name}.jsonl", rows)
-        counts = {f"data/{k}_rows": float(len(v)) for k, v in splits.items()}
-        manifest = write_manifest(tmp, {"metrics": counts,
-                                        "task": dataclasses.asdict(data_cfg.countdown)})
-    return _record(folder, manifest)
+
+    counts = {f"data/{k}_rows": float(len(v)) for k, v in splits.items()}
+    return publish(folder, write, counts, task=dataclasses.asdict(data_cfg.countdown))
 
 
 def _splits_from_datasets(data_cfg) -> dict[str, list[dict]]:
@@ -105,8 +115,5 @@ def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, f
                           reuse_prefixes=False)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     metrics = evaluate(engine, tok, rows, eval_cfg.spec)
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        (tmp / "results.json").write_text(json.dumps(metrics, indent=1))
-        manifest = write_manifest(tmp, {"metrics": metrics})
-    return _record(folder, manifest)
+    return publish(folder, lambda tmp: (tmp / "results.json").write_text(json.dumps(metrics, indent=1)),
+                   metrics)

@@ -14,7 +14,6 @@ from pathlib import Path
 from prefect import task
 
 from ibtpo_core import stages
-from ibtpo_core.artifacts import atomic_dir, write_manifest
 from tasks.common import CACHE, stage_dir
 
 TASK_FOLDER = Path(__file__).resolve().parents[1] / "configs" / "lm_eval"
@@ -58,18 +57,19 @@ def benchmark(bench: dict, policy: dict, data: dict, run_dir: str, code: str) ->
     if hit:
         return hit
     t0 = time.time()
-    with atomic_dir(folder) as tmp:
+    metrics: dict = {}
+
+    def write(tmp: Path) -> None:
         out = run_lm_eval(policy["path"], str(Path(data["path"]) / "test.jsonl"), bench, tmp)
         shutil.rmtree(tmp / "lm_eval_tasks", ignore_errors=True)
         results = out["results"]
         (tmp / "lm_eval_results.json").write_text(json.dumps(
             {"results": results, "config": {k: str(v) for k, v in out.get("config", {}).items()}},
             indent=1, default=str))
-        metrics = {}
         for task_name, vals in results.items():
             for k, v in vals.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     metrics[f"lm_eval/{task_name}/{k.replace(',', '_')}"] = float(v)
         metrics["timing_s/benchmark"] = time.time() - t0
-        manifest = write_manifest(tmp, {"metrics": metrics})
-    return {"path": str(folder), "digest": manifest["digest"], "metrics": metrics}
+
+    return stages.publish(folder, write, metrics)

@@ -16,7 +16,6 @@ from pathlib import Path
 from prefect import task
 
 from ibtpo_core import stages
-from ibtpo_core.artifacts import atomic_dir, write_manifest
 from tasks.common import CACHE, inject_fault, stage_dir
 
 _ENGINE: dict = {}
@@ -64,11 +63,12 @@ def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, se
                             rollout["temperature"], seed * 100_003 + iteration)
     metrics["timing_s/sample_trees"] = time.time() - t0
     inject_fault("sample_trees", iteration)
-    with atomic_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         save_trees(trees, tmp / "trees.json")
         (tmp / "prompts.json").write_text(json.dumps(rows))
-        manifest = write_manifest(tmp, {"metrics": metrics})
-    return {"path": str(folder), "digest": manifest["digest"], "metrics": metrics}
+
+    return stages.publish(folder, write, metrics)
 
 
 @task(name="estimate_scores", cache_policy=CACHE, persist_result=True)
@@ -85,10 +85,7 @@ def estimate_scores(iteration: int, algo: dict, trees: dict, run_dir: str, code:
     seqs, metrics = score_trees(load_trees(Path(trees["path"]) / "trees.json"), cfg.tree, cfg.advantage)
     metrics["timing_s/estimate_scores"] = time.time() - t0
     inject_fault("estimate_scores", iteration)
-    with atomic_dir(folder) as tmp:
-        save_sequences(seqs, tmp / "sequences.json")
-        manifest = write_manifest(tmp, {"metrics": metrics})
-    return {"path": str(folder), "digest": manifest["digest"], "metrics": metrics}
+    return stages.publish(folder, lambda tmp: save_sequences(seqs, tmp / "sequences.json"), metrics)
 
 
 @task(name="update_policy", cache_policy=CACHE, persist_result=True)
@@ -106,16 +103,18 @@ def update_policy(iteration: int, algo: dict, policy: dict, scores: dict, ref: d
     cfg = AlgoConfig.model_validate(algo)
     t0 = time.time()
     seqs_path = Path(scores["path"]) / "sequences.json"
-    with atomic_dir(folder) as tmp:
+    metrics: dict = {}
+
+    def write(tmp: Path) -> None:
         if cfg.update.num_processes > 1:
-            metrics = launch_update(policy["path"], str(tmp), str(seqs_path), cfg.loss, cfg.update,
-                                    ref_dir=ref["path"])
+            metrics.update(launch_update(policy["path"], str(tmp), str(seqs_path), cfg.loss,
+                                         cfg.update, ref_dir=ref["path"]))
             (tmp / "update_metrics.json").unlink()
         else:
-            metrics = update(policy["path"], str(tmp), load_sequences(seqs_path), cfg.loss,
-                             cfg.update, ref_dir=ref["path"])
+            metrics.update(update(policy["path"], str(tmp), load_sequences(seqs_path), cfg.loss,
+                                  cfg.update, ref_dir=ref["path"]))
         metrics["timing_s/update_policy"] = time.time() - t0
         inject_fault("update_policy", iteration)
-        manifest = write_manifest(tmp, {"metrics": metrics, "parent_checkpoint": policy["digest"],
-                                        "data_digest": scores["digest"]})
-    return {"path": str(folder), "digest": manifest["digest"], "metrics": metrics}
+
+    return stages.publish(folder, write, metrics, parent_checkpoint=policy["digest"],
+                          data_digest=scores["digest"])

@@ -72,7 +72,6 @@ def test_verifier_agrees_with_reasoning_gym():
         for steps in solve(meta["numbers"], meta["target"], 50)[:3]:
             # rebuild the expression the steps describe, innermost first
             exprs = {}
-            pool = [str(n) for n in meta["numbers"]]
             for a, op, b, r in steps:
                 ea = exprs.pop(a, [None]).pop() if exprs.get(a) else str(a)
                 eb = exprs.pop(b, [None]).pop() if exprs.get(b) else str(b)

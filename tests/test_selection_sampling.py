@@ -1,5 +1,4 @@
 """Candidate rule, selection and the IBTree loop against a scripted engine."""
-import math
 
 import pytest
 import torch

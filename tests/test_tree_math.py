@@ -10,7 +10,7 @@ import torch
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
 from ibtpo_core.algo.ib_score import Forest, compute_stats
 from ibtpo_core.algo.tree import Tree, split_steps, training_sequences
-from ibtpo_core.algo.tree_score import score_tree, score_tree_file
+from ibtpo_core.algo.tree_score import score_tree
 from tests.tree_reference import reference
 
 LN15, LN2 = math.log(1.5), math.log(2.0)

@@ -17,7 +17,6 @@ returns the verifier's reward, so this module knows nothing of tokenizers or tas
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
@@ -124,12 +123,10 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
         if max(remaining) <= 0:
             break
         f = Forest.from_trees(trees)
-        cand0 = None
         stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator)
         cand = candidate_mask(f, stats, spec.B_max, spec.b_root)
         if spec.ib_form == "zscore":  # z over this iteration's candidates
-            cand0 = cand
-            stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand0)
+            stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand)
         est = _expected_continuation(f, trees, cand)
         k = []
         for t in range(len(trees)):
