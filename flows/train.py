@@ -20,38 +20,38 @@ from prefect.runtime import flow_run
 from configs.schema import ExperimentConfig, load_config
 from ibtpo_core import stages
 from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
+from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults, set_threads
 from tasks import tracking
 from tasks.benchmark import benchmark
-from tasks.common import code_version
+from tasks.common import code_version, inject_fault
 from tasks.evaluate import evaluate_policy
 from tasks.prepare_data import prepare_data
 from tasks.rl_iteration import estimate_scores, sample_trees, update_policy
 from tasks.warm_up import create_model, warm_up
 
 
-def ensure(task, *args):
+def ensure(task, *args, iteration: int = -1):
     """Run (or fetch from cache) a stage; if its cached output was altered or deleted on disk,
     recompute it instead of trusting it."""
     rec = task(*args)
     if stages.cached(Path(rec["path"])) is None:
         get_run_logger().warning(f"{task.name}: cached output {rec['path']} is missing or corrupted; recomputing")
         rec = task.with_options(refresh_cache=True)(*args)
+    inject_fault(f"after_{task.name}", iteration)
     return rec
 
 
 def external_model(path: str) -> dict:
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise ValueError(f"model.path {path} is not a model directory (no config.json): pass a "
-                         f"folder written by save_pretrained")
-    return {"path": str(p), "digest": folder_digest(digest_files(p)), "metrics": {}}
+    """A checkpoint the run did not make (checked by preflight): its path and content digest."""
+    return {"path": path, "digest": folder_digest(digest_files(Path(path))), "metrics": {}}
 
 
 @flow(name="train", log_prints=True)
 def train(config: str, overrides: list[str] | None = None) -> dict:
     set_offline_defaults()
     cfg: ExperimentConfig = load_config(config, overrides or [])
+    preflight(cfg)
     tracking.check_tracking_store()
     threads = set_threads(cfg.threads)
     t0 = time.time()
@@ -96,9 +96,10 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     decoded = 0.0
     for k in range(cfg.rl.iterations):
         trees = ensure(sample_trees, k, c["algo"], c["rl"]["rollout"], c["engine"], cfg.seed,
-                       policy, data, run_dir, code)
-        scores = ensure(estimate_scores, k, c["algo"], trees, run_dir, code)
-        new = ensure(update_policy, k, c["algo"], policy, scores, reference, run_dir, code)
+                       policy, data, run_dir, code, iteration=k)
+        scores = ensure(estimate_scores, k, c["algo"], trees, run_dir, code, iteration=k)
+        new = ensure(update_policy, k, c["algo"], policy, scores, reference, run_dir, code,
+                     iteration=k)
         decoded += trees["metrics"]["tree/decoded_tokens"]
         metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"],
                    "decoded_tokens_total": decoded}

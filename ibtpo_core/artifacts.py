@@ -7,6 +7,7 @@ so a killed write never leaves a half-written output that a rerun would trust. A
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -48,6 +49,12 @@ def atomic_dir(final: Path):
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise OSError(err.errno, f"cannot write {final} ({os.strerror(err.errno)}); nothing "
+                                     f"was left half-written: free space or choose another "
+                                     f"output folder, then rerun the same command") from err
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

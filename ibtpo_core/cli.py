@@ -11,8 +11,9 @@ from ibtpo_core.runtime import set_offline_defaults
 
 def _cmd_run(args) -> int:
     from configs.schema import load_config
+    from ibtpo_core.preflight import preflight
 
-    load_config(args.config, args.set or [])  # bad config: fail before Prefect starts
+    preflight(load_config(args.config, args.set or []))  # bad input: fail before Prefect starts
     from flows.train import train
 
     result = train(args.config, args.set or [])

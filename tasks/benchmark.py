@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import task
 
 from ibtpo_core import stages
-from tasks.common import CACHE, stage_dir
+from tasks.common import CACHE, inject_fault, stage_dir
 
 TASK_FOLDER = Path(__file__).resolve().parents[1] / "configs" / "lm_eval"
 BUILTIN = "ibtpo_countdown"
@@ -71,5 +71,6 @@ def benchmark(bench: dict, policy: dict, data: dict, run_dir: str, code: str) ->
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     metrics[f"lm_eval/{task_name}/{k.replace(',', '_')}"] = float(v)
         metrics["timing_s/benchmark"] = time.time() - t0
+        inject_fault("benchmark")  # mid-stage: results computed, output not yet in place
 
     return stages.publish(folder, write, metrics)

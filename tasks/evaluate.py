@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import task
 
 from ibtpo_core import stages
-from tasks.common import CACHE, stage_dir
+from tasks.common import CACHE, inject_fault, stage_dir
 
 
 @task(name="evaluate_policy", cache_policy=CACHE, persist_result=True)
@@ -13,6 +13,10 @@ def evaluate_policy(eval_cfg: dict, engine_cfg: dict, policy: dict, data: dict, 
     from configs.schema import EngineConfig, EvalConfig
 
     folder = stage_dir(run_dir, "eval", eval_cfg, engine_cfg, policy["digest"], data["digest"], code)
-    return stages.cached(folder) or stages.evaluate_checkpoint(
+    hit = stages.cached(folder)
+    if hit:
+        return hit
+    inject_fault("evaluate_policy")
+    return stages.evaluate_checkpoint(
         policy["path"], data["path"], EvalConfig.model_validate(eval_cfg),
         EngineConfig.model_validate(engine_cfg), folder)

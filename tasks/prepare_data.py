@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import task
 
 from ibtpo_core import stages
-from tasks.common import CACHE, stage_dir
+from tasks.common import CACHE, inject_fault, stage_dir
 
 
 @task(name="prepare_data", cache_policy=CACHE, persist_result=True, retries=1)
@@ -13,4 +13,8 @@ def prepare_data(data_cfg: dict, run_dir: str, code: str) -> dict:
 
     cfg = DataConfig.model_validate(data_cfg)
     folder = stage_dir(run_dir, "data", data_cfg, code)
-    return stages.cached(folder) or stages.prepare_data(cfg, folder)
+    hit = stages.cached(folder)
+    if hit:
+        return hit
+    inject_fault("prepare_data")
+    return stages.prepare_data(cfg, folder)

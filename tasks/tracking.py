@@ -117,8 +117,12 @@ def log_metrics_once(run_id: str, step: int, metrics: dict[str, float], sentinel
     ts = int(time.time() * 1000)
     rows = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
     rows.append(Metric(sentinel, float(step), ts, step))
-    for i in range(0, len(rows), 200):
-        client.log_batch(run_id, metrics=rows[i:i + 200])
+    if len(rows) > 1000:
+        raise ValueError(f"{len(rows)} metrics in one step exceed MLflow's batch of 1000")
+    from tasks.common import inject_fault
+
+    inject_fault("mlflow_log", step)
+    client.log_batch(run_id, metrics=rows)  # one batch: one transaction, all or nothing
     return True
 
 
@@ -132,7 +136,14 @@ def log_artifact_once(run_id: str, path: str, artifact_path: str | None = None) 
 
 
 def finish(run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient().set_terminated(run_id, status=status)
+    """End the parent run and its child runs (none is left RUNNING)."""
+    client = MlflowClient()
+    parent = client.get_run(run_id)
+    for child in client.search_runs([parent.info.experiment_id],
+                                    f"tags.`mlflow.parentRunId` = '{run_id}'"):
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, status=status)
+    client.set_terminated(run_id, status=status)
 
 
 def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) -> None:

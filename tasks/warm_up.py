@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import task
 
 from ibtpo_core import stages
-from tasks.common import CACHE, stage_dir
+from tasks.common import CACHE, inject_fault, stage_dir
 
 
 @task(name="create_model", cache_policy=CACHE, persist_result=True)
@@ -30,6 +30,8 @@ def warm_up(warmup_cfg: dict, task_cfg: dict, model: dict, data: dict, run_dir: 
     bar = tqdm(total=cfg.spec.steps, desc="warm-up", unit="step", mininterval=2)
 
     def progress(step, total, loss):
+        if step == total // 2:
+            inject_fault("warm_up")  # mid-stage
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 

@@ -1,0 +1,98 @@
+"""Checks that run before any expensive work: every path, model, tokenizer, DeepSpeed config and
+benchmark name a config refers to. Each failure is a ``ValueError`` (or ``FileNotFoundError``)
+that names the problem and the fix. The config's own types and ranges are checked when it is
+loaded (``configs.schema``); this module checks what the config points at.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+BUILTIN_BENCHMARKS = ("ibtpo_countdown",)
+
+
+def check_writable(path: str, what: str) -> None:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {path} is not writable ({err.strerror or err}); choose another "
+                         f"folder (--set {what}=...) or free the disk") from None
+
+
+def check_model_dir(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model.path {path} does not exist: pass a folder written by "
+                                f"save_pretrained")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model.path {path} is not a model (no config.json): pass a folder "
+                         f"written by save_pretrained")
+    if not any(p.glob("*.safetensors")):
+        raise ValueError(f"model.path {path} has no *.safetensors weights: checkpoints are loaded "
+                         f"only from safetensors (re-save the model with safe_serialization=True)")
+    tok_cfg = p / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        eos = json.loads(tok_cfg.read_text()).get("eos_token")
+        if not eos:
+            raise ValueError(f"the tokenizer in {path} has no EOS token: responses could never "
+                             f"end; set eos_token in its tokenizer_config.json")
+
+
+def check_deepspeed(config_path: str, world_size: int) -> None:
+    import yaml
+
+    p = Path(config_path)
+    if not p.is_absolute() and not p.exists():
+        p = Path(__file__).resolve().parents[1] / config_path
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {config_path} does not exist: use one of "
+                                f"configs/deepspeed/*.yaml")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    tbs = cfg.get("train_batch_size")
+    if tbs is not None and tbs % world_size:
+        raise ValueError(f"DeepSpeed config {config_path}: train_batch_size={tbs} is not divisible "
+                         f"by the world size {world_size} (algo.update.num_processes); remove "
+                         f"train_batch_size (the trainer derives it) or change num_processes")
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config {config_path}: zero_optimization.stage={stage}; "
+                         f"valid stages: 0, 1, 2, 3")
+
+
+def check_data(data_cfg) -> None:
+    if data_cfg.source != "datasets" or data_cfg.datasets.path != "json":
+        return
+    for split, f in (data_cfg.datasets.data_files or {}).items():
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"data file for split {split!r} does not exist: {f}")
+        if os.path.getsize(f) == 0:
+            raise ValueError(f"data file for split {split!r} is empty: {f}")
+
+
+def check_benchmarks(bench) -> None:
+    other = [t for t in bench.tasks if t not in BUILTIN_BENCHMARKS]
+    if not bench.enabled or not other:
+        return
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_tasks)
+    unknown = [t for t in other if t not in known]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}: use {BUILTIN_BENCHMARKS[0]!r} or a "
+                         f"standard lm-eval task such as gsm8k, minerva_math500, aime24")
+
+
+def preflight(cfg) -> None:
+    """Everything a run needs, checked in seconds, before data, warm-up or training start."""
+    check_writable(str(cfg.resolved_output_dir()), "output_dir")
+    check_writable(cfg.stage_cache_dir, "stage_cache_dir")
+    if cfg.model.path is not None:
+        check_model_dir(cfg.model.path)
+    check_data(cfg.data)
+    check_deepspeed(cfg.algo.update.deepspeed_config, cfg.algo.update.num_processes)
+    check_benchmarks(cfg.benchmark)
