@@ -35,6 +35,7 @@ def get_engine(engine_cfg: dict, model_path: str):
     elif _ENGINE.get("path") != model_path:
         held.load_weights(model_path)
         _ENGINE["path"] = model_path
+    held.reset_prefix_cache()  # a stage's samples depend on its inputs only, not on history
     return held
 
 

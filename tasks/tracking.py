@@ -27,12 +27,22 @@ def check_tracking_store() -> None:
     """Fail at start, not after an hour of training, when the tracking store is unreachable."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    # one quick attempt: MLflow's HTTP client would otherwise retry with backoff for minutes
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
     try:
         MlflowClient().search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
         raise RuntimeError(f"MLflow tracking store {uri} is not reachable ({type(err).__name__}: "
                            f"{str(err)[:200]}); start the server or set MLFLOW_TRACKING_URI to a "
                            f"reachable store, e.g. sqlite:///mlflow.db") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def artifact_root(uri: str) -> str | None:

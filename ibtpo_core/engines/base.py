@@ -58,6 +58,9 @@ class RolloutEngine(ABC):
     def load_weights(self, path: str) -> None:
         """Replace the policy's weights with the checkpoint at ``path`` (same architecture)."""
 
+    def reset_prefix_cache(self) -> None:
+        """Forget reusable prefixes, so results depend only on the inputs of this call on."""
+
     def generate(self, prefixes: Sequence[Sequence[int]], *, num_samples: int = 1,
                  temperature: float = 1.0, max_new_tokens: int | Sequence[int],
                  stop: StopConditions, seed: int | None = None) -> list[Completion]:

@@ -66,6 +66,9 @@ class HFEngine(RolloutEngine):
         self.decoder.refresh()
         self.store.clear()
 
+    def reset_prefix_cache(self) -> None:
+        self.store.clear()
+
     def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed):
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))

@@ -1,0 +1,87 @@
+"""Failures outside the pipeline's control: an unreachable tracking store, a full disk; and the
+safe defaults (local-only UI, no remote code, no pickles, no secrets in params)."""
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from ibtpo_core.artifacts import atomic_dir
+
+
+def test_unreachable_tracking_store_fails_at_start(monkeypatch):
+    from tasks.tracking import check_tracking_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=r"MLflow tracking store http://127.0.0.1:9 is not reachable.*MLFLOW_TRACKING_URI"):
+        check_tracking_store()
+    assert time.time() - t0 < 30
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # restored
+
+
+def test_disk_full_leaves_nothing_half_written(tmp_path, monkeypatch):
+    final = tmp_path / "stage"
+    real_replace = os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match=r"cannot write .*stage \(No space left on device\); nothing was left half-written"):
+        with atomic_dir(final) as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"x" * 100)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_write_that_dies_leaves_no_output(tmp_path):
+    final = tmp_path / "stage"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "half.json").write_text("{")
+            raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_listens_on_loopback_by_default():
+    from ibtpo_core.cli import build_parser
+
+    args = build_parser().parse_args(["ui"])
+    assert args.host == "127.0.0.1"
+
+
+def test_remote_code_is_off_by_default():
+    import inspect
+
+    from configs.schema import ModelConfig
+    from ibtpo_core.engines.hf import HFEngine
+
+    assert ModelConfig().trust_remote_code is False
+    assert inspect.signature(HFEngine).parameters["trust_remote_code"].default is False
+
+
+def test_secrets_are_not_logged_as_params():
+    from tasks.tracking import flatten
+
+    flat = flatten({"model": {"path": "m", "hf_token": "hf_abc"}, "api_key": "sk-1",
+                    "tracking": {"password": "p", "experiment": "e"}})
+    assert flat["model.hf_token"] == flat["api_key"] == flat["tracking.password"] == "***"
+    assert flat["model.path"] == "m" and flat["tracking.experiment"] == "e"
+
+
+def test_optimizer_state_is_loaded_without_pickle_code(tmp_path):
+    """Checkpoints are safetensors; the optimizer state is read with weights_only=True, which
+    refuses arbitrary pickled objects."""
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"state": {}, "param_groups": [], "x": Evil()}, tmp_path / "optimizer.pt")
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    src = Path(__file__).resolve().parents[1] / "ibtpo_core" / "training" / "deepspeed_trainer.py"
+    assert "weights_only=True" in src.read_text()
