@@ -21,10 +21,11 @@ import pytest
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "experiments" / "tiny_smoke.yaml")
-KILL_POINTS = [
-    "prepare_data", "after_prepare_data", "warm_up", "after_warm_up", "evaluate_policy",
-    "sample_trees:1", "after_sample_trees:0", "estimate_scores:1", "update_policy:0",
-    "after_update_policy:1", "mlflow_log:1", "benchmark", "after_benchmark",
+KILL_POINTS = [  # the middle of every stage kind, and every boundary between stages
+    "prepare_data", "after_prepare_data", "after_create_model", "warm_up", "after_warm_up",
+    "evaluate_policy", "after_evaluate_policy", "sample_trees:1", "after_sample_trees:0",
+    "estimate_scores:1", "after_estimate_scores:1", "update_policy:0", "after_update_policy:1",
+    "mlflow_log:1", "benchmark", "after_benchmark",
 ]
 
 
