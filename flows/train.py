@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from tqdm import tqdm
 from prefect.runtime import flow_run
 
 from configs.schema import ExperimentConfig, load_config
@@ -94,6 +95,7 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     reference = policy
     before = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, shared, code)
     decoded = 0.0
+    bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
     for k in range(cfg.rl.iterations):
         trees = ensure(sample_trees, k, c["algo"], c["rl"]["rollout"], c["engine"], cfg.seed,
                        policy, data, run_dir, code, iteration=k)
@@ -109,8 +111,10 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:
             b = ensure(benchmark, c["benchmark"], policy, data, shared, code)
             tracking.log_metrics_once(tracking.child_run(parent, "benchmark"), k + 1, b["metrics"])
-        print(f"iteration {k + 1}/{cfg.rl.iterations}: reward {metrics['reward']:.3f} "
-              f"eff_rate {metrics['eff_rate']:.2f} decoded {decoded:.0f}")
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", eff_rate=f"{metrics['eff_rate']:.2f}",
+                        decoded=f"{decoded:.0f}")
+    bar.close()
     after = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, shared, code) \
         if cfg.rl.iterations else before
     eval_run = tracking.child_run(parent, "evaluate")
