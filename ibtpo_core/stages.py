@@ -76,27 +76,30 @@ def _splits_from_datasets(data_cfg) -> dict[str, list[dict]]:
 
 
 def create_model(model_cfg, folder: Path) -> dict:
-    """Save the tokenizer and a freshly initialised tiny model (or copy nothing for ``path``)."""
+    """Save the tokenizer and a freshly initialised tiny model."""
     from ibtpo_core.data.tokenizer import build_tokenizer
     from ibtpo_core.models.tiny import create_tiny_model
 
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    metrics: dict = {}
+
+    def write(tmp: Path) -> None:
         n = create_tiny_model(build_tokenizer(), model_cfg.tiny, model_cfg.init_seed, str(tmp))
-        manifest = write_manifest(tmp, {"metrics": {"model/params": float(n)}})
-    return _record(folder, manifest)
+        metrics["model/params"] = float(n)
+
+    return publish(folder, write, metrics)
 
 
 def warm_up(model_dir: Path, data_dir: Path, task, spec, folder: Path, progress=None) -> dict:
     """Supervised warm-up of ``model_dir`` on the training split; saves the checkpoint."""
     from ibtpo_core.training.warmup import run_warmup
 
-    folder = Path(folder)
     train = read_jsonl(Path(data_dir) / "train.jsonl")
-    with atomic_dir(folder) as tmp:
-        metrics = run_warmup(str(model_dir), str(tmp), train, task, spec, progress=progress)
-        manifest = write_manifest(tmp, {"metrics": metrics})
-    return _record(folder, manifest)
+    metrics: dict = {}
+
+    def write(tmp: Path) -> None:
+        metrics.update(run_warmup(str(model_dir), str(tmp), train, task, spec, progress=progress))
+
+    return publish(folder, write, metrics)
 
 
 def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, folder: Path,
