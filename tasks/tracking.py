@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import re
+import socket
 from pathlib import Path
 
 import mlflow
@@ -79,6 +80,31 @@ def _find(client: MlflowClient, experiment_id: str, filt: str):
     return runs[0] if runs else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(client: MlflowClient, exp_id: str) -> list[str]:
+    """Mark KILLED the RUNNING training runs of this host whose process is gone (a run killed
+    before its rerun could resume it, e.g. because the code changed in between)."""
+    host = socket.gethostname()
+    reaped = []
+    for run in client.search_runs([exp_id], "attributes.status = 'RUNNING' and "
+                                            "tags.`ibtpo.kind` = 'train'"):
+        tags = run.data.tags
+        pid = tags.get("ibtpo.pid")
+        if tags.get("ibtpo.host") == host and pid and int(pid) != os.getpid() and not _alive(int(pid)):
+            finish(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+    return reaped
+
+
 def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dict) -> str:
     """The id of the parent run for ``run_key``: found again on a rerun, else created."""
     mlflow.set_tracking_uri(tracking_uri())
@@ -86,6 +112,7 @@ def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dic
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifact_root(tracking_uri()))
+    tags = {**tags, "ibtpo.host": socket.gethostname(), "ibtpo.pid": str(os.getpid())}
     found = _find(client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = 'train'")
     if found is not None:
         run_id = found.info.run_id
@@ -100,6 +127,7 @@ def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dic
             client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i:i + 100]])
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
+    reap_orphans(client, exp_id)
     return run_id
 
 

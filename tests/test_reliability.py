@@ -85,3 +85,28 @@ def test_optimizer_state_is_loaded_without_pickle_code(tmp_path):
         torch.load(tmp_path / "optimizer.pt", weights_only=True)
     src = Path(__file__).resolve().parents[1] / "ibtpo_core" / "training" / "deepspeed_trainer.py"
     assert "weights_only=True" in src.read_text()
+
+
+def test_orphaned_running_runs_of_dead_processes_are_reaped(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import child_run, parent_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    old = parent_run("e", "key-old", "old", {}, {})
+    kid = child_run(old, "warm_up")
+    client = MlflowClient()
+    client.set_tag(old, "ibtpo.pid", dead)  # as if its process had been killed
+    new = parent_run("e", "key-new", "new", {}, {})  # e.g. a rerun after a code change
+    assert client.get_run(old).info.status == "KILLED"
+    assert client.get_run(kid).info.status == "KILLED"
+    assert client.get_run(new).info.status == "RUNNING"
+    assert client.get_run(new).data.tags["ibtpo.host"] == socket.gethostname()
