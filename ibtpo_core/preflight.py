@@ -44,24 +44,9 @@ def check_model_dir(path: str) -> None:
 
 
 def check_deepspeed(config_path: str, world_size: int) -> None:
-    import yaml
+    from ibtpo_core.training.deepspeed_trainer import load_deepspeed_config
 
-    p = Path(config_path)
-    if not p.is_absolute() and not p.exists():
-        p = Path(__file__).resolve().parents[1] / config_path
-    if not p.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {config_path} does not exist: use one of "
-                                f"configs/deepspeed/*.yaml")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    tbs = cfg.get("train_batch_size")
-    if tbs is not None and tbs % world_size:
-        raise ValueError(f"DeepSpeed config {config_path}: train_batch_size={tbs} is not divisible "
-                         f"by the world size {world_size} (algo.update.num_processes); remove "
-                         f"train_batch_size (the trainer derives it) or change num_processes")
-    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"DeepSpeed config {config_path}: zero_optimization.stage={stage}; "
-                         f"valid stages: 0, 1, 2, 3")
+    load_deepspeed_config(config_path, world_size)
 
 
 def check_data(data_cfg) -> None:

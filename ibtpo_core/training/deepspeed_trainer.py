@@ -46,7 +46,9 @@ class UpdateSpec:
             raise ValueError(f"micro_batch_size must be >= 1 (got {self.micro_batch_size})")
 
 
-def _ds_config(path: str, micro: int, world_size: int) -> dict:
+def load_deepspeed_config(path: str, world_size: int) -> dict:
+    """Read a ``configs/deepspeed/*.yaml`` file (relative to the working directory or the
+    repository) and check it against the world size; errors name the fix."""
     import yaml
 
     p = Path(path)
@@ -56,10 +58,20 @@ def _ds_config(path: str, micro: int, world_size: int) -> dict:
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist: use one of "
                                 f"configs/deepspeed/*.yaml")
     cfg = yaml.safe_load(p.read_text()) or {}
-    for key in ("train_batch_size",):
-        if key in cfg and cfg[key] % world_size:
-            raise ValueError(f"DeepSpeed config {path}: {key}={cfg[key]} is not divisible by the "
-                             f"world size {world_size}; remove it (the trainer derives it)")
+    tbs = cfg.get("train_batch_size")
+    if tbs is not None and tbs % world_size:
+        raise ValueError(f"DeepSpeed config {path}: train_batch_size={tbs} is not divisible "
+                         f"by the world size {world_size} (algo.update.num_processes); remove "
+                         f"train_batch_size (the trainer derives it) or change num_processes")
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config {path}: zero_optimization.stage={stage}; "
+                         f"valid stages: 0, 1, 2, 3")
+    return cfg
+
+
+def _ds_config(path: str, micro: int, world_size: int) -> dict:
+    cfg = load_deepspeed_config(path, world_size)
     cfg.pop("train_batch_size", None)
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = 1
