@@ -162,10 +162,12 @@ def test_lost_tracking_connection_mid_run_then_rerun_logs_once(harness, monkeypa
 
 
 def test_corrupted_stage_output_is_recomputed(harness):
-    out = _run(harness)
-    trees = sorted(Path(out["checkpoint"]).parent.glob("it0001-sample-*"))[-1] / "trees.json"
+    own = f"output_dir={harness / 'runs_corrupt'}"  # only this run's iteration folders in it
+    out = _run(harness, own)
+    (folder,) = Path(out["checkpoint"]).parent.glob("it0001-sample-*")
+    trees = folder / "trees.json"
     good = trees.read_text()
     trees.write_text(good.replace('"reward": 0.0', '"reward": 1.0', 1) if '"reward": 0.0' in good
                      else good[:-10])
-    again = _run(harness)
+    again = _run(harness, own)
     assert trees.read_text() == good and again["checkpoint"] == out["checkpoint"]
