@@ -6,7 +6,6 @@ loaded (``configs.schema``); this module checks what the config points at.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -50,13 +49,10 @@ def check_deepspeed(config_path: str, world_size: int) -> None:
 
 
 def check_data(data_cfg) -> None:
-    if data_cfg.source != "datasets" or data_cfg.datasets.path != "json":
-        return
-    for split, f in (data_cfg.datasets.data_files or {}).items():
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"data file for split {split!r} does not exist: {f}")
-        if os.path.getsize(f) == 0:
-            raise ValueError(f"data file for split {split!r} is empty: {f}")
+    if data_cfg.source == "datasets":
+        from ibtpo_core.data.sources import check_files
+
+        check_files(data_cfg.datasets)
 
 
 def check_benchmarks(bench) -> None:

@@ -98,10 +98,6 @@ def _attach(tree: Tree, node: int, comp, reward: float, step_ids, spec: StepSpec
                        final_last=comp.finish_reason == "eos")
 
 
-def _path_len(tree: Tree, node: int) -> int:
-    return sum(len(tree.nodes[i].tokens) for i in tree.path(node))
-
-
 @SAMPLERS.register("ibtree")
 def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpec,
                   score_fn: ScoreFn, stop: StopConditions, max_new_tokens: int,
@@ -149,23 +145,16 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
         for (t, node), c in zip(picks, comps):
             if c is None:
                 continue
-            _attach(trees[t], node, c, score_fn(t, _full_response(trees[t], node, c)), step_ids, spec.steps)
+            _attach(trees[t], node, c, score_fn(t, trees[t].response_tokens(node) + c.token_ids), step_ids, spec.steps)
     return SampleResult(trees, tree_metrics(trees, used, budget, mean_len, iterations,
                                             spec.beta, spec.ib_form, spec.entropy_estimator))
-
-
-def _full_response(tree: Tree, node: int, comp) -> list[int]:
-    toks = []
-    for i in tree.path(node):
-        toks += tree.nodes[i].tokens
-    return toks + comp.token_ids
 
 
 def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperature, seed, used):
     """One continuation per pick; with dedup_siblings, a first step equal to an existing
     sibling's is resampled up to max_resamples times (those tokens count as decoded)."""
     prefixes = [trees[t].prefix_tokens(node) for t, node in picks]
-    limits = [max_new_tokens - _path_len(trees[t], node) for t, node in picks]
+    limits = [max_new_tokens - len(trees[t].response_tokens(node)) for t, node in picks]
     keep = [i for i, lim in enumerate(limits) if lim >= 1]
     out = [None] * len(picks)
     if not spec.dedup_siblings:
@@ -276,7 +265,7 @@ def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: fl
     for t, ls in zip(trees, leaves):
         seqs = set()
         for leaf in ls:
-            toks = tuple(x for i in t.path(leaf.id) for x in t.nodes[i].tokens)
+            toks = tuple(t.response_tokens(leaf.id))
             seqs.add(toks)
             path_tokens += len(toks)
         unique.append(len(seqs))

@@ -94,12 +94,13 @@ class Tree:
             node_id = self.nodes[node_id].parent
         return out[::-1]
 
+    def response_tokens(self, node_id: int) -> list[int]:
+        """Every step token from the root's child down to and including ``node_id``."""
+        return [t for i in self.path(node_id) for t in self.nodes[i].tokens]
+
     def prefix_tokens(self, node_id: int) -> list[int]:
         """Prompt + every step token down to and including ``node_id``."""
-        toks = list(self.root.tokens)
-        for i in self.path(node_id):
-            toks.extend(self.nodes[i].tokens)
-        return toks
+        return list(self.root.tokens) + self.response_tokens(node_id)
 
     def add_node(self, parent: int, tokens, logprobs, entropies=None, reward=None,
                  final=False) -> int:

@@ -41,18 +41,25 @@ def _row(raw: dict, src: DatasetSource) -> dict | None:
     return {"numbers": numbers, "target": tgt, "key": canonical_key(numbers, tgt)}
 
 
-def load_split(src: DatasetSource, split: str) -> list[dict]:
-    """Rows of one split, validated; raises ``ValueError`` naming the bad rows and the fix."""
+def check_files(src: DatasetSource) -> None:
+    """Local data files must exist and not be empty (hub sources are checked when loaded)."""
     import os
 
+    if src.path != "json":
+        return
+    for name, f in (src.data_files or {}).items():
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"data file for split {name!r} does not exist: {f}")
+        if os.path.getsize(f) == 0:
+            raise ValueError(f"data file for split {name!r} is empty: {f}")
+
+
+def load_split(src: DatasetSource, split: str) -> list[dict]:
+    """Rows of one split, validated; raises ``ValueError`` naming the bad rows and the fix."""
     from datasets import load_dataset
 
+    check_files(src)
     files = src.data_files or {}
-    for name, f in files.items():
-        if src.path == "json" and not os.path.exists(f):
-            raise FileNotFoundError(f"data file for split {name!r} does not exist: {f}")
-        if src.path == "json" and os.path.getsize(f) == 0:
-            raise ValueError(f"data file for split {name!r} is empty: {f}")
     try:
         ds = load_dataset(src.path, data_files=files or None, split=split,
                           revision=src.revision, **src.extra)
