@@ -110,6 +110,15 @@ class WarmupConfig(Section):
 class EvalConfig(Section):
     n: Optional[int] = Field(None, ge=1, description="problems of the test split; None = all")
     spec: EvalSpec = EvalSpec()
+    every: int = Field(0, ge=0, description="also evaluate every k RL iterations (the accuracy "
+                       "curves of the sweep report); 0 = before and after RL only")
+    every_n: int = Field(250, ge=1, description="problems (the first of the test split) of those "
+                         "intermediate evaluations")
+
+    def section(self, n: Optional[int]) -> dict:
+        """What the evaluation stage is keyed on: the problems and the sampling, nothing else,
+        so a run with a different ``every`` still shares the warm-up's evaluation."""
+        return {"n": n, "spec": dataclasses.asdict(self.spec)}
 
 
 class AlgoConfig(Section):
@@ -138,6 +147,9 @@ class RolloutConfig(Section):
     prompts_per_iteration: int = Field(64, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
+    probe_every: int = Field(5, ge=0, description="IB diagnostic on probe trees every k "
+                             "iterations, for every method (SPEC 2); 0 = never")
+    probe_prompts: int = Field(16, ge=0, description="validation problems the probe trees grow on")
 
 
 class RLConfig(Section):

@@ -43,13 +43,38 @@ def ensure(task, *args, iteration: int = -1):
     return rec
 
 
+def run_key(cfg: ExperimentConfig) -> str:
+    """What identifies a run: its whole config and the library code (a rerun with both unchanged
+    continues the same MLflow run; a finished one is a cache hit for a sweep)."""
+    return digest_json([cfg.model_dump(), code_version()])
+
+
+def finished_result(cfg: ExperimentConfig) -> dict | None:
+    """The result of a finished run of exactly this config and code, if its folder holds one."""
+    path = cfg.resolved_output_dir() / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("run_key") == run_key(cfg) else None
+
+
+def log_curve_point(run_id: str, step: int, result: dict, decoded: float, rl_wall: float) -> None:
+    m = result["metrics"]
+    tracking.log_metrics_once(tracking.child_run(run_id, "curve"), step, {
+        "curve/accuracy": m["accuracy"], "curve/accuracy_se": m["accuracy_se"],
+        "curve/n_eval": m["n_eval"], "curve/decoded_tokens": decoded, "curve/rl_wall_s": rl_wall})
+
+
 def external_model(path: str) -> dict:
     """A checkpoint the run did not make (checked by preflight): its path and content digest."""
     return {"path": path, "digest": folder_digest(digest_files(Path(path))), "metrics": {}}
 
 
 @flow(name="train", log_prints=True)
-def train(config: str, overrides: list[str] | None = None) -> dict:
+def train(config: str, overrides: list[str] | None = None, tags: dict[str, str] | None = None) -> dict:
+    """One training run of ``config`` with ``overrides`` (``key.sub=value``); ``tags`` go on its
+    MLflow run (a sweep links its cells with ``ibtpo.sweep_run_id``)."""
     set_offline_defaults()
     cfg: ExperimentConfig = load_config(config, overrides or [])
     preflight(cfg)
@@ -57,11 +82,12 @@ def train(config: str, overrides: list[str] | None = None) -> dict:
     threads = set_threads(cfg.threads)
     t0 = time.time()
     run_dir = str(cfg.resolved_output_dir())
-    code = code_version()
+    code = code_version("rl")
     c = cfg.model_dump()
-    parent = tracking.parent_run(cfg.tracking.experiment, digest_json([c, code]), cfg.name,
+    parent = tracking.parent_run(cfg.tracking.experiment, run_key(cfg), cfg.name,
                                  params={**c, "seed": cfg.seed, "threads": threads},
-                                 tags={"prefect.flow_run_id": str(flow_run.id), "ibtpo.method": cfg.algo.method})
+                                 tags={"prefect.flow_run_id": str(flow_run.id), "ibtpo.method": cfg.algo.method,
+                                       **(tags or {})})
     try:
         return _train(cfg, config, run_dir, code, parent, c, t0)
     except BaseException:
@@ -78,7 +104,7 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     tracking.log_artifact_once(parent, str(Path(config).resolve()))
 
     shared = cfg.stage_cache_dir  # stages keyed by their inputs alone, reused across runs
-    data = ensure(prepare_data, c["data"], shared, code)
+    data = ensure(prepare_data, c["data"], shared, code_version("prepare_data"))
     data_run = tracking.child_run(parent, "prepare_data")
     for split, ctx in (("train", "training"), ("test", "evaluation")):
         tracking.log_dataset(data_run, str(Path(data["path"]) / f"{split}.jsonl"), split,
@@ -86,15 +112,24 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     tracking.log_metrics_once(data_run, 0, data["metrics"])
 
     if cfg.model.path is None:
-        policy = ensure(create_model, c["model"], shared, code)
+        policy = ensure(create_model, c["model"], shared, code_version("create_model"))
     else:
         policy = external_model(cfg.model.path)
     if cfg.warmup.enabled:
-        policy = ensure(warm_up, c["warmup"], c["data"]["countdown"], policy, data, shared, code)
+        policy = ensure(warm_up, c["warmup"], c["data"]["countdown"], policy, data, shared,
+                        code_version("warm_up"))
         tracking.log_metrics_once(tracking.child_run(parent, "warm_up"), 0, policy["metrics"])
     reference = policy
-    before = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, shared, code)
-    decoded = 0.0
+
+    def evaluate(checkpoint: dict, n: int | None) -> dict:
+        return ensure(evaluate_policy, cfg.eval.section(n), c["engine"], checkpoint, data, shared,
+                      code_version("evaluate_policy"))
+
+    before = evaluate(policy, cfg.eval.n)
+    curve = cfg.eval.every and cfg.rl.iterations
+    if curve:  # the accuracy curve: a subset of the test split every k iterations
+        log_curve_point(parent, 0, evaluate(policy, cfg.eval.every_n), 0.0, 0.0)
+    decoded = rl_wall = 0.0
     bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
     for k in range(cfg.rl.iterations):
         trees = ensure(sample_trees, k, c["algo"], c["rl"]["rollout"], c["engine"], cfg.seed,
@@ -105,23 +140,27 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         decoded += trees["metrics"]["tree/decoded_tokens"]
         metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"],
                    "decoded_tokens_total": decoded}
+        rl_wall += sum(v for key, v in metrics.items()
+                       if key.startswith("timing_s/") and key != "timing_s/probe")
+        metrics["rl_wall_s_total"] = rl_wall  # time spent on RL itself, as first computed
         metrics["kl"] = metrics.get("kl", metrics.get("loss/approx_kl", 0.0))
         tracking.log_metrics_once(parent, k, metrics)
         policy = new
+        if curve and (k + 1) % cfg.eval.every == 0:
+            log_curve_point(parent, k + 1, evaluate(policy, cfg.eval.every_n), decoded, rl_wall)
         if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:
-            b = ensure(benchmark, c["benchmark"], policy, data, shared, code)
+            b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"))
             tracking.log_metrics_once(tracking.child_run(parent, "benchmark"), k + 1, b["metrics"])
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", eff_rate=f"{metrics['eff_rate']:.2f}",
                         decoded=f"{decoded:.0f}")
     bar.close()
-    after = ensure(evaluate_policy, c["eval"], c["engine"], policy, data, shared, code) \
-        if cfg.rl.iterations else before
+    after = evaluate(policy, cfg.eval.n) if cfg.rl.iterations else before
     eval_run = tracking.child_run(parent, "evaluate")
     tracking.log_metrics_once(eval_run, 0, before["metrics"])
     tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
     if cfg.benchmark.enabled:
-        b = ensure(benchmark, c["benchmark"], policy, data, shared, code)
+        b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"))
         bench_run = tracking.child_run(parent, "benchmark")
         tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
         tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))
@@ -131,8 +170,12 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     tracking.finish(parent)
     m_b, m_a = before["metrics"], after["metrics"]
     k8 = f"pass_at_{cfg.eval.spec.num_samples}"
-    return {"accuracy_before": m_b["accuracy"], "accuracy_after": m_a["accuracy"],
+    result = {"accuracy_before": m_b["accuracy"], "accuracy_after": m_a["accuracy"],
             "accuracy_se_before": m_b["accuracy_se"], "accuracy_se_after": m_a["accuracy_se"],
             f"{k8}_before": m_b[k8], f"{k8}_after": m_a[k8], "n_eval": int(m_a["n_eval"]),
-            "decoded_tokens": decoded, "wall_s": round(time.time() - t0, 1),
-            "mlflow_run_id": parent, "checkpoint": policy["path"]}
+            "decoded_tokens": decoded, "rl_wall_s": round(rl_wall, 1), "wall_s": round(time.time() - t0, 1),
+            "mlflow_run_id": parent, "checkpoint": policy["path"], "run_key": run_key(cfg)}
+    out = Path(run_dir) / "result.json"
+    out.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".tmp").replace(out)
+    return result

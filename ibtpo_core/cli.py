@@ -1,10 +1,12 @@
 """The ``ibtpo`` command line: ``run`` an experiment config (the Prefect training flow),
-``tree-score`` a tree file, ``ui`` for the MLflow and Prefect UIs."""
+``sweep`` a sweep file, ``report`` on a sweep, ``tree-score`` a tree file, ``ui`` for the MLflow
+and Prefect UIs."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ibtpo_core.runtime import set_offline_defaults
 
@@ -18,6 +20,33 @@ def _cmd_run(args) -> int:
 
     result = train(args.config, args.set or [])
     print(json.dumps(result))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from configs.sweep import check_cells, expand, load_sweep
+
+    spec = load_sweep(args.sweep_file)
+    check_cells(spec, expand(spec))  # bad input: fail before Prefect starts
+    from flows.sweep import sweep
+
+    try:
+        result = sweep(args.sweep_file, args.cell or None)
+    except RuntimeError as err:  # some cells failed; the others finished and were reported
+        print(f"ibtpo sweep: {err}", file=sys.stderr)
+        return 1
+    print(Path(result["report"]).read_text() if Path(result["report"]).is_file() else result["report"])
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from tasks.report import write_report
+    from tasks.tracking import find_sweep_run
+
+    path = write_report(find_sweep_run(args.sweep_run), args.out)
+    print(path.read_text())
+    print(f"written: {path} (and report.json, report.png beside it; logged to the sweep's MLflow run)")
     return 0
 
 
@@ -69,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set warmup.spec.steps=100 (repeatable)")
     r.set_defaults(func=_cmd_run)
+    w = sub.add_parser("sweep", help="run every cell of a sweep file, then write its report")
+    w.add_argument("sweep_file")
+    w.add_argument("--cell", action="append", metavar="LABEL[.sSEED]",
+                   help="run only this cell (repeatable), e.g. --cell grpo.s1")
+    w.set_defaults(func=_cmd_sweep)
+    rp = sub.add_parser("report", help="write the comparison report of a sweep run")
+    rp.add_argument("sweep_run", help="the sweep's MLflow run id, or the sweep's name (latest run)")
+    rp.add_argument("--out", help="folder for report.md/.json/.png (default: the sweep's folder)")
+    rp.set_defaults(func=_cmd_report)
     t = sub.add_parser("tree-score", help="print n, c, V, H, I, IB and advantages of a tree file")
     t.add_argument("tree")
     t.add_argument("--beta", type=float, default=1.0)

@@ -14,7 +14,7 @@ import torch
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
 from ibtpo_core.algo.ib_score import Forest, compute_stats
 from ibtpo_core.algo.rewards import VERIFIERS
-from ibtpo_core.algo.sampling import TreeSpec, sample
+from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic, sample
 from ibtpo_core.algo.tree import Tree, TrainingSequence, training_sequences
 from ibtpo_core.data.countdown import format_prompt
 from ibtpo_core.data.prompts import encode_prompt
@@ -48,6 +48,19 @@ def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeS
     result = sample(spec.sampler, engine, prompts, spec, score, stop, max_new_tokens,
                     temperature, seed)
     return result.trees, result.metrics
+
+
+def probe_diagnostic(engine: RolloutEngine, tokenizer, rows: list[dict], G: int,
+                     step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
+                     seed: int) -> dict[str, float]:
+    """SPEC 2's IB diagnostic on probe trees: IBTree with its default settings on a fixed prompt
+    set, sampled from the current policy and never trained on, so every method (GRPO included)
+    is measured the same way. Keys ``ib_probe/score_mean``, ``ib_probe/h_mean``, ..."""
+    spec = TreeSpec(G=G)
+    trees, _ = sample_trees(engine, tokenizer, rows, spec, step_end_ids, max_new_tokens,
+                            temperature, seed)
+    diag = ib_diagnostic(trees, spec.beta, spec.ib_form, spec.entropy_estimator)
+    return {k.replace("ib/", "ib_probe/"): v for k, v in diag.items()}
 
 
 def score_trees(trees: list[Tree], tree: TreeSpec, adv: AdvantageSpec

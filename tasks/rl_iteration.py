@@ -46,7 +46,7 @@ def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, se
 
     from configs.schema import AlgoConfig
     from ibtpo_core.data.tokenizer import step_end_token_ids
-    from ibtpo_core.rl import draw_prompts, sample_trees as sample, save_trees
+    from ibtpo_core.rl import draw_prompts, probe_diagnostic, sample_trees as sample, save_trees
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo, rollout, engine_cfg, seed,
                        policy["digest"], data["digest"], code)
@@ -63,6 +63,15 @@ def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, se
     trees, metrics = sample(engine, tok, rows, cfg.tree, steps, rollout["max_new_tokens"],
                             rollout["temperature"], seed * 100_003 + iteration)
     metrics["timing_s/sample_trees"] = time.time() - t0
+    every, n_probe = rollout["probe_every"], rollout["probe_prompts"]
+    if every and n_probe and iteration % every == 0:
+        t1 = time.time()
+        probe = stages.read_jsonl(Path(data["path"]) / "validation.jsonl")[:n_probe]
+        if probe:  # the same prompts and seed for every method and run
+            metrics.update(probe_diagnostic(engine, tok, probe, cfg.tree.G, steps,
+                                            rollout["max_new_tokens"], rollout["temperature"],
+                                            seed=7919 + iteration))
+        metrics["timing_s/probe"] = time.time() - t1
     inject_fault("sample_trees", iteration)
 
     def write(tmp: Path) -> None:

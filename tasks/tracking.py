@@ -105,22 +105,24 @@ def reap_orphans(client: MlflowClient, exp_id: str) -> list[str]:
     return reaped
 
 
-def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dict) -> str:
-    """The id of the parent run for ``run_key``: found again on a rerun, else created."""
+def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dict,
+               kind: str = "train") -> str:
+    """The id of the top-level run (``kind`` train or sweep) for ``run_key``: found again on a
+    rerun, else created."""
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifact_root(tracking_uri()))
     tags = {**tags, "ibtpo.host": socket.gethostname(), "ibtpo.pid": str(os.getpid())}
-    found = _find(client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = 'train'")
+    found = _find(client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = '{kind}'")
     if found is not None:
         run_id = found.info.run_id
         if found.info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
     else:
         run = client.create_run(exp_id, run_name=name,
-                                tags={"ibtpo.run_key": run_key, "ibtpo.kind": "train", **tags})
+                                tags={"ibtpo.run_key": run_key, "ibtpo.kind": kind, **tags})
         run_id = run.info.run_id
         items = list({**flatten(params), **package_versions()}.items())
         for i in range(0, len(items), 100):
@@ -129,6 +131,34 @@ def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dic
         client.set_tag(run_id, k, v)
     reap_orphans(client, exp_id)
     return run_id
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def find_sweep_run(name_or_id: str, experiment: str = "ibtpo") -> str:
+    """A sweep's MLflow run id from its id or its sweep name (the latest run of that sweep)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    try:
+        run = client.get_run(name_or_id)
+        if run.data.tags.get("ibtpo.kind") == "sweep":
+            return name_or_id
+        raise ValueError(f"run {name_or_id} is not a sweep run (tag ibtpo.kind is "
+                         f"{run.data.tags.get('ibtpo.kind')!r}); pass a sweep's run id or name")
+    except mlflow.exceptions.MlflowException:
+        pass
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, f"tags.`ibtpo.kind` = 'sweep' and tags.`ibtpo.sweep` = "
+                                    f"'{name_or_id}'", order_by=["attributes.start_time DESC"],
+                              max_results=1) if exps else []
+    if not runs:
+        raise ValueError(f"no sweep run with id or name {name_or_id!r} in {tracking_uri()}; "
+                         f"run one with `ibtpo sweep configs/sweeps/<file>.yaml`")
+    return runs[0].info.run_id
 
 
 def child_run(parent_id: str, stage: str) -> str:

@@ -1,0 +1,162 @@
+"""The typed sweep file (``configs/sweeps/*.yaml``) and its expansion into cells.
+
+A sweep is a base experiment config, overrides shared by every cell, a list of named variants
+and/or a grid of values (their product), and seeds. Each cell is one training run: the base
+config with the sweep's, the variant's and the grid point's overrides and ``seed=<s>``, in its
+own output folder. Every cell's config is loaded and validated here, so a typo in any cell fails
+before the first one starts.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from configs.schema import ExperimentConfig, load_config
+
+
+class Variant(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.=-]+$")
+    set: dict[str, Any] = {}
+
+
+class ReportSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    baseline: Optional[str] = Field(None, description="the group that differences are taken to")
+    group_by: Literal["label"] = "label"
+
+
+class SweepSpec(BaseModel):
+    """What a sweep file holds (see configs/sweeps/paper_table1_tiny.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str
+    set: dict[str, Any] = Field({}, description="overrides applied to every cell")
+    variants: list[Variant] = []
+    grid: dict[str, list[Any]] = {}
+    seeds: list[int] = Field([0], min_length=1)
+    concurrency: int = Field(1, ge=1, description="cells in flight at once")
+    executor: Literal["inline", "deployment"] = "inline"
+    deployment: str = Field("train/ibtpo-train", description="with executor: deployment")
+    output_dir: str = "runs/sweeps/${name}"
+    report: ReportSpec = ReportSpec()
+
+    @model_validator(mode="after")
+    def _checks(self):
+        empty = [k for k, v in self.grid.items() if not v]
+        if empty:
+            raise ValueError(f"grid key(s) {empty} have no values: give each a list such as "
+                             f"[0.5, 1.0], or remove it")
+        names = [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique; repeated: {dup}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        if not self.variants and not self.grid:
+            raise ValueError("the sweep has no cells: give variants (a list of {name, set}) or a "
+                             "grid (key: [values]), e.g. grid: {algo.method: [ibtpo, grpo]}")
+        if self.executor == "inline" and self.concurrency > 1:
+            raise ValueError(f"concurrency={self.concurrency} needs executor: deployment (cells run "
+                             f"as deployment runs on a work pool); inline cells run one at a time")
+        return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of a sweep: ``label`` names its variant/grid point, ``name`` the run."""
+
+    label: str
+    seed: int
+    name: str
+    overrides: tuple[str, ...]
+
+
+def _fmt(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+
+
+def _slug(key: str, value: Any) -> str:
+    short = key.rsplit(".", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{short}={_fmt(value)}")
+
+
+def expand(spec: SweepSpec) -> list[Cell]:
+    """Variants x grid points x seeds, in that order (a variant's cells are adjacent)."""
+    variants = spec.variants or [Variant(name="base")]
+    keys = list(spec.grid)
+    points = list(itertools.product(*spec.grid.values())) if keys else [()]
+    cells = []
+    out = spec.output_dir.replace("${name}", spec.name)
+    for var in variants:
+        for point in points:
+            parts = ([var.name] if spec.variants else []) + [_slug(k, v) for k, v in zip(keys, point)]
+            label = ",".join(parts)
+            sets = {**spec.set, **var.set, **dict(zip(keys, point))}
+            for seed in spec.seeds:
+                name = f"{spec.name}.{label}.s{seed}"
+                ov = [f"{k}={_fmt(v)}" for k, v in sets.items()]
+                ov += [f"seed={seed}", f"name={name}", f"output_dir={out}/{label}/s{seed}"]
+                cells.append(Cell(label, seed, name, tuple(ov)))
+    return cells
+
+
+def _sweep_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid sweep file {source}:"]
+    for e in err.errors():
+        key = ".".join(map(str, e["loc"]))
+        if e["type"] == "extra_forbidden":
+            section = {"report": ReportSpec}.get(str(e["loc"][0]), SweepSpec) \
+                if len(e["loc"]) > 1 else SweepSpec
+            close = difflib.get_close_matches(str(e["loc"][-1]), list(section.model_fields), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else \
+                f"valid keys: {', '.join(section.model_fields)}"
+            lines.append(f"  - unknown key {key!r}: {hint}")
+        else:
+            lines.append(f"  - {key or '(top level)'}: {e['msg'].removeprefix('Value error, ')} "
+                         f"(got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} does not exist: pass a YAML file such as "
+                                f"configs/sweeps/paper_table1_tiny.yaml")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"sweep file {path} must be a YAML mapping (name, base, grid, seeds)")
+    raw.setdefault("name", path.stem)
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(_sweep_errors(err, str(path))) from None
+    if not Path(spec.base).is_file():
+        raise FileNotFoundError(f"sweep {path}: base config {spec.base} does not exist (paths "
+                                f"are relative to the repository root)")
+    return spec
+
+
+def check_cells(spec: SweepSpec, cells: list[Cell]) -> dict[str, ExperimentConfig]:
+    """Load every cell's config; one error naming each cell that fails and why."""
+    configs, errors = {}, []
+    for cell in cells:
+        try:
+            configs[cell.name] = load_config(spec.base, list(cell.overrides))
+        except ValueError as err:
+            errors.append(f"cell {cell.label} (seed {cell.seed}): {err}")
+    if errors:
+        raise ValueError(f"sweep {spec.name}: {len(errors)} cell(s) have invalid configs:\n"
+                         + "\n".join(errors))
+    return configs

@@ -1,0 +1,123 @@
+"""The sweep flow: every cell of a sweep file (variants x grid x seeds) as a training run, then
+the comparison report.
+
+Cells run as subflows of this flow, one at a time in this process (``executor: inline``), or as
+runs of the train deployment on a work pool, up to ``concurrency`` in flight
+(``executor: deployment``: a process pool here, any Prefect worker type on a cluster). Every
+cell's config is validated before the first starts. A cell that finished before (same config,
+same code) is a cache hit; a failed cell does not stop the others; the sweep then fails naming
+the failed cells and the command that reruns one alone. One MLflow run per sweep; each cell's
+training run carries its id in the tag ``ibtpo.sweep_run_id``.
+"""
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from configs.sweep import Cell, SweepSpec, check_cells, expand, load_sweep
+from flows.train import finished_result, train
+from ibtpo_core.artifacts import digest_json
+from ibtpo_core.preflight import preflight
+from ibtpo_core.runtime import set_offline_defaults
+from tasks import tracking
+from tasks.common import code_version
+from tasks.report import write_report
+
+
+def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
+    """The cells named in ``only`` (a run name, a label, or ``label.s<seed>``); all if None."""
+    if not only:
+        return cells
+    picked = [c for c in cells if {c.name, c.label, f"{c.label}.s{c.seed}"} & set(only)]
+    known = {n for c in cells for n in (c.name, c.label, f"{c.label}.s{c.seed}")}
+    unknown = [o for o in only if o not in known]
+    if unknown:
+        raise ValueError(f"unknown cell(s) {unknown}; this sweep's cells: "
+                         f"{', '.join(f'{c.label}.s{c.seed}' for c in cells)}")
+    return picked
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
+    """Run the cells of ``sweep_file`` (all, or those named in ``cells``) and write the report."""
+    set_offline_defaults()
+    log = get_run_logger()
+    spec = load_sweep(sweep_file)
+    chosen = select_cells(expand(spec), cells)
+    configs = check_cells(spec, chosen)  # every cell's config, validated before any work
+    for cfg in configs.values():
+        preflight(cfg)
+    tracking.check_tracking_store()
+    experiment = next(iter(configs.values())).tracking.experiment
+    parent = tracking.parent_run(
+        experiment, digest_json([spec.model_dump(), code_version()]), spec.name,
+        params={"sweep_file": sweep_file, **spec.model_dump()}, kind="sweep",
+        tags={"prefect.flow_run_id": str(flow_run.id), "ibtpo.sweep": spec.name})
+    tracking.log_artifact_once(parent, sweep_file)
+    out_dir = spec.output_dir.replace("${name}", spec.name)
+    tracking.set_tags(parent, {"ibtpo.report_dir": out_dir})
+    tags = {"ibtpo.sweep_run_id": parent, "ibtpo.sweep": spec.name}
+    todo, status = [], {}
+    for cell in chosen:
+        if finished_result(configs[cell.name]) is not None:
+            status[cell.name] = "cached"
+            log.info(f"cell {cell.name}: finished before (same config and code), skipped")
+        else:
+            todo.append(cell)
+    runner = run_inline if spec.executor == "inline" else run_on_pool
+    status.update(runner(spec, todo, tags))
+    failed = sorted(n for n, s in status.items() if s not in ("completed", "cached"))
+    try:
+        report = write_report(parent, out_dir)
+    except ValueError as err:  # no cell finished: nothing to compare
+        report = f"(no report: {err})"
+    tracking.finish(parent, "FAILED" if failed else "FINISHED")
+    summary = {"sweep_run_id": parent, "cells": status, "report": str(report)}
+    if failed:
+        rerun = f"ibtpo sweep {sweep_file} --cell {failed[0].removeprefix(spec.name + '.')}"
+        raise RuntimeError(f"{len(failed)} of {len(chosen)} cells failed: {', '.join(failed)}. "
+                           f"The others finished and are in the report {report}. Rerun a failed "
+                           f"cell alone with `{rerun}` (finished cells are cache hits).")
+    return summary
+
+
+def cell_tags(tags: dict, cell: Cell) -> dict:
+    return {**tags, "ibtpo.sweep_cell": cell.label, "ibtpo.seed": str(cell.seed)}
+
+
+def run_inline(spec: SweepSpec, cells: list[Cell], tags: dict) -> dict[str, str]:
+    """Each cell as a subflow of this flow, one after another."""
+    status = {}
+    for cell in cells:
+        state = train.with_options(flow_run_name=cell.name)(
+            spec.base, list(cell.overrides), cell_tags(tags, cell), return_state=True)
+        status[cell.name] = "completed" if state.is_completed() else state.type.value.lower()
+        if not state.is_completed():
+            get_run_logger().error(f"cell {cell.name} ended {state.type.value}: {state.message}")
+    return status
+
+
+def run_on_pool(spec: SweepSpec, cells: list[Cell], tags: dict, poll_s: float = 5.0) -> dict[str, str]:
+    """Each cell as a run of the train deployment (linked as a subflow), at most
+    ``spec.concurrency`` in flight; the work pool's own concurrency limit applies as well."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    status, running, queue = {}, {}, list(cells)
+    with get_client(sync_client=True) as client:
+        while queue or running:
+            while queue and len(running) < spec.concurrency:
+                cell = queue.pop(0)
+                fr = run_deployment(spec.deployment, timeout=0, flow_run_name=cell.name,
+                                    parameters={"config": spec.base, "overrides": list(cell.overrides),
+                                                "tags": cell_tags(tags, cell)})
+                running[cell.name] = fr.id
+            time.sleep(poll_s)
+            for name, fr_id in list(running.items()):
+                state = client.read_flow_run(fr_id).state
+                if state is not None and state.is_final():
+                    status[name] = "completed" if state.is_completed() else state.type.value.lower()
+                    del running[name]
+    return status

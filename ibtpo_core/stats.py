@@ -1,0 +1,51 @@
+"""Small statistics for comparing methods over seeds: mean and standard error, Welch's 95%
+interval of a difference of means, and linear interpolation of a curve at a common x.
+
+Pure Python (scipy only for the t quantile); knows nothing of runs, MLflow or reports.
+"""
+from __future__ import annotations
+
+import math
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n)); SE is nan for one value."""
+    if not values:
+        raise ValueError("mean_se of no values")
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, math.nan
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def welch_diff(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
+    """mean(a) - mean(b) with Welch's t interval (unequal variances, Welch-Satterthwaite df).
+
+    Needs two values on each side; returns nan bounds otherwise, and a zero-width interval when
+    both sides have no spread.
+    """
+    from scipy.stats import t as student_t
+
+    ma, sa = mean_se(a)
+    mb, sb = mean_se(b)
+    diff = ma - mb
+    if len(a) < 2 or len(b) < 2:
+        return {"mean": diff, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan}
+    se2 = sa ** 2 + sb ** 2
+    if se2 == 0:
+        return {"mean": diff, "ci95_low": diff, "ci95_high": diff, "df": math.inf}
+    df = se2 ** 2 / (sa ** 4 / (len(a) - 1) + sb ** 4 / (len(b) - 1))
+    half = student_t.ppf(0.5 + level / 2, df) * math.sqrt(se2)
+    return {"mean": diff, "ci95_low": diff - half, "ci95_high": diff + half, "df": df}
+
+
+def interp(xs: list[float], ys: list[float], x: float) -> float:
+    """y at ``x`` on the piecewise-linear curve through (xs, ys) (xs increasing); nan outside."""
+    if not xs or x < xs[0] or x > xs[-1]:
+        return math.nan
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]

@@ -1,0 +1,172 @@
+"""Sweep files (validation, expansion into cells) and the sweep flow on tiny_smoke: every cell
+trains, the report is written and logged, a rerun is cache hits, a failed cell does not stop the
+others and can be rerun alone."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from configs.sweep import check_cells, expand, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "experiments" / "tiny_smoke.yaml")
+
+
+def _write(tmp_path: Path, body: dict, name: str = "s.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(body))
+    return str(p)
+
+
+def test_every_sweep_file_loads_and_its_cells_validate():
+    files = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert {f.name for f in files} >= {"paper_table1_tiny.yaml", "ibtpo_ablation_tiny.yaml"}
+    for f in files:
+        assert f.read_text().startswith("# "), f"{f.name} needs a comment header"
+        spec = load_sweep(f)
+        check_cells(spec, expand(spec))
+    table = expand(load_sweep(ROOT / "configs/sweeps/paper_table1_tiny.yaml"))
+    assert len(table) == 15 and len({c.label for c in table}) == 5
+    assert {c.seed for c in table} == {0, 1, 2}
+
+
+def test_expand_is_variants_times_grid_times_seeds(tmp_path):
+    spec = load_sweep(_write(tmp_path, {
+        "name": "x", "base": SMOKE, "set": {"threads": 1},
+        "variants": [{"name": "a", "set": {"algo.method": "grpo"}}, {"name": "b"}],
+        "grid": {"algo.update.lr": [0.001, 0.0001]}, "seeds": [0, 5]}))
+    cells = expand(spec)
+    assert len(cells) == 2 * 2 * 2
+    first = cells[0]
+    assert first.label == "a,lr=0.001" and first.seed == 0 and first.name == "x.a,lr=0.001.s0"
+    assert "algo.method=grpo" in first.overrides and "threads=1" in first.overrides
+    assert "output_dir=runs/sweeps/x/a,lr=0.001/s0" in first.overrides
+    cfgs = check_cells(spec, cells)
+    assert cfgs[first.name].algo.update.lr == 0.001 and cfgs[first.name].seed == 0
+    assert cfgs[first.name].algo.tree.sampler == "independent"  # the grpo preset applied
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"grid": {"algo.tree.beta": []}}, "have no values"),
+    ({}, "the sweep has no cells"),
+    ({"grid": {"seed": [1]}, "seedz": [1]}, "did you mean 'seeds'"),
+    ({"grid": {"algo.tree.beta": [1.0]}, "concurrency": 2}, "needs executor: deployment"),
+    ({"variants": [{"name": "a"}, {"name": "a"}]}, "variant names must be unique"),
+    ({"variants": [{"name": "a"}], "seeds": []}, "seeds"),
+])
+def test_bad_sweep_files_fail_with_the_fix(tmp_path, body, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(_write(tmp_path, {"name": "bad", "base": SMOKE, **body}))
+
+
+def test_bad_cell_config_is_named_before_any_work(tmp_path):
+    spec = load_sweep(_write(tmp_path, {"name": "bad", "base": SMOKE,
+                                        "grid": {"algo.tree.betta": [1.0]}}))
+    with pytest.raises(ValueError, match=r"(?s)cell betta=1.0 \(seed 0\).*did you mean 'beta'"):
+        check_cells(spec, expand(spec))
+    with pytest.raises(FileNotFoundError, match="base config"):
+        load_sweep(_write(tmp_path, {"name": "b", "base": "nope.yaml", "grid": {"seed": [1]}}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_unknown_cell_selection_lists_the_cells(tmp_path):
+    from flows.sweep import select_cells
+
+    spec = load_sweep(_write(tmp_path, {"name": "x", "base": SMOKE, "variants": [
+        {"name": "a"}, {"name": "b"}], "seeds": [0, 1]}))
+    cells = expand(spec)
+    assert [c.name for c in select_cells(cells, ["b.s1"])] == ["x.b.s1"]
+    assert len(select_cells(cells, ["a"])) == 2
+    with pytest.raises(ValueError, match="a.s0, a.s1, b.s0, b.s1"):
+        select_cells(cells, ["c"])
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    state = tmp_path_factory.mktemp("sweep")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield state
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _smoke_sweep(state: Path, name: str) -> str:
+    return _write(state, {
+        "name": name, "base": SMOKE,
+        "set": {"threads": 1, "benchmark.enabled": False, "eval.every": 1,
+                "stage_cache_dir": str(state / "stages"), "tracking.sample_trees": 0},
+        "variants": [{"name": "ibtpo", "set": {"algo.method": "ibtpo"}},
+                     {"name": "grpo", "set": {"algo.method": "grpo"}}],
+        "seeds": [0, 1], "output_dir": str(state / "runs" / "${name}"),
+        "report": {"baseline": "grpo"}}, f"{name}.yaml")
+
+
+def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import ibtpo_core.rl
+    from flows.sweep import sweep
+
+    path = _smoke_sweep(harness, "smoke")
+    out = sweep(path)
+    assert set(out["cells"].values()) == {"completed"} and len(out["cells"]) == 4
+    report = json.loads((Path(out["report"]).parent / "report.json").read_text())
+    assert set(report["methods"]) == {"ibtpo", "grpo"}
+    ib = report["methods"]["ibtpo"]
+    assert ib["n_seeds"] == 2 and 0 <= ib["acc_mean"] <= 1 and ib["decoded_tokens"] > 0
+    assert "diff_vs_grpo" in ib and ib["unique_leaves_vs_grpo"] > 0
+    assert "| ibtpo | 2 |" in Path(out["report"]).read_text()
+    client = MlflowClient()
+    sweep_run = client.get_run(out["sweep_run_id"])
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.tags["ibtpo.kind"] == "sweep"
+    cells = client.search_runs([sweep_run.info.experiment_id],
+                               f"tags.`ibtpo.sweep_run_id` = '{out['sweep_run_id']}'")
+    assert len(cells) == 4 and all(c.info.status == "FINISHED" for c in cells)
+    assert {a.path for a in client.list_artifacts(out["sweep_run_id"], "report")} == {
+        "report/report.md", "report/report.json", "report/report.png"}
+    # the IB diagnostic on probe trees exists for GRPO too (SPEC 2)
+    grpo = next(c for c in cells if c.data.tags["ibtpo.sweep_cell"] == "grpo")
+    assert "ib_probe/score_mean" in grpo.data.metrics
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell trained again")
+
+    monkeypatch.setattr(ibtpo_core.rl, "sample_trees", boom)
+    again = sweep(path)
+    assert set(again["cells"].values()) == {"cached"}
+    assert again["sweep_run_id"] == out["sweep_run_id"]
+
+
+def test_failed_cell_does_not_stop_the_others_and_reruns_alone(harness, monkeypatch):
+    import flows.train
+    from flows.sweep import sweep
+
+    path = _smoke_sweep(harness, "faulty")
+    real = flows.train._train
+
+    def fail_one(cfg, *a, **k):
+        if cfg.name.endswith("grpo.s1"):
+            raise RuntimeError("simulated crash in one cell")
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(flows.train, "_train", fail_one)
+    with pytest.raises(RuntimeError, match=r"1 of 4 cells failed: faulty.grpo.s1.*--cell grpo.s1"):
+        sweep(path)
+    monkeypatch.setattr(flows.train, "_train", real)
+    report = json.loads((harness / "runs" / "faulty" / "report.json").read_text())
+    assert report["methods"]["grpo"]["n_seeds"] == 1  # the others were reported
+    out = sweep(path, ["grpo.s1"])
+    assert out["cells"] == {"faulty.grpo.s1": "completed"}
+    report = json.loads((harness / "runs" / "faulty" / "report.json").read_text())
+    assert report["methods"]["grpo"]["n_seeds"] == 2
