@@ -16,7 +16,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: install run test test-faults test-all bench lock clean
+.PHONY: install run test test-faults test-all bench bench-table lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,9 +37,14 @@ test-faults: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
+# Speed benchmarks first, then the equal-budget comparison (about 50 min), whose JSON line ends the output.
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py --json bench/results/rollout.json
 	$(BIN)/python bench/tree_score.py --json bench/results/tree_score.json
+	$(BIN)/python bench/paper_table1.py --json bench/results/paper_table1_tiny.json
+
+bench-table: $(STAMP)
+	$(BIN)/python bench/paper_table1.py --json bench/results/paper_table1_tiny.json
 
 lock: $(STAMP)
 	@{ sed -n '1,3p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
