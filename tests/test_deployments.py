@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -86,6 +87,15 @@ def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
         assert "Completed" in out, out
         result = json.loads((tmp_path / "run" / "result.json").read_text())
         assert result["n_eval"] == 16 and result["decoded_tokens"] > 0
+        # `prefect flow-run retry` hands the run to the worker again; every stage is cached
+        name = re.search(r"Created flow run '([^']+)'", out).group(1)
+        (tmp_path / "run" / "result.json").unlink()
+        prefect("flow-run", "retry", name)
+        t0 = time.time()
+        while not (tmp_path / "run" / "result.json").is_file() and time.time() - t0 < 240:
+            time.sleep(2)
+        again = json.loads((tmp_path / "run" / "result.json").read_text())
+        assert again["accuracy_after"] == result["accuracy_after"]
 
         sweep_file = tmp_path / "pool_sweep.yaml"
         sweep_file.write_text(yaml.safe_dump({
