@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_json  # noqa: E402
 
-FIELDS = ("acc_mean", "acc_se", "pass_at_8", "leaves_per_budget", "unique_leaves_per_budget",
-          "decoded_tokens", "wall_s")
+FIELDS = ("acc_mean", "acc_se", "leaves_per_budget", "unique_leaves_per_budget",
+          "decoded_tokens", "wall_s", "acc_at_equal_tokens", "acc_at_equal_wall",
+          "distinct_correct", "eff_rate")
 
 
 def _clean(x):
@@ -50,7 +51,8 @@ def main() -> int:
     base = summary["baseline"]
     methods = {}
     for name, row in summary["methods"].items():
-        m = {k: row.get(k) for k in FIELDS}
+        pk = summary["pass_key"]  # pass_at_8 with the default evaluation (8 samples)
+        m = {pk: row.get(pk), f"{pk}_before": row.get(f"{pk}_before"), **{k: row.get(k) for k in FIELDS}}
         if base:
             d = row[f"diff_vs_{base}"]
             m[f"diff_vs_{base}"] = {k: d[k] for k in ("mean", "ci95_low", "ci95_high")}

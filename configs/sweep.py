@@ -81,6 +81,7 @@ class Cell:
     seed: int
     name: str
     overrides: tuple[str, ...]
+    index: int = 0  # place in the sweep's expansion
 
 
 def _fmt(value: Any) -> str:
@@ -108,7 +109,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
                 name = f"{spec.name}.{label}.s{seed}"
                 ov = [f"{k}={_fmt(v)}" for k, v in sets.items()]
                 ov += [f"seed={seed}", f"name={name}", f"output_dir={out}/{label}/s{seed}"]
-                cells.append(Cell(label, seed, name, tuple(ov)))
+                cells.append(Cell(label, seed, name, tuple(ov), len(cells)))
     return cells
 
 

@@ -84,7 +84,8 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
 
 
 def cell_tags(tags: dict, cell: Cell) -> dict:
-    return {**tags, "ibtpo.sweep_cell": cell.label, "ibtpo.seed": str(cell.seed)}
+    return {**tags, "ibtpo.sweep_cell": cell.label, "ibtpo.seed": str(cell.seed),
+            "ibtpo.cell_index": str(cell.index)}
 
 
 def run_inline(spec: SweepSpec, cells: list[Cell], tags: dict) -> dict[str, str]:

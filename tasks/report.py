@@ -39,6 +39,7 @@ class CellRun:
     rl_wall: float
     curve: list[tuple[float, float, float]]  # (decoded tokens, RL wall s, accuracy)
     ib: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    order: int = 0  # the cell's place in the sweep file (rows follow the file's order)
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -91,7 +92,8 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
                    seed=int(tags.get("ibtpo.seed", run.data.params.get("seed", 0))), run_id=rid,
                    final=final, before=before, per_iteration=per_it, decoded=decoded,
                    rl_wall=rl_wall, curve=curve,
-                   ib={k: _history(client, rid, k) for k in IB_CURVES})
+                   ib={k: _history(client, rid, k) for k in IB_CURVES},
+                   order=int(tags.get("ibtpo.cell_index", 0)))
 
 
 def collect(sweep_run_id: str) -> list[CellRun]:
@@ -106,7 +108,7 @@ def collect(sweep_run_id: str) -> list[CellRun]:
     for run in runs:
         latest.setdefault(run.info.run_name, run)
     cells = [read_cell(client, r) for r in latest.values()]
-    return sorted((c for c in cells if c is not None), key=lambda c: (c.label, c.seed))
+    return sorted((c for c in cells if c is not None), key=lambda c: (c.order, c.label, c.seed))
 
 
 def _pass_key(metrics: dict) -> str | None:
@@ -132,9 +134,9 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
         row = {
             "n_seeds": len(group), "acc_mean": m, "acc_se": se,
             "acc_before": mean_se([c.before.get("accuracy", math.nan) for c in group])[0],
-            f"acc_at_{int(common_tokens)}_tokens": mean_se(
+            "acc_at_equal_tokens": mean_se(
                 [interp([p[0] for p in c.curve], [p[2] for p in c.curve], common_tokens) for c in group])[0],
-            f"acc_at_{int(common_wall)}_s": mean_se(
+            "acc_at_equal_wall": mean_se(
                 [interp([p[1] for p in c.curve], [p[2] for p in c.curve], common_wall) for c in group])[0],
             pk: mean_se([c.final.get(pk, math.nan) for c in group])[0],
             f"{pk}_before": mean_se([c.before.get(pk, math.nan) for c in group])[0],
@@ -164,9 +166,9 @@ def _f(x: float, fmt: str = ".3f") -> str:
 
 def markdown(summary: dict, title: str) -> str:
     b, pk = summary["baseline"], summary["pass_key"]
-    tok, wall = int(summary["equal_tokens"]), int(summary["equal_wall_s"])
+    tok, wall = summary["equal_tokens"], summary["equal_wall_s"]
     head = ["method", "seeds", "accuracy", f"diff vs {b} [95% CI]" if b else "diff",
-            f"acc @ {tok:,} tokens", f"acc @ {wall} s", f"{pk} before -> after",
+            f"acc @ {tok:,.0f} tokens", f"acc @ {wall:.0f} s RL", f"{pk} before -> after",
             "distinct correct", "leaves/budget", "unique/budget", f"unique vs {b}" if b else "unique ratio",
             "Eff-Rate", "decoded tokens", "RL wall s"]
     lines = [f"# {title}", "",
@@ -181,7 +183,7 @@ def markdown(summary: dict, title: str) -> str:
             f"{100 * d['mean']:+.1f} pts [{_f(100 * d['ci95_low'], '+.1f')}, {_f(100 * d['ci95_high'], '+.1f')}]"
         lines.append("| " + " | ".join([
             lab, str(r["n_seeds"]), f"{_f(r['acc_mean'])} +- {_f(r['acc_se'])}", diff,
-            _f(r[f"acc_at_{tok}_tokens"]), _f(r[f"acc_at_{wall}_s"]),
+            _f(r["acc_at_equal_tokens"]), _f(r["acc_at_equal_wall"]),
             f"{_f(r[f'{pk}_before'])} -> {_f(r[pk])}",
             f"{_f(r['distinct_correct_before'], '.2f')} -> {_f(r['distinct_correct'], '.2f')}",
             _f(r["leaves_per_budget"], ".2f"), _f(r["unique_leaves_per_budget"], ".2f"),

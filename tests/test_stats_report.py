@@ -71,9 +71,9 @@ def test_summarize_per_method():
     # equal tokens = 380 (the smallest total): ibtpo seed 0 at 380/400 of the way from 0.2 to
     # 0.30 = 0.295; seed 1: 0.2 + 0.12 * 380/420 = 0.308571; mean 0.301786
     assert s["equal_tokens"] == 380.0
-    assert ib["acc_at_380_tokens"] == pytest.approx((0.295 + 0.308571) / 2, abs=1e-5)
+    assert ib["acc_at_equal_tokens"] == pytest.approx((0.295 + 0.308571) / 2, abs=1e-5)
     # equal wall = 20 s: ibtpo seed 0: 0.2 + 0.1 * 20/40 = 0.25; seed 1: 0.2 + 0.12 * 20/44
-    assert ib["acc_at_20_s"] == pytest.approx((0.25 + 0.2 + 0.12 * 20 / 44) / 2)
+    assert ib["acc_at_equal_wall"] == pytest.approx((0.25 + 0.2 + 0.12 * 20 / 44) / 2)
     assert gr["wall_s"] == pytest.approx(21.0) and gr["pass_at_8_before"] == pytest.approx(0.7)
     table = markdown(s, "t")
     assert "| ibtpo | 2 | 0.310 +- 0.010 | +4.0 pts [" in table
