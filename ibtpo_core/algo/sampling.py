@@ -131,9 +131,11 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                 k.append(0)
             elif spec.N_c is not None:
                 k.append(min(spec.N_c, n_cand))
-            else:
+            else:  # spread the rest over the rounds left; the last round rounds to the
+                # nearest whole pick (possibly none), so trees end near the budget, not over it
                 left = spec.C - it + 1
-                k.append(max(1, min(n_cand, round(remaining[t] / (left * max(est[t], 1.0))))))
+                want = round(remaining[t] / (left * max(est[t], 1.0)))
+                k.append(min(n_cand, max(1, want) if left > 1 else want))
         rows = select_nodes(f, stats, k, spec.select_by, spec.select, spec.select_temperature,
                             spec.B_max, spec.b_root, gen)
         if not rows:
