@@ -46,3 +46,20 @@ def tiny_model_dir(tmp_path_factory):
                                                        num_layers=2, num_heads=4, num_kv_heads=2),
                       seed=0, out_dir=str(d))
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """A Prefect test harness and an MLflow store of its own, shared by one test module's flow
+    runs; yields the module's state folder."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    state = tmp_path_factory.mktemp("flows")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield state
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old

@@ -4,28 +4,12 @@ a corrupted stage output is recomputed. Tasks are also checked through ``.fn()``
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "experiments" / "tiny_smoke.yaml")
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    state = tmp_path_factory.mktemp("pipeline")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
-    with prefect_test_harness(server_startup_timeout=120):
-        yield state
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 def _run(state: Path, *extra: str) -> dict:

@@ -4,7 +4,6 @@ others and can be rerun alone."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -84,21 +83,6 @@ def test_unknown_cell_selection_lists_the_cells(tmp_path):
     assert len(select_cells(cells, ["a"])) == 2
     with pytest.raises(ValueError, match="a.s0, a.s1, b.s0, b.s1"):
         select_cells(cells, ["c"])
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    state = tmp_path_factory.mktemp("sweep")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
-    with prefect_test_harness(server_startup_timeout=120):
-        yield state
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 def _smoke_sweep(state: Path, name: str) -> str:
