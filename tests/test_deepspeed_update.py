@@ -54,6 +54,32 @@ def test_one_update_matches_torch_and_moves_every_parameter(tiny_model_dir, tmp_
     assert (tmp_path / "ds" / "optimizer.pt").is_file()
 
 
+def test_mini_batches_are_sequential_steps_and_the_clip_binds(tiny_model_dir, tmp_path):
+    """mini_batches=3: three AdamW steps, each on a third of the batch in order (token mean within
+    it), the second and third with pi_theta != pi_old, so the clipped ratio is reported."""
+    seqs = sequences(tiny_model_dir)
+    loss = LossSpec(eps_low=0.001, eps_high=0.001)  # a narrow band: any policy change is clipped
+    metrics = update_policy(tiny_model_dir, str(tmp_path / "ds"), seqs, loss,
+                            UpdateSpec(lr=1e-2, mini_batches=3))
+    assert metrics["loss/clipfrac"] > 0
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref.train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    for part in (seqs[0:2], seqs[2:4], seqs[4:6]):
+        b = collate(part, 0)
+        lp, ent = token_logprobs(ref, b)
+        value, _ = policy_loss(lp, b.old_logprobs, b.advantages, b.response_mask, loss, entropy=ent)
+        opt.zero_grad()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+    ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").state_dict()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ds[k], v, atol=2e-5, rtol=1e-4, msg=k)
+    with pytest.raises(ValueError, match="cannot fill 7 mini-batches"):
+        update_policy(tiny_model_dir, str(tmp_path / "x"), seqs, loss, UpdateSpec(mini_batches=7))
+
+
 def test_missing_deepspeed_config_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="DeepSpeed config .* does not exist"):
         update_policy(tiny_model_dir, str(tmp_path / "x"), sequences(tiny_model_dir), LossSpec(),

@@ -36,6 +36,9 @@ class UpdateSpec:
     temperature: float = 1.0
     num_processes: int = 1  # > 1: the update task launches this many ranks
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    # optimizer steps per RL iteration, each on one slice of the batch (verl's PPO mini-batches):
+    # from the second on, pi_theta != pi_old, so the clipping (and clip-higher) can bind
+    mini_batches: int = 1
 
     def __post_init__(self):
         if self.num_processes < 1:
@@ -44,6 +47,9 @@ class UpdateSpec:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 (got {self.micro_batch_size})")
+        if self.mini_batches < 1:
+            raise ValueError(f"mini_batches must be >= 1 (got {self.mini_batches}); 1 = one "
+                             f"optimizer step per iteration")
 
 
 def load_deepspeed_config(path: str, world_size: int) -> dict:
@@ -97,7 +103,8 @@ def _ensure_dist_env() -> int:
 
 def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
                   spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
-    """One optimizer step on ``seqs``; saves the new policy (and optimizer state) to ``out_dir``."""
+    """``spec.mini_batches`` optimizer steps on ``seqs`` (one per slice, in order); saves the new
+    policy (and optimizer state) to ``out_dir``."""
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,31 +129,36 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
     ref = None
     if ref_dir is not None and loss.beta_kl > 0:
         ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
-    # every rank reads all sequences and trains on its shard; the loss is the token mean over
-    # the whole batch, and DeepSpeed averages gradients over ranks, hence the world-size factor
+    # the batch is cut into mini-batches (one optimizer step each, in order); every rank reads
+    # all sequences and trains on its shard of each; the loss is the token mean over the
+    # mini-batch, and DeepSpeed averages gradients over ranks, hence the world-size factor
     total_tokens = sum(len(s.tokens) for s in seqs)
     rank = int(os.environ.get("RANK", "0"))
-    shard = seqs[rank::world]
-    micro = [shard[i:i + spec.micro_batch_size] for i in range(0, len(shard), spec.micro_batch_size)]
-    if not micro:
-        raise ValueError(f"rank {rank} got no sequences: {len(seqs)} sequences cannot feed "
-                         f"{world} processes; lower num_processes")
+    n_mini = spec.mini_batches
+    if len(seqs) < n_mini * world:
+        raise ValueError(f"{len(seqs)} sequences cannot fill {n_mini} mini-batches x {world} "
+                         f"processes; lower algo.update.mini_batches or num_processes")
     sums: dict[str, float] = {}
-    for k, chunk in enumerate(micro):
-        batch = collate(chunk, tok.pad_token_id)
-        logp, ent = token_logprobs(engine, batch, spec.temperature)
-        ref_logp = None
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp, _ = token_logprobs(ref, batch, spec.temperature)
-        value, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.response_mask,
-                                     loss, ref_logprobs=ref_logp, entropy=ent)
-        share = float(batch.response_mask.sum()) / total_tokens
-        engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-        engine.backward(value * share * world, scale_wrt_gas=False)
-        engine.step()
-        for key, v in metrics.items():
-            sums[key] = sums.get(key, 0.0) + v * share
+    for m in range(n_mini):
+        mini = seqs[m * len(seqs) // n_mini:(m + 1) * len(seqs) // n_mini]
+        mini_tokens = sum(len(s.tokens) for s in mini)
+        shard = mini[rank::world]
+        micro = [shard[i:i + spec.micro_batch_size] for i in range(0, len(shard), spec.micro_batch_size)]
+        for k, chunk in enumerate(micro):
+            batch = collate(chunk, tok.pad_token_id)
+            logp, ent = token_logprobs(engine, batch, spec.temperature)
+            ref_logp = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logp, _ = token_logprobs(ref, batch, spec.temperature)
+            value, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages,
+                                         batch.response_mask, loss, ref_logprobs=ref_logp, entropy=ent)
+            tokens = float(batch.response_mask.sum())
+            engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            engine.backward(value * (tokens / mini_tokens) * world, scale_wrt_gas=False)
+            engine.step()
+            for key, v in metrics.items():  # token-weighted over the whole batch
+                sums[key] = sums.get(key, 0.0) + v * tokens / total_tokens
     grad_norm = engine.get_global_grad_norm()
     if world > 1:  # metric shares are relative to the global token count: sum them
         keys = sorted(sums)
