@@ -40,6 +40,7 @@ class CellRun:
     curve: list[tuple[float, float, float]]  # (decoded tokens, RL wall s, accuracy)
     ib: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     order: int = 0  # the cell's place in the sweep file (rows follow the file's order)
+    trees: bool = True  # sampled trees (IBTree); flat groups have no training-tree diagnostic
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -93,7 +94,8 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
                    final=final, before=before, per_iteration=per_it, decoded=decoded,
                    rl_wall=rl_wall, curve=curve,
                    ib={k: _history(client, rid, k) for k in IB_CURVES},
-                   order=int(tags.get("ibtpo.cell_index", 0)))
+                   order=int(tags.get("ibtpo.cell_index", 0)),
+                   trees=run.data.params.get("algo.tree.sampler", "ibtree") == "ibtree")
 
 
 def collect(sweep_run_id: str) -> list[CellRun]:
@@ -209,7 +211,7 @@ def plots(cells: list[CellRun], out: Path) -> list[Path]:
         axes[0].plot([p[0] for p in c.curve], [p[2] for p in c.curve], marker=".", **kw)
         axes[1].plot([p[1] for p in c.curve], [p[2] for p in c.curve], marker=".", **kw)
         for key, style in zip(IB_CURVES, ("-", ":")):
-            if c.ib.get(key):
+            if c.ib.get(key) and (c.trees or "probe" in key):
                 axes[2].plot(*zip(*c.ib[key]), linestyle=style, **{**kw, "label": (
                     f"{c.label} ({'probe' if 'probe' in key else 'train'})" if kw["label"] else None)})
     for ax, (x, y) in zip(axes, [("decoded tokens", "accuracy"), ("RL wall time (s)", "accuracy"),
