@@ -50,6 +50,8 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
     for cfg in configs.values():
         preflight(cfg)
     tracking.check_tracking_store()
+    if spec.executor == "deployment":
+        check_deployment(spec.deployment)
     experiment = next(iter(configs.values())).tracking.experiment
     parent = tracking.parent_run(
         experiment, digest_json([spec.model_dump(), code_version()]), spec.name,
@@ -81,6 +83,19 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
                            f"The others finished and are in the report {report}. Rerun a failed "
                            f"cell alone with `{rerun}` (finished cells are cache hits).")
     return summary
+
+
+def check_deployment(name: str) -> None:
+    """Fail before any cell starts when the deployment the cells run on is not registered."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except Exception as err:  # noqa: BLE001 - ObjectNotFound, or an unreachable server
+            raise ValueError(f"deployment {name!r} not found on the Prefect server "
+                             f"({type(err).__name__}); register it with `prefect deploy --all` "
+                             f"from the repository root, or use executor: inline") from None
 
 
 def cell_tags(tags: dict, cell: Cell) -> dict:

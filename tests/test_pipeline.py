@@ -155,3 +155,19 @@ def test_corrupted_stage_output_is_recomputed(harness):
                      else good[:-10])
     again = _run(harness, own)
     assert trees.read_text() == good and again["checkpoint"] == out["checkpoint"]
+
+
+def test_evaluate_flow_scores_a_checkpoint(harness):
+    from mlflow.tracking import MlflowClient
+
+    from flows.evaluate import evaluate
+
+    out = _run(harness)
+    ev = evaluate(out["checkpoint"], SMOKE, [f"output_dir={harness / 'eval'}",
+                                             f"stage_cache_dir={harness / 'stages'}", "threads=1"])
+    assert ev["accuracy"] == out["accuracy_after"]  # the same checkpoint, the same test split
+    assert "lm_eval/ibtpo_countdown/acc_none" in ev
+    run = MlflowClient().get_run(ev["mlflow_run_id"])
+    assert run.data.tags["ibtpo.kind"] == "evaluate" and run.info.status == "FINISHED"
+    with pytest.raises(FileNotFoundError, match="model.path .* does not exist"):
+        evaluate(str(harness / "no-such-checkpoint"), SMOKE)

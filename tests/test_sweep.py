@@ -161,3 +161,13 @@ def test_failed_cell_does_not_stop_the_others_and_reruns_alone(harness, monkeypa
     assert out["cells"] == {"faulty.grpo.s1": "completed"}
     report = json.loads((harness / "runs" / "faulty" / "report.json").read_text())
     assert report["methods"]["grpo"]["n_seeds"] == 2
+
+
+def test_deployment_executor_needs_a_registered_deployment(harness, tmp_path):
+    from flows.sweep import sweep
+
+    path = _write(tmp_path, {"name": "pool", "base": SMOKE, "variants": [{"name": "a"}],
+                             "executor": "deployment", "deployment": "train/not-deployed",
+                             "concurrency": 2, "output_dir": str(tmp_path / "out")})
+    with pytest.raises(ValueError, match="deployment 'train/not-deployed' not found"):
+        sweep(path)
