@@ -37,7 +37,7 @@ test-faults: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
-# Speed benchmarks first, then the equal-budget comparison (about 50 min), whose JSON line ends the output.
+# Speed benchmarks first, then the equal-budget comparison (about 32 min), whose JSON line ends the output.
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py --json bench/results/rollout.json
 	$(BIN)/python bench/tree_score.py --json bench/results/tree_score.json
