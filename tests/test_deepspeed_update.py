@@ -27,6 +27,21 @@ def sequences(model_dir):
     return seqs
 
 
+def torch_steps(model, parts, loss, lr):
+    """The reference in plain torch: one AdamW step per part (token mean within it), gradients
+    clipped at norm 1.0 as the DeepSpeed config does."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for part in parts:
+        b = collate(part, 0)
+        lp, ent = token_logprobs(model, b)
+        value, _ = policy_loss(lp, b.old_logprobs, b.advantages, b.response_mask, loss, entropy=ent)
+        opt.zero_grad()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
 def test_one_update_matches_torch_and_moves_every_parameter(tiny_model_dir, tmp_path):
     seqs = sequences(tiny_model_dir)
     spec = UpdateSpec(lr=1e-3, micro_batch_size=4)  # two micro-batches, accumulated
@@ -38,14 +53,7 @@ def test_one_update_matches_torch_and_moves_every_parameter(tiny_model_dir, tmp_
     # the same step in plain torch: full-batch token mean, clip at 1.0, AdamW
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    ref.train()
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0)
-    b = collate(seqs, 0)
-    lp, ent = token_logprobs(ref, b)
-    value, _ = policy_loss(lp, b.old_logprobs, b.advantages, b.response_mask, loss, entropy=ent)
-    value.backward()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-    opt.step()
+    torch_steps(ref, [seqs], loss, lr=1e-3)
     ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").state_dict()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ds[k], v, atol=2e-6, rtol=1e-5, msg=k)
@@ -63,16 +71,7 @@ def test_mini_batches_are_sequential_steps_and_the_clip_binds(tiny_model_dir, tm
                             UpdateSpec(lr=1e-2, mini_batches=3))
     assert metrics["loss/clipfrac"] > 0
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ref.train()
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
-    for part in (seqs[0:2], seqs[2:4], seqs[4:6]):
-        b = collate(part, 0)
-        lp, ent = token_logprobs(ref, b)
-        value, _ = policy_loss(lp, b.old_logprobs, b.advantages, b.response_mask, loss, entropy=ent)
-        opt.zero_grad()
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        opt.step()
+    torch_steps(ref, [seqs[0:2], seqs[2:4], seqs[4:6]], loss, lr=1e-2)
     ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").state_dict()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ds[k], v, atol=2e-5, rtol=1e-4, msg=k)
