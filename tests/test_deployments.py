@@ -56,14 +56,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
 def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+    # without the torch.distributed variables an earlier in-process DeepSpeed test left in this
+    # process's environment: its rendezvous port is still held here
+    dist = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist}, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PWD": str(ROOT),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     logs = tmp_path / "server.log"
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env={**env, "PREFECT_API_URL": ""}, cwd=ROOT,
                               stdout=logs.open("w"), stderr=subprocess.STDOUT)
-    worker = None
+    worker, worker_log = None, tmp_path / "worker.log"
     try:
         _wait_healthy(api, server)
 
@@ -75,7 +78,7 @@ def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
                     return r.stdout
                 time.sleep(3)  # a server still starting up on a loaded machine
             raise AssertionError(f"prefect {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}\n"
-                                 f"server log:\n{logs.read_text()[-3000:]}")
+                                 f"worker log:\n{worker_log.read_text()[-6000:] if worker_log.exists() else ''}")
 
         prefect("work-pool", "create", "ibtpo-process", "--type", "process", "--overwrite",
                 tries=3)
@@ -83,7 +86,7 @@ def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
         assert "ibtpo-smoke" in out and "ibtpo-sweep" in out
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "ibtpo-process"],
                                   env=env, cwd=ROOT,
-                                  stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)
+                                  stdout=worker_log.open("w"), stderr=subprocess.STDOUT)
         small = [f"stage_cache_dir={tmp_path / 'stages'}", "threads=1",
                  "benchmark.enabled=false", "rl.iterations=1"]
         params = {"overrides": [f"output_dir={tmp_path / 'run'}", *small]}
