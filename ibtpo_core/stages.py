@@ -45,12 +45,18 @@ def cached(folder: Path) -> dict | None:
 
 
 def prepare_data(data_cfg, folder: Path) -> dict:
-    """Write ``train/validation/test.jsonl`` of the built-in task or a ``datasets`` source."""
+    """Write ``train/validation/test.jsonl`` of the built-in task, a ``datasets`` source or a
+    reasoning-gym generator."""
     from ibtpo_core.data.countdown import make_splits
 
     folder = Path(folder)
     if data_cfg.source == "datasets":
         splits = _splits_from_datasets(data_cfg)
+    elif data_cfg.source == "reasoning_gym":
+        from ibtpo_core.data.gym import make_gym_splits
+
+        splits = make_gym_splits(data_cfg.reasoning_gym, data_cfg.seed, data_cfg.n_test,
+                                 data_cfg.n_val)
     else:
         splits = make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
     def write(tmp: Path) -> None:
@@ -76,14 +82,19 @@ def _splits_from_datasets(data_cfg) -> dict[str, list[dict]]:
 
 
 def create_model(model_cfg, folder: Path) -> dict:
-    """Save the tokenizer and a freshly initialised tiny model."""
+    """Save a tokenizer and model: a GGUF file converted to a HF checkpoint, or a freshly
+    initialised tiny model."""
     from ibtpo_core.data.tokenizer import build_tokenizer
+    from ibtpo_core.models.gguf import convert_gguf
     from ibtpo_core.models.tiny import create_tiny_model
 
     metrics: dict = {}
 
     def write(tmp: Path) -> None:
-        n = create_tiny_model(build_tokenizer(), model_cfg.tiny, model_cfg.init_seed, str(tmp))
+        if model_cfg.gguf is not None:
+            n = convert_gguf(model_cfg.gguf, str(tmp))
+        else:
+            n = create_tiny_model(build_tokenizer(), model_cfg.tiny, model_cfg.init_seed, str(tmp))
         metrics["model/params"] = float(n)
 
     return publish(folder, write, metrics)
@@ -108,14 +119,17 @@ def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, f
     from transformers import AutoTokenizer
 
     from ibtpo_core.engines.base import build_engine
+    from ibtpo_core.engines.held import held_engine
     from ibtpo_core.evaluate import evaluate
 
     rows = read_jsonl(Path(data_dir) / f"{split}.jsonl")
     if eval_cfg.n is not None:
         rows = rows[: eval_cfg.n]
-    engine = build_engine(engine_cfg.name, model_path=str(model_dir), device=engine_cfg.device,
-                          dtype=engine_cfg.dtype, max_batch=engine_cfg.max_batch,
-                          reuse_prefixes=False)
+    if engine_cfg.name == "hf":  # cheap to build: a fresh one, without a prefix store
+        engine = build_engine("hf", model_path=str(model_dir),
+                              **{**engine_cfg.kwargs(), "reuse_prefixes": False})
+    else:  # share the run's engine (one vLLM engine per process)
+        engine = held_engine(engine_cfg.name, str(model_dir), **engine_cfg.kwargs())
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     metrics = evaluate(engine, tok, rows, eval_cfg.spec)
     return publish(folder, lambda tmp: (tmp / "results.json").write_text(json.dumps(metrics, indent=1)),

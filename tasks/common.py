@@ -27,13 +27,13 @@ LIBRARY = Path(__file__).resolve().parents[1] / "ibtpo_core"
 # The library entry points of each stage kind; a stage's code digest covers these and every
 # library module they import, so code outside them (the CLI, preflight, reports) keys nothing.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "rl": ("rl", "training.deepspeed_trainer", "training.update_main", "engines.base",
+    "rl": ("rl", "training.deepspeed_trainer", "training.update_main", "engines.held",
            "data.tokenizer"),
     "prepare_data": ("stages.prepare_data", "stages._splits_from_datasets"),
     "create_model": ("stages.create_model",),
     "warm_up": ("stages.warm_up",),
     "evaluate_policy": ("stages.evaluate_checkpoint",),
-    "benchmark": ("stages.publish", "algo.rewards", "data.countdown"),  # + the lm-eval task hooks
+    "benchmark": ("stages.publish", "data.problems"),  # + the lm-eval task hooks
 }
 
 

@@ -18,25 +18,13 @@ from prefect import task
 from ibtpo_core import stages
 from tasks.common import CACHE, inject_fault, stage_dir
 
-_ENGINE: dict = {}
-
-
 def get_engine(engine_cfg: dict, model_path: str):
-    """One engine per process and config; weights reloaded when the checkpoint changes."""
-    from ibtpo_core.engines.base import build_engine
+    """The process's engine (kept alive; weights reloaded when the checkpoint changes)."""
+    from configs.schema import EngineConfig
+    from ibtpo_core.engines.held import held_engine
 
-    key = json.dumps(engine_cfg, sort_keys=True)
-    held = _ENGINE.get("engine")
-    if held is None or _ENGINE.get("key") != key:
-        held = build_engine(engine_cfg["name"], model_path=model_path, device=engine_cfg["device"],
-                            dtype=engine_cfg["dtype"], max_batch=engine_cfg["max_batch"],
-                            prefix_cache_tokens=engine_cfg["prefix_cache_tokens"])
-        _ENGINE.update(engine=held, key=key, path=model_path)
-    elif _ENGINE.get("path") != model_path:
-        held.load_weights(model_path)
-        _ENGINE["path"] = model_path
-    held.reset_prefix_cache()  # a stage's samples depend on its inputs only, not on history
-    return held
+    cfg = EngineConfig.model_validate(engine_cfg)
+    return held_engine(cfg.name, model_path, **cfg.kwargs())
 
 
 @task(name="sample_trees", cache_policy=CACHE, persist_result=True)

@@ -30,7 +30,7 @@ def write(tmp_path, text):
     ("name: x\ndata:\n  n_test: many\n", r"data.n_test: Input should be a valid integer"),
     ("name: x\ndata:\n  n_test: 0\n", r"data.n_test: Input should be greater than or equal to 1"),
     ("name: x\nengine:\n  name: vllmm\n", r"unknown engine 'vllmm' \(did you mean 'vllm'\?\); valid engines: hf, vllm"),
-    ("name: x\nmodel:\n  tiny: null\n", r"model needs either path"),
+    ("name: x\nmodel:\n  tiny: null\n", r"model needs path \(a checkpoint directory\), gguf"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):

@@ -113,4 +113,15 @@ def build_engine(name: str, **kwargs) -> RolloutEngine:
     """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed)."""
     if name == "hf" and "hf" not in ENGINES:
         import ibtpo_core.engines.hf  # noqa: F401  registers itself
-    return ENGINES.get(name)(**kwargs)
+    if name == "vllm" and "vllm" not in ENGINES:
+        import ibtpo_core.engines.vllm  # noqa: F401  registers itself (vLLM itself loads later)
+    cls = ENGINES.get(name)
+    import inspect
+
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        valid = ", ".join(k for k in accepted if k != "model_path")
+        raise ValueError(f"engine {name!r} has no option(s) {unknown} (from engine.options); "
+                         f"its options: {valid}")
+    return cls(**kwargs)

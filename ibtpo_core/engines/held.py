@@ -1,0 +1,30 @@
+"""One rollout engine per process, kept alive across stages.
+
+Building a vLLM engine costs tens of seconds and most of a GPU's free memory, so the RL
+iterations and the evaluations of one run share a single engine: it is built on first use and,
+when a later stage asks for another checkpoint of the same config, the new weights are loaded
+into it. A different engine config replaces it.
+"""
+from __future__ import annotations
+
+import json
+
+from ibtpo_core.engines.base import RolloutEngine, build_engine
+
+_HELD: dict = {}
+
+
+def held_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:
+    """The process's engine for ``name`` / ``kwargs``, holding the weights of ``model_path``.
+    Its reusable prefixes are cleared, so a stage's samples depend on its inputs only."""
+    key = json.dumps([name, kwargs], sort_keys=True, default=str)
+    engine = _HELD.get("engine")
+    if engine is None or _HELD.get("key") != key:
+        _HELD.clear()  # drop the old engine (and its memory) before building the next
+        engine = build_engine(name, model_path=model_path, **kwargs)
+        _HELD.update(engine=engine, key=key, path=model_path)
+    elif _HELD.get("path") != model_path:
+        engine.load_weights(model_path)
+        _HELD["path"] = model_path
+    engine.reset_prefix_cache()
+    return engine

