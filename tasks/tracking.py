@@ -224,7 +224,9 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
     if any(d.dataset.name == name for d in (run.inputs.dataset_inputs or [])):
         return
     df = pd.read_json(path, lines=True)
-    df["numbers"] = df["numbers"].map(json.dumps)
+    for col in df.columns:  # nested values (lists, dicts) as JSON text, for the schema
+        if df[col].map(lambda v: isinstance(v, (list, dict))).any():
+            df[col] = df[col].map(json.dumps)
     ds = from_pandas(df, source=str(Path(path).resolve()), name=name, digest=digest[:16])
     from mlflow.entities import DatasetInput, InputTag
 

@@ -6,8 +6,8 @@
   quantity the ``hf`` engine reports; per-token entropies are not exposed by vLLM (``None``), so
   tree methods on this engine use ``entropy_estimator: surprisal``.
 - New policy weights are loaded into the running engine (``collective_rpc("reload_weights")``,
-  then ``reset_prefix_cache()``): the engine is built once per process and kept alive across RL
-  iterations.
+  the tied output head re-processed, then ``reset_prefix_cache()``): the engine is built once
+  per process and kept alive across RL iterations.
 - Seeded per prefix: prefix ``i`` of a call with seed ``s`` samples with its own seed derived
   from ``(s, i)``, so the same inputs give the same samples however vLLM batches them.
 
@@ -33,7 +33,7 @@ class VLLMEngine(RolloutEngine):
                  max_batch: int = 256, prefix_cache_tokens: int = 0, reuse_prefixes: bool = True,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None,
-                 enforce_eager: bool | None = None):
+                 enforce_eager: bool | None = None, block_size: int | None = None):
         if device == "cpu":
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -46,15 +46,19 @@ class VLLMEngine(RolloutEngine):
         kwargs = dict(model=model_path, dtype=dtype, seed=0, trust_remote_code=trust_remote_code,
                       enable_prefix_caching=reuse_prefixes, max_num_seqs=max_batch,
                       logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size,
+                      worker_extension_cls="ibtpo_core.engines.vllm_worker.WorkerExtension",
                       enforce_eager=(device == "cpu") if enforce_eager is None else enforce_eager)
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        if block_size is not None:  # prefix caching reuses whole blocks (CPU default: 128 tokens)
+            kwargs["block_size"] = block_size
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.model_path = model_path
         self._max_context = int(self.llm.llm_engine.model_config.max_model_len)
-        self.stats = {"decoded_tokens": 0, "load_weights": 0}
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0,
+                      "load_weights": 0}
 
     @property
     def max_context(self) -> int:
@@ -69,6 +73,7 @@ class VLLMEngine(RolloutEngine):
             raise FileNotFoundError(f"no *.safetensors in {path}: pass a checkpoint directory "
                                     f"written by save_pretrained")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.llm.collective_rpc("refresh_tied_lm_head")  # see vllm_worker.py
         self.llm.reset_prefix_cache()
         self.model_path = path
         self.stats["load_weights"] += 1
@@ -89,12 +94,16 @@ class VLLMEngine(RolloutEngine):
         stop_ids = sorted(eos_set | step_set)
         params = [SamplingParams(n=num_samples, temperature=temperature, max_tokens=limit,
                                  seed=request_seed(seed, i), logprobs=0, stop_token_ids=stop_ids,
+                                 ignore_eos=True,  # only ``stop`` ends a sample, as in hf
                                  detokenize=False, skip_special_tokens=False)
                   for i, limit in enumerate(max_new_tokens)]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prefixes], params,
                                  use_tqdm=False)
         out: list[Completion] = []
         for i, req in enumerate(outs):
+            cached = int(req.num_cached_tokens or 0)  # prompt tokens served from the prefix cache
+            self.stats["reused_tokens"] += cached
+            self.stats["prefill_tokens"] += len(prefixes[i]) - cached
             for o in sorted(req.outputs, key=lambda o: o.index):
                 toks = list(o.token_ids)
                 lps = [d[t].logprob for t, d in zip(toks, o.logprobs)]
