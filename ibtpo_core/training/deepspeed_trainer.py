@@ -4,8 +4,10 @@ Loads the policy with ``from_pretrained``, wraps it with ``deepspeed.initialize`
 from a ``configs/deepspeed/*.yaml`` file; on CPU the CPU accelerator over gloo), runs one
 optimizer step over all training sequences of an iteration (micro-batches accumulate, the loss
 is the token mean over the whole batch), and saves the new policy with ``save_pretrained`` plus
-the optimizer state (loaded back with ``weights_only=True``). A torch AdamW is passed to
-DeepSpeed, which avoids compiling DeepSpeed's own Adam.
+the optimizer state (ZeRO 0: one file loaded back with ``weights_only=True``; ZeRO 1-3:
+DeepSpeed's sharded checkpoint; ZeRO-3 parameters are gathered before saving). On a GPU each
+rank trains on its own device. A torch AdamW is passed to DeepSpeed, which avoids compiling
+DeepSpeed's own Adam.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
 from ibtpo_core.training.policy import collate, token_logprobs
 
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = "optimizer.pt"  # ZeRO stage 0: every rank holds the whole state
+ZERO_STATE_DIR = "zero_state"  # ZeRO 1-3: DeepSpeed's own checkpoint of the sharded state
 
 
 @dataclass(frozen=True)
@@ -117,18 +120,26 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
+    ds_cfg = _ds_config(spec.deepspeed_config, spec.micro_batch_size, world)
+    sharded = ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                             betas=spec.betas)
     opt_path = Path(model_dir) / OPTIMIZER_FILE
-    if opt_path.is_file():
+    if not sharded and opt_path.is_file():
         opt.load_state_dict(torch.load(opt_path, weights_only=True))
         for g in opt.param_groups:
             g["lr"] = spec.lr
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=_ds_config(spec.deepspeed_config, spec.micro_batch_size, world))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    zero_dir = Path(model_dir) / ZERO_STATE_DIR
+    if sharded and zero_dir.is_dir():  # the previous iteration's sharded optimizer state
+        engine.load_checkpoint(str(zero_dir), tag="state", load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        for g in optimizer.param_groups:
+            g["lr"] = spec.lr
+    device = engine.device
     ref = None
     if ref_dir is not None and loss.beta_kl > 0:
-        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).to(device).eval()
     # the batch is cut into mini-batches (one optimizer step each, in order); every rank reads
     # all sequences and trains on its shard of each; the loss is the token mean over the
     # mini-batch, and DeepSpeed averages gradients over ranks, hence the world-size factor
@@ -145,7 +156,7 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
         shard = mini[rank::world]
         micro = [shard[i:i + spec.micro_batch_size] for i in range(0, len(shard), spec.micro_batch_size)]
         for k, chunk in enumerate(micro):
-            batch = collate(chunk, tok.pad_token_id)
+            batch = collate(chunk, tok.pad_token_id).to(device)
             logp, ent = token_logprobs(engine, batch, spec.temperature)
             ref_logp = None
             if ref is not None:
@@ -165,17 +176,35 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(vec)
         sums = dict(zip(keys, vec.tolist()))
-    if rank == 0:
-        module = engine.module
-        module.eval()
-        module.save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
-        torch.save(optimizer.state_dict(), Path(out_dir) / OPTIMIZER_FILE)
+    save_policy(engine, optimizer, tok, out_dir, rank, sharded)
     sums["num_tokens"] = float(total_tokens)
     sums["num_sequences"] = float(len(seqs))
     if grad_norm is not None and not math.isnan(float(grad_norm)):
         sums["grad_norm"] = float(grad_norm)
     return sums
+
+
+def save_policy(engine, optimizer, tok, out_dir: str, rank: int, sharded: bool) -> None:
+    """The new policy as a plain HF checkpoint (rank 0), plus the optimizer state: one file for
+    ZeRO 0, DeepSpeed's sharded checkpoint (every rank writes its part) for ZeRO 1-3. Under
+    ZeRO-3 the parameters are gathered from all ranks first (a collective call)."""
+    import contextlib
+
+    import deepspeed
+
+    module = engine.module
+    module.eval()
+    gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+              if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
+    with gather:
+        if rank == 0:
+            module.save_pretrained(out_dir, safe_serialization=True)
+            tok.save_pretrained(out_dir)
+    if sharded:
+        engine.save_checkpoint(str(Path(out_dir) / ZERO_STATE_DIR), tag="state",
+                               save_latest=False)
+    elif rank == 0:
+        torch.save(optimizer.state_dict(), Path(out_dir) / OPTIMIZER_FILE)
 
 
 def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, spec: UpdateSpec,

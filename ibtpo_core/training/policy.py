@@ -22,6 +22,9 @@ class Batch:
     old_logprobs: torch.Tensor  # (B, L - 1)
     advantages: torch.Tensor  # (B, L - 1)
 
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
 
 def collate(seqs: list[TrainingSequence], pad_id: int) -> Batch:
     L = max(len(s.prompt) + len(s.tokens) for s in seqs)
