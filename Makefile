@@ -53,7 +53,8 @@ $(VLLM_STAMP): requirements-vllm.lock
 	@touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_engine.py
+	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm \
+	    tests/test_vllm_engine.py tests/test_vllm_lm_eval.py
 
 # Speed benchmarks first, then the equal-budget comparison (about 32 min), whose JSON line ends the output.
 bench: $(STAMP)

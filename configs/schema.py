@@ -187,10 +187,16 @@ class RLConfig(Section):
 
 
 class BenchmarkConfig(Section):
-    """lm-eval on saved checkpoints: the built-in task's test split by default."""
+    """lm-eval on saved checkpoints: the built-in task's test split by default; also the AIME
+    avg@k tasks (aime24_avgk, aime25_avgk) and standard lm-eval tasks by name."""
 
     enabled: bool = True
     tasks: list[str] = ["ibtpo_countdown"]
+    backend: Literal["hf", "vllm"] = "hf"
+    local_data: dict[str, str] = Field(default_factory=dict, description="project task -> local "
+                                       "JSONL file read instead of its hub dataset")
+    avg_k: Optional[int] = Field(None, ge=1, description="samples per problem of the avg@k tasks "
+                                 "(their YAML: 32)")
     limit: Optional[int] = Field(None, ge=1)
     every: int = Field(0, ge=0, description="also benchmark every k iterations; 0 = at the end")
     batch_size: int = Field(64, ge=1)

@@ -9,7 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-BUILTIN_BENCHMARKS = ("ibtpo_countdown",)
+BUILTIN_BENCHMARKS = ("ibtpo_countdown", "aime24_avgk", "aime25_avgk")
 
 
 def check_writable(path: str, what: str) -> None:
@@ -60,6 +60,12 @@ def check_data(data_cfg) -> None:
 
 
 def check_benchmarks(bench) -> None:
+    for task, path in bench.local_data.items():
+        if task not in BUILTIN_BENCHMARKS:
+            raise ValueError(f"benchmark.local_data names {task!r}: only the project's tasks "
+                             f"({', '.join(BUILTIN_BENCHMARKS)}) read local files")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"benchmark.local_data[{task!r}]: {path} does not exist")
     other = [t for t in bench.tasks if t not in BUILTIN_BENCHMARKS]
     if not bench.enabled or not other:
         return

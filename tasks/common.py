@@ -33,7 +33,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "create_model": ("stages.create_model",),
     "warm_up": ("stages.warm_up",),
     "evaluate_policy": ("stages.evaluate_checkpoint",),
-    "benchmark": ("stages.publish", "data.problems"),  # + the lm-eval task hooks
+    "benchmark": ("benchmark", "stages.publish", "data.problems"),  # + the lm-eval task hooks
 }
 
 

@@ -62,7 +62,7 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
     import ibtpo_core.rl
     import ibtpo_core.stages
     import ibtpo_core.training.deepspeed_trainer
-    import tasks.benchmark
+    import ibtpo_core.benchmark
 
     first = _run(harness)
 
@@ -73,7 +73,7 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
                       (ibtpo_core.stages, "create_model"), (ibtpo_core.stages, "evaluate_checkpoint"),
                       (ibtpo_core.rl, "sample_trees"), (ibtpo_core.rl, "score_trees"),
                       (ibtpo_core.training.deepspeed_trainer, "update_policy"),
-                      (tasks.benchmark, "run_lm_eval")):
+                      (ibtpo_core.benchmark, "run_lm_eval")):
         monkeypatch.setattr(mod, name, boom)
     second = _run(harness)
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
