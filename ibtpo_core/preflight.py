@@ -53,6 +53,8 @@ def check_data(data_cfg) -> None:
         from ibtpo_core.data.sources import check_files
 
         check_files(data_cfg.datasets)
+        if data_cfg.test_datasets is not None:
+            check_files(data_cfg.test_datasets)
     elif data_cfg.source == "reasoning_gym":
         from ibtpo_core.data.gym import check_dataset
 
@@ -83,7 +85,9 @@ def preflight(cfg) -> None:
     check_writable(str(cfg.resolved_output_dir()), "output_dir")
     check_writable(cfg.stage_cache_dir, "stage_cache_dir")
     if cfg.model.path is not None:
-        check_model_dir(cfg.model.path)
+        from ibtpo_core.models.hub import resolve_model_path
+
+        check_model_dir(resolve_model_path(cfg.model.path))
     elif cfg.model.gguf is not None:
         from ibtpo_core.models.gguf import locate
 

@@ -52,11 +52,14 @@ def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeS
 
 def probe_diagnostic(engine: RolloutEngine, tokenizer, rows: list[dict], G: int,
                      step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
-                     seed: int) -> dict[str, float]:
+                     seed: int, run_tree: TreeSpec | None = None) -> dict[str, float]:
     """SPEC 2's IB diagnostic on probe trees: IBTree with its default settings on a fixed prompt
     set, sampled from the current policy and never trained on, so every method (GRPO included)
     is measured the same way. Keys ``ib_probe/score_mean``, ``ib_probe/h_mean``, ..."""
-    spec = TreeSpec(G=G)
+    # the run's step cutting and entropy estimator (an engine without full entropies needs
+    # surprisal); every other switch at its default
+    spec = TreeSpec(G=G) if run_tree is None else TreeSpec(
+        G=G, steps=run_tree.steps, entropy_estimator=run_tree.entropy_estimator)
     trees, _ = sample_trees(engine, tokenizer, rows, spec, step_end_ids, max_new_tokens,
                             temperature, seed)
     diag = ib_diagnostic(trees, spec.beta, spec.ib_form, spec.entropy_estimator)

@@ -71,7 +71,8 @@ def _splits_from_datasets(data_cfg) -> dict[str, list[dict]]:
     from ibtpo_core.data.sources import load_split
 
     src = data_cfg.datasets
-    test = load_split(src, src.test_split)[: data_cfg.n_test]
+    test_src = data_cfg.test_datasets or src
+    test = load_split(test_src, test_src.test_split)[: data_cfg.n_test]
     held = {r["key"] for r in test}
     train = [r for r in load_split(src, src.train_split) if r["key"] not in held]
     n_val = min(data_cfg.n_val, max(0, len(train) - 1))

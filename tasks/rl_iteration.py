@@ -58,7 +58,7 @@ def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, se
         if probe:  # the same prompts and seed for every method and run
             metrics.update(probe_diagnostic(engine, tok, probe, cfg.tree.G, steps,
                                             rollout["max_new_tokens"], rollout["temperature"],
-                                            seed=7919 + iteration))
+                                            seed=7919 + iteration, run_tree=cfg.tree))
         metrics["timing_s/probe"] = time.time() - t1
     inject_fault("sample_trees", iteration)
 

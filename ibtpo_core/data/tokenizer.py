@@ -46,5 +46,6 @@ def step_end_token_ids(tokenizer, delimiter: str) -> tuple[int, ...]:
             ids.append(tok_id)
     if not ids:
         raise ValueError(f"no token of the tokenizer contains the step delimiter {delimiter!r}: "
-                         f"set step_delimiter to text the model can emit (e.g. '\\n' or '\\n\\n')")
+                         f"set algo.tree.steps.delimiter to text the model can emit (e.g. '\\n' or "
+                         f"'\\n\\n')")
     return tuple(ids)
