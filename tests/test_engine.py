@@ -123,3 +123,41 @@ def test_bad_requests_are_clear_value_errors(setup, kwargs, match):
 def test_unknown_engine_lists_valid_names():
     with pytest.raises(ValueError, match="Valid names: hf"):
         build_engine("hff", model_path="x")
+
+
+def test_one_engine_is_held_per_process_and_reloads_new_checkpoints():
+    """The RL iterations and evaluations share one engine (a vLLM engine costs tens of seconds
+    and most of a GPU): built once, new weights loaded in place, rebuilt only for a new config."""
+    from ibtpo_core.engines import held
+    from ibtpo_core.engines.base import ENGINES, RolloutEngine
+
+    log = []
+
+    class Fake(RolloutEngine):
+        def __init__(self, model_path, size=1):
+            log.append(("build", model_path, size))
+
+        max_context = 100
+
+        def _generate(self, *a):
+            return []
+
+        def load_weights(self, path):
+            log.append(("load", path))
+
+        def reset_prefix_cache(self):
+            log.append(("reset",))
+
+    if "fake_held" not in ENGINES:
+        ENGINES.register("fake_held")(Fake)
+    held._HELD.clear()
+    a = held.held_engine("fake_held", "ckpt0", size=1)
+    b = held.held_engine("fake_held", "ckpt0", size=1)
+    c = held.held_engine("fake_held", "ckpt1", size=1)
+    d = held.held_engine("fake_held", "ckpt1", size=2)
+    held._HELD.clear()
+    assert a is b is c and d is not c
+    assert log == [("build", "ckpt0", 1), ("reset",), ("reset",), ("load", "ckpt1"), ("reset",),
+                   ("build", "ckpt1", 2), ("reset",)]
+    with pytest.raises(ValueError, match=r"engine 'fake_held' has no option\(s\) \['sizes'\]"):
+        held.held_engine("fake_held", "ckpt0", sizes=3)
