@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ibtpo_core.data.tokenizer import step_end_token_ids
 from ibtpo_core.engines.base import StopConditions, build_engine
+from tests.engine_checks import assert_stops, forward_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -16,16 +17,6 @@ def setup(tiny_model_dir):
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
                ("nums 1 2 3 4 target 10\n", "nums 6 6 target 36\n3 + 3 = 6\n", "nums 5\n")]
     return tok, engine, model, stop, prompts
-
-
-def forward_logprobs(model, prefix, tokens, temperature=1.0):
-    """(logprobs, entropies) of ``tokens`` after ``prefix`` under softmax(logits / T)."""
-    ids = torch.tensor([prefix + tokens])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prefix) - 1:-1].float() / temperature
-    logp = torch.log_softmax(logits, -1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return logp.gather(1, torch.tensor(tokens)[:, None]).squeeze(1), ent
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -45,17 +36,7 @@ def test_stops_at_eos_step_end_or_length(setup):
     tok, engine, model, stop, prompts = setup
     step_stop = StopConditions(stop.eos_token_ids, stop.step_end_token_ids, stop_at_step_end=True)
     comps = engine.generate(prompts, num_samples=16, max_new_tokens=40, stop=step_stop, seed=1)
-    newline = stop.step_end_token_ids[0]
-    for c in comps:
-        body = c.token_ids[:-1]
-        assert newline not in body and tok.eos_token_id not in body
-        if c.finish_reason == "step_end":
-            assert c.token_ids[-1] == newline
-        elif c.finish_reason == "eos":
-            assert c.token_ids[-1] == tok.eos_token_id
-        else:
-            assert c.finish_reason == "length" and len(c.token_ids) == 40
-    assert any(c.finish_reason == "step_end" for c in comps)
+    assert_stops(comps, tok.eos_token_id, stop.step_end_token_ids[0], lambda i: 40)
 
 
 def test_same_seed_same_samples_other_seed_other_samples(setup):

@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from tests.engine_checks import assert_stops, forward_logprobs
+
 pytestmark = pytest.mark.vllm
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -47,21 +49,11 @@ def setup(model_dir):
     del engine
 
 
-def forward_logprobs(model, prefix, tokens, temperature=1.0):
-    import torch
-
-    ids = torch.tensor([prefix + tokens])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prefix) - 1:-1].float() / temperature
-    logp = torch.log_softmax(logits, -1)
-    return logp.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
-
-
 def assert_logprobs_match(model, prefixes, comps, temperature=1.0):
     import torch
 
     for c in comps:
-        lp = forward_logprobs(model, prefixes[c.prefix_index], c.token_ids, temperature)
+        lp, _ = forward_logprobs(model, prefixes[c.prefix_index], c.token_ids, temperature)
         torch.testing.assert_close(torch.tensor(c.logprobs), lp, atol=2e-4, rtol=0)
 
 
@@ -83,18 +75,8 @@ def test_stops_at_eos_step_end_or_length(setup):
     step_stop = StopConditions(stop.eos_token_ids, stop.step_end_token_ids, stop_at_step_end=True)
     comps = engine.generate(prompts, num_samples=16, max_new_tokens=[40, 40, 3], stop=step_stop,
                             seed=1)
-    newline = stop.step_end_token_ids[0]
-    for c in comps:
-        body = c.token_ids[:-1]
-        assert newline not in body and tok.eos_token_id not in body
-        if c.finish_reason == "step_end":
-            assert c.token_ids[-1] == newline
-        elif c.finish_reason == "eos":
-            assert c.token_ids[-1] == tok.eos_token_id
-        else:
-            assert c.finish_reason == "length"
-            assert len(c.token_ids) == (3 if c.prefix_index == 2 else 40)
-    assert any(c.finish_reason == "step_end" for c in comps)
+    assert_stops(comps, tok.eos_token_id, stop.step_end_token_ids[0],
+                 lambda i: 3 if i == 2 else 40)
     assert all(len(c.token_ids) <= 3 for c in comps if c.prefix_index == 2)
 
 
