@@ -9,7 +9,9 @@ import json
 import tempfile
 from pathlib import Path
 
-BUILTIN_BENCHMARKS = ("ibtpo_countdown", "aime24_avgk", "aime25_avgk")
+from ibtpo_core.benchmark import AVG_K_TASKS, BUILTIN
+
+BUILTIN_BENCHMARKS = (BUILTIN, *AVG_K_TASKS)  # the project's own lm-eval tasks
 
 
 def check_writable(path: str, what: str) -> None:
