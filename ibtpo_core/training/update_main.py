@@ -30,6 +30,12 @@ def main() -> None:
                             LossSpec(**json.loads(a.loss)), UpdateSpec(**up), ref_dir=a.ref)
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(a.out) / "update_metrics.json").write_text(json.dumps(metrics))
+    # no rank leaves while another still writes, and the process group is shut down before the
+    # interpreter exits: a rank exiting with gloo's threads alive aborted ("terminate called
+    # without an active exception") and failed the launch after a correct update
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
