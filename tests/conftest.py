@@ -3,6 +3,7 @@ reach a model or data hub fails the test that made it."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -49,11 +50,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
+def harness(request, tmp_path_factory):
     """A Prefect test harness and an MLflow store of its own, shared by one test module's flow
-    runs; yields the module's state folder."""
+    runs; yields the module's state folder, deleted afterwards unless a test failed."""
     from prefect.testing.utilities import prefect_test_harness
 
+    failed_before = request.session.testsfailed
     state = tmp_path_factory.mktemp("flows")
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
@@ -63,3 +65,5 @@ def harness(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(state, ignore_errors=True)
