@@ -45,7 +45,12 @@ test-faults: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
+# Building it needs about 3.5 GB of disk: checked first, so a full disk is named, not hit midway.
 $(VLLM_STAMP): requirements-vllm.lock
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1024)}'); if [ "$$free" -lt 3500 ]; then \
+	    echo "make test-vllm: .venv-vllm needs about 3500 MB of free disk, $$free MB are free here;" \
+	         "free some (make clean deletes runs/ and the local MLflow store) and rerun" >&2; \
+	    exit 1; fi
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-vllm.lock
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
