@@ -185,6 +185,10 @@ class RolloutConfig(Section):
 class RLConfig(Section):
     iterations: int = Field(40, ge=0)
     rollout: RolloutConfig = RolloutConfig()
+    keep_optimizer_states: Optional[int] = Field(
+        2, ge=1, description="optimizer states kept on disk, of the last iterations' checkpoints "
+        "(the weights are always kept); older ones are deleted once a newer one is written. "
+        "2 lets a rerun resume and recompute a lost last checkpoint; null keeps them all")
 
 
 class BenchmarkConfig(Section):

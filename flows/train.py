@@ -23,6 +23,7 @@ from ibtpo_core import stages
 from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults, set_threads
+from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
 from tasks import tracking
 from tasks.benchmark import benchmark
 from tasks.common import code_version, inject_fault
@@ -134,6 +135,7 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     if curve:  # the accuracy curve: a subset of the test split every k iterations
         log_curve_point(parent, 0, evaluate(policy, cfg.eval.every_n), 0.0, 0.0)
     decoded = rl_wall = 0.0
+    updated: list[str] = []  # this run's RL checkpoints, oldest first
     bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
     for k in range(cfg.rl.iterations):
         trees = ensure(sample_trees, k, c["algo"], c["rl"]["rollout"], c["engine"], cfg.seed,
@@ -150,6 +152,11 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         metrics["kl"] = metrics.get("kl", metrics.get("loss/approx_kl", 0.0))
         tracking.log_metrics_once(parent, k, metrics)
         policy = new
+        updated.append(new["path"])
+        freed = prune_optimizer_states(updated, cfg.rl.keep_optimizer_states)
+        if freed:
+            get_run_logger().info(f"deleted {freed / 2**20:.0f} MiB of older optimizer states "
+                                  f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
         if curve and (k + 1) % cfg.eval.every == 0:
             log_curve_point(parent, k + 1, evaluate(policy, cfg.eval.every_n), decoded, rl_wall)
         if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:

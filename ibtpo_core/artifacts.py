@@ -69,7 +69,8 @@ def write_manifest(folder: Path, extra: dict) -> dict:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    """The manifest of a complete, unaltered stage output; None if missing or corrupted."""
+    """The manifest of a complete, unaltered stage output; None if missing or corrupted. Files
+    removed by ``prune`` are not expected (nor checked, if a killed prune left them)."""
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         return None
@@ -77,6 +78,47 @@ def read_manifest(folder: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if digest_files(Path(folder)) != manifest.get("files"):
+    pruned = manifest.get("pruned", {})
+    files = {k: v for k, v in digest_files(Path(folder)).items() if k not in pruned}
+    if files != manifest.get("files"):
         return None
     return manifest
+
+
+def _under(rel: str, names: tuple[str, ...]) -> bool:
+    return any(rel == n or rel.startswith(n + "/") for n in names)
+
+
+def prune(folder: Path, names: tuple[str, ...]) -> int:
+    """Delete the files ``names`` (files or folders, relative to ``folder``) from a published
+    stage output, keeping its digest: the output still *is* what was published (downstream
+    stages keyed by the digest stay valid), and its manifest lists what was removed under
+    ``pruned``. The manifest is rewritten first, so a prune killed midway leaves a valid folder.
+    Returns the bytes freed; 0 if there was nothing (left) to remove."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return 0
+    gone = {k: v for k, v in manifest["files"].items() if _under(k, names)}
+    if gone:
+        manifest = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in gone},
+                    "pruned": {**manifest.get("pruned", {}), **gone}}
+        tmp = folder.parent / f".{folder.name}.manifest.tmp"  # outside: not a file of the output
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        tmp.replace(folder / "manifest.json")
+    freed = 0
+    for rel in manifest.get("pruned", {}):
+        p = folder / rel
+        if p.is_file():
+            freed += p.stat().st_size
+            p.unlink()
+    for name in names:  # folders left empty
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name, ignore_errors=True)
+    return freed
+
+
+def pruned_files(folder: Path) -> list[str]:
+    """What ``prune`` removed from a stage output (relative paths)."""
+    manifest = read_manifest(folder)
+    return sorted(manifest.get("pruned", {})) if manifest else []

@@ -247,7 +247,8 @@ def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: 
         m = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
         chain.append({"checkpoint": folder.name, "digest": m.get("digest"),
                       "parent_checkpoint_digest": m.get("parent_checkpoint"),
-                      "training_data_digest": m.get("data_digest")})
+                      "training_data_digest": m.get("data_digest"),
+                      "optimizer_state_deleted": bool(m.get("pruned"))})
     out = run_dir / "lineage.json"
     out.write_text(json.dumps({"data_digest": data["digest"], "warmup_digest": reference["digest"],
                                "checkpoints": chain}, indent=1))

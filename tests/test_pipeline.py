@@ -171,3 +171,27 @@ def test_evaluate_flow_scores_a_checkpoint(harness):
     assert run.data.tags["ibtpo.kind"] == "evaluate" and run.info.status == "FINISHED"
     with pytest.raises(FileNotFoundError, match="model.path .* does not exist"):
         evaluate(str(harness / "no-such-checkpoint"), SMOKE)
+
+
+def test_old_optimizer_states_are_deleted_and_the_run_still_resumes(harness, monkeypatch):
+    import ibtpo_core.training.deepspeed_trainer
+
+    own = [f"output_dir={harness / 'runs_keep'}", "rl.iterations=3", "rl.keep_optimizer_states=1",
+           "benchmark.enabled=false"]
+    out = _run(harness, *own)
+    ckpts = sorted(Path(out["checkpoint"]).parent.glob("it*-policy-*"))
+    assert [(c / "optimizer.pt").is_file() for c in ckpts] == [False, False, True]
+    assert all((c / "model.safetensors").is_file() for c in ckpts)  # weights are kept
+    lineage = json.loads((Path(out["checkpoint"]).parent / "lineage.json").read_text())
+    assert [c["optimizer_state_deleted"] for c in lineage["checkpoints"]] == [True, True, False]
+
+    def boom(*a, **k):
+        raise AssertionError("a finished update ran again")
+
+    monkeypatch.setattr(ibtpo_core.training.deepspeed_trainer, "update_policy", boom)
+    assert _run(harness, *own)["checkpoint"] == out["checkpoint"]  # pruned outputs are cache hits
+    monkeypatch.undo()
+    weights = Path(out["checkpoint"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the last checkpoint is lost ...
+    with pytest.raises(ValueError, match="rl.keep_optimizer_states=null"):
+        _run(harness, *own)  # ... and the state it must be recomputed from was deleted

@@ -25,6 +25,33 @@ from ibtpo_core.training.policy import collate, token_logprobs
 
 OPTIMIZER_FILE = "optimizer.pt"  # ZeRO stage 0: every rank holds the whole state
 ZERO_STATE_DIR = "zero_state"  # ZeRO 1-3: DeepSpeed's own checkpoint of the sharded state
+OPTIMIZER_STATE = (OPTIMIZER_FILE, ZERO_STATE_DIR)  # what rl.keep_optimizer_states prunes
+
+
+def prune_optimizer_states(checkpoints: list[str], keep: int | None) -> int:
+    """Delete the optimizer state of every checkpoint of ``checkpoints`` (oldest first) but the
+    last ``keep`` (None: keep all); returns the bytes freed. The weights and the checkpoints'
+    digests stay."""
+    from ibtpo_core.artifacts import prune
+
+    if keep is None:
+        return 0
+    return sum(prune(Path(c), OPTIMIZER_STATE) for c in checkpoints[:max(0, len(checkpoints) - keep)])
+
+
+def require_optimizer_state(model_dir: str) -> None:
+    """Fail, naming the fix, if ``model_dir`` is a checkpoint whose optimizer state was pruned:
+    continuing from it with a fresh optimizer would silently change the run."""
+    from ibtpo_core.artifacts import pruned_files
+
+    gone = pruned_files(Path(model_dir))
+    if any(g == n or g.startswith(n + "/") for g in gone for n in OPTIMIZER_STATE):
+        raise ValueError(
+            f"cannot update from {model_dir}: its optimizer state was deleted by "
+            f"rl.keep_optimizer_states (only the last iterations' states are kept), and this "
+            f"iteration must now be recomputed from it (a later checkpoint is missing or "
+            f"corrupted). Rerun with rl.keep_optimizer_states=null (keep them all) and a new "
+            f"output_dir, or restore the checkpoint that was lost")
 
 
 @dataclass(frozen=True)
@@ -113,6 +140,7 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
 
     if not seqs:
         raise ValueError("no training sequences: every prompt of the iteration failed to sample")
+    require_optimizer_state(model_dir)
     world = _ensure_dist_env()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
@@ -217,6 +245,7 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
     import subprocess
     import sys
 
+    require_optimizer_state(model_dir)  # before any rank starts
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

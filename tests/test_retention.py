@@ -1,0 +1,73 @@
+"""Optimizer-state retention (rl.keep_optimizer_states): pruning keeps a stage output's digest
+and validity, keeps exactly the last N states, and an update that would need a pruned state
+stops with the fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ibtpo_core import stages
+from ibtpo_core.artifacts import prune, pruned_files, read_manifest
+
+
+def _checkpoint(folder: Path, tag: str) -> dict:
+    def write(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_text(f"weights {tag}")
+        (tmp / "optimizer.pt").write_bytes(b"x" * 100)
+        (tmp / "zero_state" / "state").mkdir(parents=True)
+        (tmp / "zero_state" / "state" / "rank0.pt").write_bytes(b"y" * 20)
+
+    return stages.publish(folder, write, {"loss": 1.0})
+
+
+def test_prune_keeps_the_digest_and_the_output_valid(tmp_path):
+    rec = _checkpoint(tmp_path / "ck", "a")
+    freed = prune(tmp_path / "ck", ("optimizer.pt", "zero_state"))
+    assert freed == 120  # 100 + 20 bytes
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["manifest.json", "model.safetensors"]
+    again = stages.cached(tmp_path / "ck")
+    assert again == rec  # same digest, so stages keyed by it stay cache hits
+    assert pruned_files(tmp_path / "ck") == ["optimizer.pt", "zero_state/state/rank0.pt"]
+    assert prune(tmp_path / "ck", ("optimizer.pt", "zero_state")) == 0  # nothing left to remove
+    (tmp_path / "ck" / "model.safetensors").write_text("tampered")  # kept files are still checked
+    assert read_manifest(tmp_path / "ck") is None
+
+
+def test_a_prune_killed_after_its_manifest_leaves_a_valid_folder(tmp_path):
+    _checkpoint(tmp_path / "ck", "a")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    # the manifest was rewritten, then the process died before deleting the file
+    manifest["pruned"] = {"optimizer.pt": manifest["files"].pop("optimizer.pt")}
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(tmp_path / "ck") is not None
+    assert prune(tmp_path / "ck", ("optimizer.pt",)) == 100  # the next prune finishes the job
+    assert not (tmp_path / "ck" / "optimizer.pt").exists()
+
+
+def test_only_the_last_n_optimizer_states_are_kept(tmp_path):
+    from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
+
+    paths = [_checkpoint(tmp_path / f"it{k}", str(k))["path"] for k in range(4)]
+    assert prune_optimizer_states(paths, None) == 0
+    assert prune_optimizer_states(paths, 2) == 240  # it0 and it1
+    assert [(Path(p) / "optimizer.pt").exists() for p in paths] == [False, False, True, True]
+    assert prune_optimizer_states(paths, 1) == 120  # then it2, with keep 1
+    assert (Path(paths[3]) / "optimizer.pt").exists()
+
+
+def test_an_update_from_a_pruned_state_stops_with_the_fix(tmp_path):
+    from ibtpo_core.algo.losses import LossSpec
+    from ibtpo_core.algo.tree import TrainingSequence
+    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, launch_update, update_policy
+
+    _checkpoint(tmp_path / "ck", "a")
+    prune(tmp_path / "ck", ("optimizer.pt", "zero_state"))
+    seq = TrainingSequence(prompt=[1], tokens=[2, 3], old_logprobs=[0.0, 0.0],
+                           advantages=[1.0, 1.0], step_ids=[0, 0], reward=1.0)
+    with pytest.raises(ValueError, match="keep_optimizer_states=null"):
+        update_policy(str(tmp_path / "ck"), str(tmp_path / "out"), [seq], LossSpec(), UpdateSpec())
+    with pytest.raises(ValueError, match="optimizer state was deleted"):
+        launch_update(str(tmp_path / "ck"), str(tmp_path / "out"), "seqs.json", LossSpec(),
+                      UpdateSpec(num_processes=2))
