@@ -13,6 +13,7 @@ from ibtpo_core.data.problems import prompt_text, verifier
 from ibtpo_core.data.sources import DatasetSource, load_split
 
 FIX = Path(__file__).parent / "fixtures" / "math"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
 
 def test_math_shape_boxed_answers_from_solutions_and_disjoint_splits(tmp_path):
@@ -116,6 +117,26 @@ def test_reasoning_gym_problems_and_their_checker(tmp_path):
     assert check("1 + 1", row) == 0.0  # well-formed but wrong: reasoning-gym's partial credit is 0 here
     nums = row["rg_metadata"]["numbers"]
     assert row["rg_metadata"]["target"] and len(nums) == 3
+
+
+def test_reasoning_gym_arithmetic_scored_by_math_verify(tmp_path):
+    from configs.schema import load_config
+
+    cfg = load_config(str(CONFIGS / "smollm2_arithmetic_ibtpo.yaml"),
+                      ["data.n_test=3", "data.n_val=1", "data.reasoning_gym.n_train=20"])
+    stages.prepare_data(cfg.data, tmp_path / "out")
+    row = stages.read_jsonl(tmp_path / "out" / "test.jsonl")[0]
+    assert row["verifier"] == "math"
+    a, op, b = row["rg_metadata"]["expression"].split()
+    gold = int(a) + int(b) if op == "+" else int(a) - int(b)
+    assert row["answer"] == str(gold)
+    check = verifier(row["verifier"])
+    assert check(f"{a} {op} {b} equals {gold}.", row) == 1.0  # a right answer in a sentence
+    assert verifier("reasoning_gym")(f"{a} {op} {b} equals {gold}.", row) == 0.0  # not its last line
+    assert check(f"{a} {op} {b} equals {gold + 1}.", row) == 0.0
+    with pytest.raises(ValueError, match="verifier"):
+        DataConfig.model_validate({"source": "reasoning_gym",
+                                   "reasoning_gym": {"dataset": "basic_arithmetic", "verifier": "exact"}})
 
 
 def test_final_answer_prefers_the_answer_tag_then_the_last_line():

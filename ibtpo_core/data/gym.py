@@ -1,5 +1,5 @@
 """Problems from ``reasoning-gym``'s seeded generators (countdown, basic_arithmetic, chain_sum, ...),
-scored by reasoning-gym's own answer checkers (the ``reasoning_gym`` verifier).
+scored by reasoning-gym's own answer checkers (the ``reasoning_gym`` verifier) or by math-verify.
 
 One seeded draw is deduplicated on the question text and split into test / validation / train,
 so no test question reaches RL. Rows: ``prompt`` (the question and the answer-format line the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 ANSWER_LINE = "Give your final answer alone on the last line."
 
@@ -22,6 +23,10 @@ class ReasoningGymSpec:
     config: dict = field(default_factory=dict)  # its generator's options (min_numbers, ...)
     n_train: int = 2000
     instruction: str = ANSWER_LINE  # appended to every question
+    # who scores a response: reasoning-gym's own checker on its last line, or math-verify on
+    # the whole response (its last number or \boxed{}: for generators with numeric answers,
+    # such as basic_arithmetic or chain_sum, it rewards a right answer in a sentence too)
+    verifier: Literal["reasoning_gym", "math"] = "reasoning_gym"
 
 
 def check_dataset(spec: ReasoningGymSpec) -> None:
@@ -58,7 +63,7 @@ def make_gym_splits(spec: ReasoningGymSpec, seed: int, n_test: int, n_val: int) 
         seen.add(key)
         meta = json.loads(json.dumps(e["metadata"], default=str))
         rows.append({"prompt": f"{e['question'].rstrip()}\n{spec.instruction}".strip(),
-                     "answer": str(e["answer"]), "key": key, "verifier": "reasoning_gym",
+                     "answer": str(e["answer"]), "key": key, "verifier": spec.verifier,
                      "rg_dataset": spec.dataset, "rg_metadata": meta})
     if len(rows) < n_test + n_val + 1:
         raise ValueError(f"reasoning-gym {spec.dataset!r} gave only {len(rows)} distinct problems "
