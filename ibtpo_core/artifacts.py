@@ -68,15 +68,22 @@ def write_manifest(folder: Path, extra: dict) -> dict:
     return manifest
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest of a complete, unaltered stage output; None if missing or corrupted. Files
-    removed by ``prune`` are not expected (nor checked, if a killed prune left them)."""
+def _load_manifest(folder: Path) -> dict | None:
+    """The manifest as written, unchecked against the files; None if missing or unreadable."""
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError:
+        return None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a complete, unaltered stage output; None if missing or corrupted. Files
+    removed by ``prune`` are not expected (nor checked, if a killed prune left them)."""
+    manifest = _load_manifest(folder)
+    if manifest is None:
         return None
     pruned = manifest.get("pruned", {})
     files = {k: v for k, v in digest_files(Path(folder)).items() if k not in pruned}
@@ -94,9 +101,12 @@ def prune(folder: Path, names: tuple[str, ...]) -> int:
     stage output, keeping its digest: the output still *is* what was published (downstream
     stages keyed by the digest stay valid), and its manifest lists what was removed under
     ``pruned``. The manifest is rewritten first, so a prune killed midway leaves a valid folder.
-    Returns the bytes freed; 0 if there was nothing (left) to remove."""
+    Returns the bytes freed; 0 if there was nothing (left) to remove. Hashes nothing: called
+    on every older checkpoint at every iteration, it costs a few stat calls once done."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    if not any((folder / n).exists() for n in names):
+        return 0
+    manifest = _load_manifest(folder)
     if manifest is None:
         return 0
     gone = {k: v for k, v in manifest["files"].items() if _under(k, names)}
@@ -118,7 +128,7 @@ def prune(folder: Path, names: tuple[str, ...]) -> int:
     return freed
 
 
-def pruned_files(folder: Path) -> list[str]:
-    """What ``prune`` removed from a stage output (relative paths)."""
-    manifest = read_manifest(folder)
-    return sorted(manifest.get("pruned", {})) if manifest else []
+def pruned_files(folder: Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """What ``prune`` removed from a stage output (relative paths), all or under ``names``."""
+    manifest = _load_manifest(folder) or {}
+    return sorted(k for k in manifest.get("pruned", {}) if names is None or _under(k, names))

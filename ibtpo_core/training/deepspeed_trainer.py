@@ -44,8 +44,7 @@ def require_optimizer_state(model_dir: str) -> None:
     continuing from it with a fresh optimizer would silently change the run."""
     from ibtpo_core.artifacts import pruned_files
 
-    gone = pruned_files(Path(model_dir))
-    if any(g == n or g.startswith(n + "/") for g in gone for n in OPTIMIZER_STATE):
+    if pruned_files(Path(model_dir), OPTIMIZER_STATE):
         raise ValueError(
             f"cannot update from {model_dir}: its optimizer state was deleted by "
             f"rl.keep_optimizer_states (only the last iterations' states are kept), and this "
