@@ -20,6 +20,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 # transformers than the pipeline's.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_DISK_MB := 3500
 
 .PHONY: install run test test-faults test-all test-vllm bench bench-table lock clean
 
@@ -47,8 +48,8 @@ test-all: $(STAMP)
 
 # Building it needs about 3.5 GB of disk: checked first, so a full disk is named, not hit midway.
 $(VLLM_STAMP): requirements-vllm.lock
-	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1024)}'); if [ "$$free" -lt 3500 ]; then \
-	    echo "make test-vllm: .venv-vllm needs about 3500 MB of free disk, $$free MB are free here;" \
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1024)}'); if [ "$$free" -lt $(VLLM_DISK_MB) ]; then \
+	    echo "make test-vllm: .venv-vllm needs about $(VLLM_DISK_MB) MB of free disk, $$free MB are free here;" \
 	         "free some (make clean deletes runs/ and the local MLflow store) and rerun" >&2; \
 	    exit 1; fi
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
