@@ -312,3 +312,32 @@ def test_tree_score_cli_reports_bad_files(tmp_path, capsys):
     assert main(["tree-score", str(ok)]) == 2
     assert "use entropy_estimator: surprisal" in capsys.readouterr().err
     assert main(["tree-score", str(ok), "--entropy-estimator", "surprisal"]) == 0
+
+
+@pytest.mark.parametrize("root", [
+    {},                                    # neither given
+    {"logprobs": [], "entropies": []},     # both empty, as `to_json` of a sampled tree has them
+    {"entropies": []},
+    {"logprobs": []},
+])
+def test_root_may_give_empty_or_no_logprobs_and_entropies(tmp_path, capsys, root):
+    """A prompt is not sampled: the root carries neither (issue 13, item 6)."""
+    from ibtpo_core.cli import main
+
+    nodes = _nodes()
+    nodes[0].pop("logprobs")
+    nodes[0].update(root)
+    nodes[1]["entropies"], nodes[2]["entropies"] = [0.5], [0.25]
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps(nodes))
+    assert main(["tree-score", str(path)]) == 0
+    by_id = {n["id"]: n for n in json.loads(capsys.readouterr().out)["nodes"]}
+    assert by_id["a"]["H"] == pytest.approx(0.25)  # one child, mean entropy of its one token
+    assert by_id["b"]["A"] is not None
+
+
+def test_root_entropies_of_the_wrong_length_still_fail():
+    nodes = _nodes()
+    nodes[0]["entropies"] = [0.1, 0.2]  # the root has 1 token
+    with pytest.raises(ValueError, match="node 'r' has 1 tokens but 2 entropies"):
+        Tree.from_json(nodes)

@@ -199,6 +199,8 @@ class Tree:
             toks, lps = list(d["tokens"]), list(d.get("logprobs", []))
             ents = d.get("entropies")
             is_root = d.get("parent") is None
+            if is_root and not ents:  # a prompt was not sampled: no log-probs, no entropies
+                ents = None
             if not is_root and len(lps) != len(toks):
                 raise ValueError(f"node {k!r} has {len(toks)} tokens but {len(lps)} logprobs: "
                                  f"give one log-prob per token")
