@@ -22,8 +22,8 @@ from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
 from ibtpo_core.data.gym import ReasoningGymSpec
 from ibtpo_core.data.sources import DatasetSource
-from ibtpo_core.evaluate import EvalSpec
-from ibtpo_core.models.gguf import GGUFSpec
+from ibtpo_core.evaluation import EvalSpec
+from ibtpo_core.models.gguf_checkpoint import GGUFSpec
 from ibtpo_core.models.tiny import TinyModelSpec
 from ibtpo_core.training.deepspeed_trainer import UpdateSpec
 from ibtpo_core.training.warmup import WarmupSpec

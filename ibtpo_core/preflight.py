@@ -9,7 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ibtpo_core.benchmark import AVG_K_TASKS, BUILTIN
+from ibtpo_core.lm_eval_runner import AVG_K_TASKS, BUILTIN
 
 BUILTIN_BENCHMARKS = (BUILTIN, *AVG_K_TASKS)  # the project's own lm-eval tasks
 
@@ -91,7 +91,7 @@ def preflight(cfg) -> None:
 
         check_model_dir(resolve_model_path(cfg.model.path))
     elif cfg.model.gguf is not None:
-        from ibtpo_core.models.gguf import locate
+        from ibtpo_core.models.gguf_checkpoint import locate
 
         locate(cfg.model.gguf)
     check_data(cfg.data)

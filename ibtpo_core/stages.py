@@ -86,7 +86,7 @@ def create_model(model_cfg, folder: Path) -> dict:
     """Save a tokenizer and model: a GGUF file converted to a HF checkpoint, or a freshly
     initialised tiny model."""
     from ibtpo_core.data.tokenizer import build_tokenizer
-    from ibtpo_core.models.gguf import convert_gguf
+    from ibtpo_core.models.gguf_checkpoint import convert_gguf
     from ibtpo_core.models.tiny import create_tiny_model
 
     metrics: dict = {}
@@ -121,7 +121,7 @@ def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, f
 
     from ibtpo_core.engines.base import build_engine
     from ibtpo_core.engines.held import held_engine
-    from ibtpo_core.evaluate import evaluate
+    from ibtpo_core.evaluation import evaluate
 
     rows = read_jsonl(Path(data_dir) / f"{split}.jsonl")
     if eval_cfg.n is not None:

@@ -1,4 +1,4 @@
-"""Stage: benchmark a saved checkpoint with lm-eval (``ibtpo_core.benchmark``): the built-in
+"""Stage: benchmark a saved checkpoint with lm-eval (``ibtpo_core.lm_eval_runner``): the built-in
 task on the run's test split, the AIME avg@k tasks, and standard lm-eval tasks by name."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def benchmark(bench: dict, policy: dict, data: dict, run_dir: str, code: str) ->
     metrics: dict = {}
 
     def write(tmp: Path) -> None:
-        from ibtpo_core.benchmark import run_lm_eval
+        from ibtpo_core.lm_eval_runner import run_lm_eval
 
         out = run_lm_eval(policy["path"], str(Path(data["path"]) / "test.jsonl"), bench, tmp)
         shutil.rmtree(tmp / "lm_eval_tasks", ignore_errors=True)

@@ -33,7 +33,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "create_model": ("stages.create_model",),
     "warm_up": ("stages.warm_up",),
     "evaluate_policy": ("stages.evaluate_checkpoint",),
-    "benchmark": ("benchmark", "stages.publish", "data.problems"),  # + the lm-eval task hooks
+    "benchmark": ("lm_eval_runner", "stages.publish", "data.problems"),  # + the lm-eval task hooks
 }
 
 

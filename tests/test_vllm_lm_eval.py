@@ -13,7 +13,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def test_builtin_task_through_lm_evals_vllm_backend(tmp_path):
-    from ibtpo_core.benchmark import run_lm_eval
+    from ibtpo_core.lm_eval_runner import run_lm_eval
     from ibtpo_core.data.tokenizer import build_tokenizer
     from ibtpo_core.models.tiny import TinyModelSpec, create_tiny_model
 

@@ -18,15 +18,26 @@ BUILTIN = "ibtpo_countdown"
 AVG_K_TASKS = ("aime24_avgk", "aime25_avgk")
 
 
+def _set_generation(text: str, generation: dict[str, object]) -> str:
+    """``generation_kwargs`` entries of a task YAML set to ``generation`` (temperature, ...)."""
+    for key, value in generation.items():
+        value = str(value).lower() if isinstance(value, bool) else value
+        text = re.sub(rf"^(\s+){key}: .*$", rf"\g<1>{key}: {value}", text, flags=re.M)
+    return text
+
+
 def task_folder(dst: Path, test_jsonl: str, local_data: dict[str, str] | None = None,
-                avg_k: int | None = None) -> Path:
+                avg_k: int | None = None, generation: dict[str, object] | None = None) -> Path:
     """Copy the project's lm-eval tasks to ``dst``: the built-in task reads ``test_jsonl``; a
     task named in ``local_data`` reads that JSONL file instead of its hub dataset; ``avg_k``
-    sets k (samples per problem) of the avg@k tasks."""
+    sets k (samples per problem) of the avg@k tasks; ``generation`` sets their sampling
+    (``do_sample``, ``temperature``, ``max_gen_toks``)."""
     shutil.copytree(TASK_FOLDER, dst, ignore=shutil.ignore_patterns("__pycache__"))
     y = dst / BUILTIN / f"{BUILTIN}.yaml"
     y.write_text(y.read_text().replace("__TEST_JSONL__", str(Path(test_jsonl).resolve())))
     files = {f.stem: f for f in dst.glob("*/*.yaml")}
+    for path in files.values() if generation else ():
+        path.write_text(_set_generation(path.read_text(), generation))
     for task, path in (local_data or {}).items():
         if task not in files:
             raise ValueError(f"benchmark.local_data names {task!r}, which is not one of the "
@@ -82,8 +93,10 @@ def run_lm_eval(model_dir: str, test_jsonl: str, bench: dict, work: Path, seed: 
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
+    generation = {"do_sample": bench["temperature"] > 0, "temperature": bench["temperature"],
+                  "max_gen_toks": bench["max_gen_toks"]}
     folder = task_folder(work / "lm_eval_tasks", test_jsonl, bench.get("local_data"),
-                         bench.get("avg_k"))
+                         bench.get("avg_k"), generation)
     tm = TaskManager(include_path=str(folder))
     unknown = [t for t in bench["tasks"] if t not in tm.all_tasks]
     if unknown:
@@ -93,8 +106,10 @@ def run_lm_eval(model_dir: str, test_jsonl: str, bench: dict, work: Path, seed: 
     backend = bench.get("backend", "hf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chat = bool(getattr(AutoTokenizer.from_pretrained(model_dir), "chat_template", None))
-    gen = (f"temperature={bench['temperature']},do_sample={bench['temperature'] > 0},"
-           f"max_gen_toks={bench['max_gen_toks']}")
+    # the project's tasks carry these settings in their YAML; standard tasks get them as
+    # lm-eval's override of every task's own (which lm-eval announces with a warning)
+    standard = [t for t in bench["tasks"] if t != BUILTIN and t not in AVG_K_TASKS]
+    gen = ",".join(f"{k}={v}" for k, v in generation.items()) if standard else None
     alias = vllm_distribution_alias() if backend == "vllm" else contextlib.nullcontext()
     with alias:
         return lm_eval.simple_evaluate(

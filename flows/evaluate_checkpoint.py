@@ -16,11 +16,11 @@ from configs.schema import load_config
 from flows.train import external_model
 from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
-from ibtpo_core.runtime import set_offline_defaults, set_threads
+from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from tasks import tracking
 from tasks.benchmark import benchmark
 from tasks.common import code_version
-from tasks.evaluate import evaluate_policy
+from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
 
 
@@ -29,6 +29,7 @@ def evaluate(checkpoint: str, config: str = "configs/experiments/tiny_ibtpo.yaml
              overrides: list[str] | None = None) -> dict:
     """Evaluate ``checkpoint`` on the test split of ``config`` (its eval and benchmark sections)."""
     set_offline_defaults()
+    set_accelerator_default()
     cfg = load_config(config, [*(overrides or []), f"model.path={checkpoint}"])
     preflight(cfg)
     tracking.check_tracking_store()
