@@ -22,12 +22,12 @@ from configs.schema import ExperimentConfig, load_config
 from ibtpo_core import stages
 from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
 from ibtpo_core.preflight import preflight
-from ibtpo_core.runtime import set_offline_defaults, set_threads
+from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
 from tasks import tracking
 from tasks.benchmark import benchmark
 from tasks.common import code_version, inject_fault
-from tasks.evaluate import evaluate_policy
+from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
 from tasks.rl_iteration import estimate_scores, sample_trees, update_policy
 from tasks.warm_up import create_model, warm_up
@@ -81,6 +81,7 @@ def train(config: str, overrides: list[str] | None = None, tags: dict[str, str] 
     """One training run of ``config`` with ``overrides`` (``key.sub=value``); ``tags`` go on its
     MLflow run (a sweep links its cells with ``ibtpo.sweep_run_id``)."""
     set_offline_defaults()
+    set_accelerator_default()
     cfg: ExperimentConfig = load_config(config, overrides or [])
     preflight(cfg)
     tracking.check_tracking_store()
@@ -135,6 +136,7 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     if curve:  # the accuracy curve: a subset of the test split every k iterations
         log_curve_point(parent, 0, evaluate(policy, cfg.eval.every_n), 0.0, 0.0)
     decoded = rl_wall = 0.0
+    freed = 0  # bytes of optimizer state deleted by rl.keep_optimizer_states
     updated: list[str] = []  # this run's RL checkpoints, oldest first
     bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
     for k in range(cfg.rl.iterations):
@@ -153,10 +155,7 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         tracking.log_metrics_once(parent, k, metrics)
         policy = new
         updated.append(new["path"])
-        freed = prune_optimizer_states(updated, cfg.rl.keep_optimizer_states)
-        if freed:
-            get_run_logger().info(f"deleted {freed / 2**20:.0f} MiB of older optimizer states "
-                                  f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
+        freed += prune_optimizer_states(updated, cfg.rl.keep_optimizer_states)
         if curve and (k + 1) % cfg.eval.every == 0:
             log_curve_point(parent, k + 1, evaluate(policy, cfg.eval.every_n), decoded, rl_wall)
         if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:
@@ -166,6 +165,9 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", eff_rate=f"{metrics['eff_rate']:.2f}",
                         decoded=f"{decoded:.0f}")
     bar.close()
+    if freed:  # one line, not one an iteration
+        get_run_logger().info(f"deleted {freed / 2**20:.0f} MiB of older optimizer states "
+                              f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
     after = evaluate(policy, cfg.eval.n) if cfg.rl.iterations else before
     eval_run = tracking.child_run(parent, "evaluate")
     tracking.log_metrics_once(eval_run, 0, before["metrics"])

@@ -1,4 +1,5 @@
-"""Process-level settings: thread counts sized to the free cores, hub-offline defaults."""
+"""Process-level settings: thread counts sized to the free cores, hub-offline defaults, a quiet
+console (the pipeline's own stage lines and progress bars, not every library's)."""
 from __future__ import annotations
 
 import os
@@ -9,10 +10,25 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "MLFLOW_ENABLE_TELEMETRY": "false"}
 
 
+# progress bars of every checkpoint load and save, and of every dataset split lm-eval reads:
+# dozens a run, drowning the pipeline's own bars
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
 def set_offline_defaults() -> None:
-    """Never reach a model or data hub unless the user set these variables otherwise."""
-    for k, v in OFFLINE_ENV.items():
+    """Never reach a model or data hub, and keep libraries' progress bars off, unless the user
+    set these variables otherwise."""
+    for k, v in {**OFFLINE_ENV, **QUIET_ENV}.items():
         os.environ.setdefault(k, v)
+
+
+def set_accelerator_default() -> None:
+    """Tell DeepSpeed the accelerator up front (it warns on every process that has to guess);
+    a user's DS_ACCELERATOR wins."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def free_cores(sample_s: float = 0.3) -> int:

@@ -216,7 +216,10 @@ def finish(run_id: str, status: str = "FINISHED") -> None:
 
 def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) -> None:
     """Lineage: the split as an MLflow dataset input with its content digest and source."""
+    import warnings
+
     import pandas as pd
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
     from mlflow.data.pandas_dataset import from_pandas
 
     client = MlflowClient()
@@ -227,7 +230,15 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
     for col in df.columns:  # nested values (lists, dicts) as JSON text, for the schema
         if df[col].map(lambda v: isinstance(v, (list, dict))).any():
             df[col] = df[col].map(json.dumps)
-    ds = from_pandas(df, source=str(Path(path).resolve()), name=name, digest=digest[:16])
+    # the source by its type: a bare path matches two registered local sources, and MLflow
+    # warns each time it has to guess between them
+    source = get_dataset_source_from_json(json.dumps({"uri": str(Path(path).resolve())}),
+                                          source_type="local")
+    with warnings.catch_warnings():
+        # MLflow's hint about integer columns concerns model signatures served with missing
+        # values; this schema is lineage (the split's real column types), never enforced
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        ds = from_pandas(df, source=source, name=name, digest=digest[:16])
     from mlflow.entities import DatasetInput, InputTag
 
     client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),

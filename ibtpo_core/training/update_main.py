@@ -17,6 +17,9 @@ def main() -> None:
     ap.add_argument("--update", required=True)
     ap.add_argument("--ref", default=None)
     a = ap.parse_args()
+    from ibtpo_core.runtime import set_accelerator_default
+
+    set_accelerator_default()
     import torch
 
     torch.set_num_threads(1)
