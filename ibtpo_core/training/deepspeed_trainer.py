@@ -21,6 +21,7 @@ import torch
 
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
+from ibtpo_core.training.comm_op import clear_stale_lock, prepare_comm_op
 from ibtpo_core.training.policy import collate, token_logprobs
 
 OPTIMIZER_FILE = "optimizer.pt"  # ZeRO stage 0: every rank holds the whole state
@@ -141,6 +142,8 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
         raise ValueError("no training sequences: every prompt of the iteration failed to sample")
     require_optimizer_state(model_dir)
     world = _ensure_dist_env()
+    if not torch.cuda.is_available():
+        prepare_comm_op(world)  # one rank builds nothing; a killed build's lock is cleared
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
                                    verbose=False)
@@ -244,7 +247,11 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
     import subprocess
     import sys
 
+    from ibtpo_core import tether
+
     require_optimizer_state(model_dir)  # before any rank starts
+    if not torch.cuda.is_available():  # said here, where the run's log shows it, not in a rank
+        clear_stale_lock()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -263,8 +270,13 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
                "--master_addr", "127.0.0.1", "--master_port", str(port), "--module"] + args[1:]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # tethered: a killed run takes its launcher and ranks with it
+    proc = tether.spawn(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate()
+    finally:
+        tether.stop(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"the {spec.launcher} update with {n} processes failed "
-                           f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                           f"(exit {proc.returncode}):\n{stderr[-3000:]}")
     return json.loads((Path(out_dir) / "update_metrics.json").read_text())
