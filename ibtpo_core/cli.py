@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from ibtpo_core.runtime import set_offline_defaults
+from ibtpo_core.servers import (MLFLOW_UI_PORT, PREFECT_UI_PORT, prefect_api,
+                                use_local_prefect_home)
 
 
 def _cmd_run(args) -> int:
@@ -18,7 +20,8 @@ def _cmd_run(args) -> int:
     preflight(load_config(args.config, args.set or []))  # bad input: fail before Prefect starts
     from flows.train import train
 
-    result = train(args.config, args.set or [])
+    with prefect_api():
+        result = train(args.config, args.set or [])
     print(json.dumps(result))
     return 0
 
@@ -31,7 +34,8 @@ def _cmd_sweep(args) -> int:
     from flows.sweep import sweep
 
     try:
-        result = sweep(args.sweep_file, args.cell or None)
+        with prefect_api():
+            result = sweep(args.sweep_file, args.cell or None)
     except RuntimeError as err:  # some cells failed; the others finished and were reported
         print(f"ibtpo sweep: {err}", file=sys.stderr)
         return 1
@@ -56,37 +60,52 @@ def _cmd_tree_score(args) -> int:
     print(json.dumps(score_tree_file(args.tree, beta=args.beta,
                                      entropy_estimator=args.entropy_estimator,
                                      local_advantage=args.local_advantage)))
+    if args.picture:
+        from ibtpo_core.tree_picture import draw_tree
+
+        draw_tree(json.loads(Path(args.tree).read_text()), args.picture, beta=args.beta,
+                  title=Path(args.tree).name)
+        print(f"picture: {args.picture}", file=sys.stderr)
     return 0
 
 
 def _cmd_ui(args) -> int:
-    """MLflow UI (one worker, job execution off) and the Prefect UI, on 127.0.0.1 by default."""
+    """The MLflow UI (one worker, job execution off) and the Prefect UI over the stores that
+    ``ibtpo run`` in this folder writes; both servers stop with this command (Ctrl-C, SIGTERM,
+    or even SIGKILL)."""
     import os
-    import shutil
-    import subprocess
+    import signal
     import time
-    from pathlib import Path
+
+    from ibtpo_core import servers, tether
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    bindir = Path(sys.executable).parent
-    procs = [subprocess.Popen([str(bindir / "mlflow") if (bindir / "mlflow").exists() else
-                               shutil.which("mlflow") or "mlflow", "server",
-                               "--backend-store-uri", uri, "--host", args.host,
-                               "--port", str(args.mlflow_port), "--workers", "1"], env=env)]
-    print(f"MLflow UI:  http://{args.host}:{args.mlflow_port}  (store {uri})")
-    if not args.no_prefect:
-        procs.append(subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host",
-                                       args.host, "--port", str(args.prefect_port)], env=env))
-        print(f"Prefect UI: http://{args.host}:{args.prefect_port}")
+    procs = [tether.spawn(servers.mlflow_ui_command(uri, args.host, args.mlflow_port), env=env)]
+    shown = servers.browser_host(args.host)
+    print(f"MLflow UI:  http://{shown}:{args.mlflow_port}  (store {uri})", flush=True)
+    if args.no_prefect:
+        pass
+    elif os.environ.get("PREFECT_API_URL"):
+        print(f"Prefect UI: served by your Prefect server ({os.environ['PREFECT_API_URL']})")
+    else:
+        procs.append(tether.spawn(servers.prefect_ui_command(args.host, args.prefect_port),
+                                  env={**env, **servers.prefect_ui_env(args.host, args.prefect_port)}))
+        print(f"Prefect UI: http://{shown}:{args.prefect_port}  (state {os.environ['PREFECT_HOME']})",
+              flush=True)
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         while all(p.poll() is None for p in procs):
-            time.sleep(1)
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         for p in procs:
-            p.terminate()
+            tether.stop(p)
     return 0
 
 
@@ -113,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--entropy-estimator", choices=["token_entropy", "surprisal"],
                    default="token_entropy")
     t.add_argument("--local-advantage", choices=["log_ratio", "diff"], default="log_ratio")
+    t.add_argument("--picture", metavar="PNG", help="also draw the tree: steps coloured by "
+                   "IB-Score, leaves by reward, the sampler's branching picks ringed")
     t.set_defaults(func=_cmd_tree_score)
     u = sub.add_parser("ui", help="start the MLflow UI (and the Prefect UI)")
     u.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    u.add_argument("--mlflow-port", type=int, default=5000)
-    u.add_argument("--prefect-port", type=int, default=4200)
+    u.add_argument("--mlflow-port", type=int, default=MLFLOW_UI_PORT)
+    u.add_argument("--prefect-port", type=int, default=PREFECT_UI_PORT)
     u.add_argument("--no-prefect", action="store_true", help="start only the MLflow UI")
     u.set_defaults(func=_cmd_ui)
     return p
@@ -126,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
+    use_local_prefect_home()  # before Prefect is imported: it reads its home once
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

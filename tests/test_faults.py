@@ -5,7 +5,9 @@ For each kill point: the killed run dies by SIGKILL (a real ``ibtpo run`` subpro
 itself at that point); the rerun completes; every stage output complete before the rerun is
 reused untouched (its manifest is not rewritten); the final weights equal those of an
 uninterrupted run with the same seed; MLflow holds each iteration's metrics exactly once and no
-run is left RUNNING.
+run is left RUNNING; and no process of the killed run (its Prefect server, an update's ranks)
+is left once the rerun has finished. Also: a kill inside DeepSpeed's first build of its
+communication op, on a clean extensions folder, does not hang the rerun.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.faults
@@ -29,30 +34,61 @@ KILL_POINTS = [  # the middle of every stage kind, and every boundary between st
 ]
 
 
-def run(state: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+def run(state: Path, fault: str | None = None, tag: str | None = None, sets: tuple = (),
+        env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``ibtpo run`` of the smoke config as a user starts it; ``tag`` marks its environment, so
+    every process it starts (and they start) can be found afterwards by ``processes``."""
     env = {**os.environ, "PREFECT_HOME": str(state / "prefect"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "IBTPO_TEST_TAG": tag or uuid.uuid4().hex, **(env_extra or {})}
     env.pop("IBTPO_FAULT", None)
+    env.pop("PREFECT_API_URL", None)
     if fault:
         env.update(IBTPO_FAULT=fault, IBTPO_FAULT_MODE="kill")
     cmd = [sys.executable, "-m", "ibtpo_core.cli", "run", SMOKE, "--set", "threads=1",
            "--set", f"output_dir={state / 'runs'}", "--set", f"stage_cache_dir={state / 'stages'}"]
-    # files, not pipes: a helper that outlives the run (Prefect's temporary server) would hold
-    # a pipe open and block the read
-    tag = (fault or "clean").replace(":", "_")
-    out_f, err_f = state / f"{tag}.out", state / f"{tag}.err"
+    for item in sets:
+        cmd += ["--set", item]
+    # files, not pipes: a helper that outlived the run would hold a pipe open and block the read
+    name = (fault or "clean").replace(":", "_")
+    out_f, err_f = state / f"{name}.out", state / f"{name}.err"
     with out_f.open("w") as out, err_f.open("w") as err:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=err)
         try:
             rc = proc.wait(timeout=600)
-        finally:
-            try:  # the run's helpers go with it
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
     return subprocess.CompletedProcess(cmd, rc, out_f.read_text(), err_f.read_text())
+
+
+def processes(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``tag`` (everything a tagged run started)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("IBTPO_TEST_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def leftovers(tag: str, wait_s: float = 20.0) -> list[str]:
+    """What of ``tag``'s processes is still alive after ``wait_s``; killed afterwards, so one
+    failure does not leak into the next test."""
+    deadline = time.monotonic() + wait_s
+    while (alive := processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    names = []
+    for p in alive:
+        try:
+            names.append(" ".join(p.cmdline())[:160])
+            p.kill()
+        except psutil.Error:
+            pass
+    return names
 
 
 def result(proc) -> dict:
@@ -80,10 +116,15 @@ def reference(tmp_path_factory):
 def test_kill_and_rerun_loses_nothing(reference, tmp_path, point):
     from mlflow.tracking import MlflowClient
 
-    killed = run(tmp_path, point)
+    killed_tag = uuid.uuid4().hex
+    killed = run(tmp_path, point, tag=killed_tag)
     assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
     done_before = manifests(tmp_path)
-    out = result(run(tmp_path))
+    rerun_tag = uuid.uuid4().hex
+    out = result(run(tmp_path, tag=rerun_tag))
+    # nothing of the killed run survives it (its Prefect server, say), nor of the finished rerun
+    assert not leftovers(killed_tag), (point, leftovers(killed_tag, 0))
+    assert not leftovers(rerun_tag, 5)
     ref_out, ref_weights = reference
     assert weights_digest(out["checkpoint"]) == ref_weights
     assert out["accuracy_after"] == ref_out["accuracy_after"]
@@ -100,3 +141,39 @@ def test_kill_and_rerun_loses_nothing(reference, tmp_path, point):
     exp = client.get_run(out["mlflow_run_id"]).info.experiment_id
     running = client.search_runs([exp], "attributes.status = 'RUNNING'")
     assert not running, [r.info.run_name for r in running]
+
+
+def test_a_kill_inside_the_first_build_of_the_comm_op_does_not_hang_the_rerun(tmp_path):
+    """Two update ranks in a clean extensions folder build DeepSpeed's CPU communication op;
+    everything of the run is SIGKILLed while torch's build lock exists; the rerun clears the
+    lock its builder left, builds the op and finishes (it used to wait forever, silently)."""
+    ext = tmp_path / "torch_extensions"
+    sets = ("algo.update.num_processes=2",)
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "IBTPO_TEST_TAG": tag, "TORCH_EXTENSIONS_DIR": str(ext)}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "ibtpo_core.cli", "run", SMOKE, "--set", "threads=1",
+           "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"stage_cache_dir={tmp_path / 'stages'}",
+           "--set", sets[0]]
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log)
+        deadline = time.monotonic() + 540
+        while not list(ext.rglob("lock")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        locks = list(ext.rglob("lock"))
+        assert locks, f"no build started: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+        for p in processes(tag):  # a machine-wide kill -9: nothing gets to clean up
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        proc.wait()
+    time.sleep(1)
+    assert [p for p in locks if p.exists()], "the kill left no stale lock: the test proves nothing"
+    out = run(tmp_path, sets=sets, env_extra={"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "left by a process killed while compiling it" in out.stderr + out.stdout
+    assert not [p for p in locks if p.exists()]
