@@ -12,6 +12,7 @@ training run carries its id in the tag ``ibtpo.sweep_run_id``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -21,7 +22,7 @@ from flows.train import finished_result, train
 from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults
-from tasks import tracking
+from tasks import summaries, tracking
 from tasks.common import code_version
 from tasks.report import write_report
 
@@ -73,6 +74,7 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
     failed = sorted(n for n, s in status.items() if s not in ("completed", "cached"))
     try:
         report = write_report(parent, out_dir)
+        summaries.publish_sweep_report(spec.name, Path(report).read_text(), parent)
     except ValueError as err:  # no cell finished: nothing to compare
         report = f"(no report: {err})"
     tracking.finish(parent, "FAILED" if failed else "FINISHED")

@@ -24,7 +24,7 @@ from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
-from tasks import tracking
+from tasks import summaries, tracking
 from tasks.benchmark import benchmark
 from tasks.common import code_version, inject_fault
 from tasks.evaluate_policy import evaluate_policy
@@ -33,9 +33,12 @@ from tasks.rl_iteration import estimate_scores, sample_trees, update_policy
 from tasks.warm_up import create_model, warm_up
 
 
-def ensure(task, *args, iteration: int = -1):
+def ensure(task, *args, iteration: int = -1, label: str | None = None):
     """Run (or fetch from cache) a stage; if its cached output was altered or deleted on disk,
-    recompute it instead of trusting it."""
+    recompute it instead of trusting it. ``label`` names the task run in the Prefect UI
+    (``evaluate_policy[after]``) where one stage runs several times."""
+    if label is not None:
+        task = task.with_options(task_run_name=f"{task.name}[{label}]")
     rec = task(*args)
     if stages.cached(Path(rec["path"])) is None:
         get_run_logger().warning(f"{task.name}: cached output {rec['path']} is missing or corrupted; recomputing")
@@ -127,14 +130,14 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         tracking.log_metrics_once(tracking.child_run(parent, "warm_up"), 0, policy["metrics"])
     reference = policy
 
-    def evaluate(checkpoint: dict, n: int | None) -> dict:
+    def evaluate(checkpoint: dict, n: int | None, label: str) -> dict:
         return ensure(evaluate_policy, cfg.eval.section(n), c["engine"], checkpoint, data, shared,
-                      code_version("evaluate_policy"))
+                      code_version("evaluate_policy"), label=label)
 
-    before = evaluate(policy, cfg.eval.n)
+    before = evaluate(policy, cfg.eval.n, "before")
     curve = cfg.eval.every and cfg.rl.iterations
     if curve:  # the accuracy curve: a subset of the test split every k iterations
-        log_curve_point(parent, 0, evaluate(policy, cfg.eval.every_n), 0.0, 0.0)
+        log_curve_point(parent, 0, evaluate(policy, cfg.eval.every_n, "curve it 0"), 0.0, 0.0)
     decoded = rl_wall = 0.0
     freed = 0  # bytes of optimizer state deleted by rl.keep_optimizer_states
     updated: list[str] = []  # this run's RL checkpoints, oldest first
@@ -157,9 +160,11 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
         updated.append(new["path"])
         freed += prune_optimizer_states(updated, cfg.rl.keep_optimizer_states)
         if curve and (k + 1) % cfg.eval.every == 0:
-            log_curve_point(parent, k + 1, evaluate(policy, cfg.eval.every_n), decoded, rl_wall)
+            log_curve_point(parent, k + 1, evaluate(policy, cfg.eval.every_n, f"curve it {k + 1}"),
+                            decoded, rl_wall)
         if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:
-            b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"))
+            b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"),
+                       label=f"it {k + 1}")
             tracking.log_metrics_once(tracking.child_run(parent, "benchmark"), k + 1, b["metrics"])
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", eff_rate=f"{metrics['eff_rate']:.2f}",
@@ -168,17 +173,18 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     if freed:  # one line, not one an iteration
         get_run_logger().info(f"deleted {freed / 2**20:.0f} MiB of older optimizer states "
                               f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
-    after = evaluate(policy, cfg.eval.n) if cfg.rl.iterations else before
+    after = evaluate(policy, cfg.eval.n, "after") if cfg.rl.iterations else before
     eval_run = tracking.child_run(parent, "evaluate")
     tracking.log_metrics_once(eval_run, 0, before["metrics"])
     tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
     if cfg.benchmark.enabled:
-        b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"))
+        b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"),
+                   label="final")
         bench_run = tracking.child_run(parent, "benchmark")
         tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
         tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))
     tracking.log_lineage(parent, run_dir, policy, data, reference)
-    tracking.log_sample_trees(parent, run_dir, cfg.tracking.sample_trees)
+    tracking.log_sample_trees(parent, run_dir, cfg.tracking.sample_trees, policy["path"])
     tracking.log_plots(parent, run_dir)
     tracking.finish(parent)
     m_b, m_a = before["metrics"], after["metrics"]
@@ -191,4 +197,5 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     out = Path(run_dir) / "result.json"
     out.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
     out.with_suffix(".tmp").replace(out)
+    summaries.publish_run_result(cfg.name, cfg.algo.method, result)
     return result

@@ -12,7 +12,8 @@ from prefect import task
 from ibtpo_core import stages
 from tasks.common import CACHE, inject_fault, stage_dir
 
-@task(name="benchmark", cache_policy=CACHE, persist_result=True)
+@task(name="benchmark", task_run_name="benchmark",
+      cache_policy=CACHE, persist_result=True)
 def benchmark(bench: dict, policy: dict, data: dict, run_dir: str, code: str) -> dict:
     folder = stage_dir(run_dir, "bench", bench, policy["digest"], data["digest"], code)
     hit = stages.cached(folder)

@@ -7,7 +7,8 @@ from ibtpo_core import stages
 from tasks.common import CACHE, inject_fault, stage_dir
 
 
-@task(name="evaluate_policy", cache_policy=CACHE, persist_result=True)
+@task(name="evaluate_policy", task_run_name="evaluate_policy",
+      cache_policy=CACHE, persist_result=True)
 def evaluate_policy(eval_cfg: dict, engine_cfg: dict, policy: dict, data: dict, run_dir: str,
                     code: str) -> dict:
     from configs.schema import EngineConfig, EvalConfig

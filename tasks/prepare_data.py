@@ -7,7 +7,8 @@ from ibtpo_core import stages
 from tasks.common import CACHE, inject_fault, stage_dir
 
 
-@task(name="prepare_data", cache_policy=CACHE, persist_result=True, retries=1)
+@task(name="prepare_data", task_run_name="prepare_data",
+      cache_policy=CACHE, persist_result=True, retries=1)
 def prepare_data(data_cfg: dict, run_dir: str, code: str) -> dict:
     from configs.schema import DataConfig
 

@@ -27,7 +27,8 @@ def get_engine(engine_cfg: dict, model_path: str):
     return held_engine(cfg.name, model_path, **cfg.kwargs())
 
 
-@task(name="sample_trees", cache_policy=CACHE, persist_result=True)
+@task(name="sample_trees", task_run_name="sample_trees[it {iteration}]",
+      cache_policy=CACHE, persist_result=True)
 def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, seed: int,
                  policy: dict, data: dict, run_dir: str, code: str) -> dict:
     from transformers import AutoTokenizer
@@ -69,7 +70,8 @@ def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, se
     return stages.publish(folder, write, metrics)
 
 
-@task(name="estimate_scores", cache_policy=CACHE, persist_result=True)
+@task(name="estimate_scores", task_run_name="estimate_scores[it {iteration}]",
+      cache_policy=CACHE, persist_result=True)
 def estimate_scores(iteration: int, algo: dict, trees: dict, run_dir: str, code: str) -> dict:
     from configs.schema import AlgoConfig
     from ibtpo_core.rl import load_trees, save_sequences, score_trees
@@ -86,7 +88,8 @@ def estimate_scores(iteration: int, algo: dict, trees: dict, run_dir: str, code:
     return stages.publish(folder, lambda tmp: save_sequences(seqs, tmp / "sequences.json"), metrics)
 
 
-@task(name="update_policy", cache_policy=CACHE, persist_result=True)
+@task(name="update_policy", task_run_name="update_policy[it {iteration}]",
+      cache_policy=CACHE, persist_result=True)
 def update_policy(iteration: int, algo: dict, policy: dict, scores: dict, ref: dict,
                   run_dir: str, code: str) -> dict:
     from configs.schema import AlgoConfig

@@ -239,10 +239,10 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
         # values; this schema is lineage (the split's real column types), never enforced
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
         ds = from_pandas(df, source=source, name=name, digest=digest[:16])
+        entity = ds._to_mlflow_entity()  # the schema is inferred here
     from mlflow.entities import DatasetInput, InputTag
 
-    client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
-                                                     [InputTag("mlflow.data.context", context)])])
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
 
 
 def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: dict) -> None:
@@ -266,19 +266,32 @@ def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: 
     client.log_artifact(run_id, str(out))
 
 
-def log_sample_trees(run_id: str, run_dir: str, count: int) -> None:
-    """A few trees of the last iteration, in the tree-score JSON format."""
+def log_sample_trees(run_id: str, run_dir: str, count: int, tokenizer_dir: str | None = None) -> None:
+    """A few trees of the last iteration, in the tree-score JSON format, each with its picture
+    (steps coloured by IB-Score, leaves by reward, the branching picks of each round marked)."""
+    from ibtpo_core.tree_picture import draw_tree
+
     if count <= 0:
         return
     folders = sorted(Path(run_dir).glob("it*-sample-*"))
     if not folders:
         return
+    decode = None
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     trees = json.loads((folders[-1] / "trees.json").read_text())[:count]
     out = Path(run_dir) / "sample_trees"
     out.mkdir(exist_ok=True)
     for i, t in enumerate(trees):
         (out / f"tree_{i}.json").write_text(json.dumps(t))
         log_artifact_once(run_id, str(out / f"tree_{i}.json"), "sample_trees")
+        prompt = decode(t["nodes"][0]["tokens"]) if decode else None
+        title = f"{folders[-1].name[:6]}, tree {i}" + (f": {prompt.strip()[:80]}" if prompt else "")
+        draw_tree(t, out / f"tree_{i}.png", decode, title)
+        log_artifact_once(run_id, str(out / f"tree_{i}.png"), "sample_trees")
 
 
 def log_plots(run_id: str, run_dir: str) -> None:

@@ -7,7 +7,8 @@ from ibtpo_core import stages
 from tasks.common import CACHE, inject_fault, stage_dir
 
 
-@task(name="create_model", cache_policy=CACHE, persist_result=True)
+@task(name="create_model", task_run_name="create_model",
+      cache_policy=CACHE, persist_result=True)
 def create_model(model_cfg: dict, run_dir: str, code: str) -> dict:
     from configs.schema import ModelConfig
 
@@ -15,7 +16,8 @@ def create_model(model_cfg: dict, run_dir: str, code: str) -> dict:
     return stages.cached(folder) or stages.create_model(ModelConfig.model_validate(model_cfg), folder)
 
 
-@task(name="warm_up", cache_policy=CACHE, persist_result=True)
+@task(name="warm_up", task_run_name="warm_up",
+      cache_policy=CACHE, persist_result=True)
 def warm_up(warmup_cfg: dict, task_cfg: dict, model: dict, data: dict, run_dir: str, code: str) -> dict:
     from tqdm import tqdm
 

@@ -51,11 +51,46 @@ def test_flow_runs_every_stage_and_tracks_it(harness):
     assert "lm_eval/ibtpo_countdown/acc_none" in bench.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "tiny_smoke.yaml", "lineage.json", "sample_trees", "plots"} <= arts
-    trees = client.list_artifacts(run.info.run_id, "sample_trees")
-    assert len(trees) == 3
+    trees = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "sample_trees")}
+    assert trees == {f"tree_{i}.{ext}" for i in range(3) for ext in ("json", "png")}
     lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
     assert len(lineage["checkpoints"]) == 2
     assert lineage["checkpoints"][1]["parent_checkpoint_digest"] == lineage["checkpoints"][0]["digest"]
+
+
+def _flow_run_page(flow_run_id: str) -> tuple[list[str], dict[str, str]]:
+    """What the Prefect UI shows for a flow run: its task runs' names, its artifacts by key."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return [r.name for r in runs], {a.key: str(a.data) for a in arts}
+
+    return asyncio.run(read())
+
+
+def test_the_prefect_ui_names_stages_and_shows_the_result(harness):
+    """Task runs are named by stage and iteration; the flow run carries its result table and
+    the link to its MLflow run (issue 13, item 4)."""
+    from mlflow.tracking import MlflowClient
+
+    out = _run(harness)
+    flow_run_id = MlflowClient().get_run(out["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    names, arts = _flow_run_page(flow_run_id)
+    for it in (0, 1):
+        for stage in ("sample_trees", "estimate_scores", "update_policy"):
+            assert f"{stage}[it {it}]" in names, names
+    assert {"evaluate_policy[before]", "evaluate_policy[after]", "benchmark[final]"} <= set(names)
+    assert "result-tiny-smoke" in arts and "mlflow-tiny-smoke" in arts, arts.keys()
+    assert f"{out['accuracy_after']:.3f}" in arts["result-tiny-smoke"]
+    assert f"/runs/{out['mlflow_run_id']}" in arts["mlflow-tiny-smoke"]
 
 
 def test_rerun_is_cache_hits_only(harness, monkeypatch):

@@ -119,6 +119,11 @@ def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
     assert len(cells) == 4 and all(c.info.status == "FINISHED" for c in cells)
     assert {a.path for a in client.list_artifacts(out["sweep_run_id"], "report")} == {
         "report/report.md", "report/report.json", "report/report.png"}
+    # the sweep's Prefect flow run carries the report (issue 13, item 4)
+    from tests.test_pipeline import _flow_run_page
+
+    _, arts = _flow_run_page(sweep_run.data.tags["prefect.flow_run_id"])
+    assert "| ibtpo | 2 |" in arts["report-smoke"] and out["sweep_run_id"] in arts["report-smoke"]
     # the IB diagnostic on probe trees exists for GRPO too (SPEC 2)
     grpo = next(c for c in cells if c.data.tags["ibtpo.sweep_cell"] == "grpo")
     assert "ib_probe/score_mean" in grpo.data.metrics

@@ -142,6 +142,8 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
             break
         iterations = it
         picks = [(int(f.tree[r]), r - f.offsets[int(f.tree[r])]) for r in rows]
+        for t, node in picks:  # where each round branched, for the tree pictures
+            trees[t].meta.setdefault("picks", []).append([it, node])
         comps = _branch(engine, trees, picks, spec, stop, max_new_tokens, temperature,
                         seed + it, used)
         for (t, node), c in zip(picks, comps):
