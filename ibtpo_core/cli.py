@@ -86,8 +86,8 @@ def _cmd_ui(args) -> int:
     print(f"MLflow UI:  http://{shown}:{args.mlflow_port}  (store {uri})", flush=True)
     if args.no_prefect:
         pass
-    elif os.environ.get("PREFECT_API_URL"):
-        print(f"Prefect UI: served by your Prefect server ({os.environ['PREFECT_API_URL']})")
+    elif servers.answers(f"{os.environ.get('PREFECT_API_URL', '').rstrip('/')}/health"):
+        print(f"Prefect UI: served by the Prefect server at {os.environ['PREFECT_API_URL']}")
     else:
         procs.append(tether.spawn(servers.prefect_ui_command(args.host, args.prefect_port),
                                   env={**env, **servers.prefect_ui_env(args.host, args.prefect_port)}))

@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.processes import leftovers, processes
+
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "experiments" / "tiny_smoke.yaml")
@@ -61,34 +63,6 @@ def run(state: Path, fault: str | None = None, tag: str | None = None, sets: tup
             proc.kill()
             rc = proc.wait()
     return subprocess.CompletedProcess(cmd, rc, out_f.read_text(), err_f.read_text())
-
-
-def processes(tag: str) -> list[psutil.Process]:
-    """Live processes whose environment carries ``tag`` (everything a tagged run started)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("IBTPO_TEST_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def leftovers(tag: str, wait_s: float = 20.0) -> list[str]:
-    """What of ``tag``'s processes is still alive after ``wait_s``; killed afterwards, so one
-    failure does not leak into the next test."""
-    deadline = time.monotonic() + wait_s
-    while (alive := processes(tag)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    names = []
-    for p in alive:
-        try:
-            names.append(" ".join(p.cmdline())[:160])
-            p.kill()
-        except psutil.Error:
-            pass
-    return names
 
 
 def result(proc) -> dict:
