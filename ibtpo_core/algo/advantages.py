@@ -6,8 +6,14 @@ Every token of step s gets the advantage of node s; roots get 0.
 
 ``ibtpo``: for a non-root node s with parent p and root r
     A_GL(s) = V(s) - V(r)
-    A_IB(s) = clip(log(V(s) / V(p)), -2, 2)    (V(p) = 0 -> 0;  V(s) = 0 < V(p) -> -2)
-              or, with local_advantage: diff,  V(s) - V(p)
+    A_IB(s), by ``local_advantage`` (registered in LOCAL_ADVANTAGES):
+      log_ratio          clip(log(V(s) / V(p)), -2, 2)   (V(p) = 0 -> 0;  V(s) = 0 < V(p) -> -2)
+      log_ratio_centred  log_ratio minus its leaf-weighted mean over the children of p,
+                         sum_k n(k) A_IB(k) / n(p): sums to zero under p, as A_GL does. (The
+                         plain log ratio's weighted mean is negative, by Jensen: a flat group with
+                         rewards 1,0,0,0 gets per-leaf advantages summing to -4.61, a push down
+                         on every sampled token.)
+      diff               V(s) - V(p)  (TreeRL's local term)
     A(s)    = (A_GL(s) + alpha * A_IB(s)) / sqrt(n(s))
 ``tree_entropy`` (TreeRL-like): the same with local_advantage forced to ``diff``.
 ``grpo``: each leaf gets (r - mean) / (std + eps) over the leaves of its tree (its group; std
@@ -24,10 +30,11 @@ from typing import Callable, Literal
 
 import torch
 
-from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum, values
+from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum, compute_stats, values
 from ibtpo_core.registry import Registry
 
 ADVANTAGES: Registry[Callable] = Registry("advantage")
+LOCAL_ADVANTAGES: Registry[Callable] = Registry("local_advantage")
 A_IB_CLIP = 2.0
 EPS = 1e-6
 
@@ -37,7 +44,7 @@ class AdvantageSpec:
     __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
 
     name: str = "ibtpo"
-    local_advantage: Literal["log_ratio", "diff"] = "log_ratio"
+    local_advantage: Literal["log_ratio", "log_ratio_centred", "diff"] = "log_ratio"
     alpha: float = 1.0
     normalize: Literal["none", "tree_std"] = "none"
 
@@ -50,18 +57,37 @@ def global_advantage(f: Forest, V: torch.Tensor) -> torch.Tensor:
     return torch.where(f.parent >= 0, V - V[f.root], torch.zeros_like(V))
 
 
-def local_advantage(f: Forest, V: torch.Tensor, kind: str) -> torch.Tensor:
-    """A_IB(s) (``log_ratio``) or V(s) - V(parent) (``diff``); 0 for roots."""
-    has_p = f.parent >= 0
+@LOCAL_ADVANTAGES.register("diff")
+def _diff(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return V - Vp
+
+
+@LOCAL_ADVANTAGES.register("log_ratio")
+def _log_ratio(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    safe = torch.log(V.clamp(min=1e-300) / Vp.clamp(min=1e-300)).clamp(-A_IB_CLIP, A_IB_CLIP)
+    return torch.where(Vp <= 0, torch.zeros_like(V), torch.where(V <= 0, -A_IB_CLIP, safe))
+
+
+@LOCAL_ADVANTAGES.register("log_ratio_centred")
+def _log_ratio_centred(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    a = torch.where(f.parent >= 0, _log_ratio(f, V, Vp, n), torch.zeros_like(V))
+    nonroot = f.parent >= 0
+    p = f.parent.clamp(min=0)
+    # leaf-weighted mean over the children of each parent: sum_k n(k) a(k) / sum_k n(k)
+    num = torch.zeros_like(V).index_add(0, p, torch.where(nonroot, n * a, 0.0))
+    den = torch.zeros_like(V).index_add(0, p, torch.where(nonroot, n, 0.0))
+    return a - num[p] / den[p].clamp(min=1e-300)
+
+
+def local_advantage(f: Forest, V: torch.Tensor, kind: str, n: torch.Tensor | None = None) -> torch.Tensor:
+    """A_IB(s) of ``kind`` (a name in LOCAL_ADVANTAGES); 0 for roots. ``n``: leaves below each
+    node (needed by ``log_ratio_centred``; counted from the forest if not given)."""
+    fn = LOCAL_ADVANTAGES.get(kind)
+    if n is None:
+        n = compute_stats(f).n
     Vp = V[f.parent.clamp(min=0)]
-    if kind == "diff":
-        out = V - Vp
-    elif kind == "log_ratio":
-        safe = torch.log(V.clamp(min=1e-300) / Vp.clamp(min=1e-300)).clamp(-A_IB_CLIP, A_IB_CLIP)
-        out = torch.where(Vp <= 0, torch.zeros_like(V), torch.where(V <= 0, -A_IB_CLIP, safe))
-    else:
-        raise ValueError(f"unknown local_advantage {kind!r}; valid: log_ratio, diff")
-    return torch.where(has_p, out, torch.zeros_like(V))
+    out = fn(f, V, Vp, n.to(V.dtype))
+    return torch.where(f.parent >= 0, out, torch.zeros_like(V))
 
 
 def _tree_std_normalize(f: Forest, A: torch.Tensor) -> torch.Tensor:
@@ -75,7 +101,7 @@ def _tree_std_normalize(f: Forest, A: torch.Tensor) -> torch.Tensor:
 
 
 def _tree_advantage(f: Forest, stats: TreeStats, local: str, spec: AdvantageSpec) -> torch.Tensor:
-    A = global_advantage(f, stats.V) + spec.alpha * local_advantage(f, stats.V, local)
+    A = global_advantage(f, stats.V) + spec.alpha * local_advantage(f, stats.V, local, stats.n)
     A = A / stats.n.clamp(min=1).sqrt()
     A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
     return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A
@@ -127,4 +153,5 @@ def eff_rate(f: Forest) -> float:
     return float(((hi - lo) > 0).double().mean())
 
 
-__all__ = ["ADVANTAGES", "AdvantageSpec", "compute_advantages", "eff_rate", "values"]
+__all__ = ["ADVANTAGES", "LOCAL_ADVANTAGES", "AdvantageSpec", "compute_advantages", "eff_rate",
+           "values"]

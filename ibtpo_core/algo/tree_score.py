@@ -25,7 +25,7 @@ def score_tree(tree: Tree, beta: float = 1.0, entropy_estimator: str = "token_en
     f = Forest.from_trees([tree])
     stats = compute_stats(f, beta, ib_form, entropy_estimator)
     a_gl = global_advantage(f, stats.V)
-    a_ib = local_advantage(f, stats.V, local_advantage_kind)
+    a_ib = local_advantage(f, stats.V, local_advantage_kind, stats.n)
     A = compute_advantages(f, stats, AdvantageSpec("ibtpo", local_advantage_kind, alpha))
     ids = tree.meta.get("original_ids", list(range(len(tree.nodes))))
     out = []

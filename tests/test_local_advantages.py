@@ -1,0 +1,97 @@
+"""The local advantage variants on hand-worked groups: sums, signs, and the same group under
+GRPO (issue 12, item 3)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ibtpo_core.algo.advantages import AdvantageSpec, LOCAL_ADVANTAGES, compute_advantages
+from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.tree import Tree
+
+LN4 = math.log(4.0)
+
+
+def flat_group(rewards: list[float]) -> Tree:
+    """root -> one one-step leaf per reward (a GRPO group, or a tree's first round)."""
+    t = Tree([9])
+    for k, r in enumerate(rewards):
+        t.add_node(0, [10 + k], [-0.1], [0.5], reward=r, final=True)
+    return t
+
+
+def leaf_advantages(tree: Tree, name: str, local: str = "log_ratio") -> list[float]:
+    f = Forest.from_trees([tree])
+    A = compute_advantages(f, compute_stats(f), AdvantageSpec(name, local))
+    return [float(A[leaf.id]) for leaf in tree.leaves()]
+
+
+# rewards 1,0,0,0: V(root) = 0.25; A_GL = 0.75, -0.25, -0.25, -0.25; n = 1 for every leaf
+#   log_ratio:  A_IB = ln(1/0.25) = ln 4 = 1.3863 for the right leaf, -2 (clip) for the others
+#               A = 0.75 + 1.3863 = 2.1363 and -0.25 - 2 = -2.25 (x3); sum = 2.1363 - 6.75 = -4.6137
+#   centred:    weighted mean of A_IB = (1.3863 - 6) / 4 = -1.1534; A_IB - mean = 2.5397, -0.8466
+#               A = 0.75 + 2.5397 = 3.2897 and -0.25 - 0.8466 = -1.0966 (x3); sum = 0
+#   diff:       A_IB = V - V(p) = A_GL; A = 1.5 and -0.5 (x3); sum = 0
+#   grpo:       mean 0.25, unbiased std = sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5;
+#               A = 0.75 / 0.5 = 1.5 and -0.25 / 0.5 = -0.5 (x3); sum = 0
+@pytest.mark.parametrize("name,local,expected", [
+    ("ibtpo", "log_ratio", [0.75 + LN4] + [-2.25] * 3),
+    ("ibtpo", "log_ratio_centred", [0.75 + LN4 - (LN4 - 6) / 4] + [-0.25 - 2 - (LN4 - 6) / 4] * 3),
+    ("ibtpo", "diff", [1.5, -0.5, -0.5, -0.5]),
+    ("grpo", "log_ratio", [1.5, -0.5, -0.5, -0.5]),
+])
+def test_a_flat_group_with_one_success(name, local, expected):
+    got = leaf_advantages(flat_group([1, 0, 0, 0]), name, local)
+    assert got == pytest.approx(expected, abs=1e-5)  # grpo divides by std + 1e-6
+
+
+def test_sums_and_signs_on_the_same_group():
+    g = flat_group([1, 0, 0, 0])
+    sums = {local: sum(leaf_advantages(g, "ibtpo", local)) for local in LOCAL_ADVANTAGES.names()}
+    assert sums["log_ratio"] == pytest.approx(0.75 + LN4 - 6.75, abs=1e-6)  # -4.6137: a net push down
+    assert sums["log_ratio_centred"] == pytest.approx(0.0, abs=1e-9)
+    assert sums["diff"] == pytest.approx(0.0, abs=1e-9)
+    assert sum(leaf_advantages(g, "grpo")) == pytest.approx(0.0, abs=1e-9)
+    # every variant rewards the right answer and penalises the wrong ones, as GRPO does
+    for local in LOCAL_ADVANTAGES.names():
+        a = leaf_advantages(g, "ibtpo", local)
+        assert a[0] > 0 and all(x < 0 for x in a[1:]), local
+
+
+def test_centred_sums_to_zero_under_every_parent_of_a_deep_tree():
+    """root -> a (leaves r=1, r=0), b (leaf r=0 via one step): the local term weighted by leaves
+    sums to zero over the children of the root and of a."""
+    t = Tree([9])
+    a = t.add_node(0, [10, 3], [-0.1, -0.1], [0.5, 0.5])
+    t.add_node(a, [11, 1], [-0.1, -0.1], [0.5, 0.5], reward=1.0, final=True)
+    t.add_node(a, [12, 1], [-0.1, -0.1], [0.5, 0.5], reward=0.0, final=True)
+    b = t.add_node(0, [13, 3], [-0.1, -0.1], [0.5, 0.5])
+    t.add_node(b, [14, 1], [-0.1, -0.1], [0.5, 0.5], reward=0.0, final=True)
+    f = Forest.from_trees([t])
+    stats = compute_stats(f)
+    from ibtpo_core.algo.advantages import local_advantage
+
+    loc = local_advantage(f, stats.V, "log_ratio_centred", stats.n)
+    for p in (0, a):
+        kids = t.nodes[p].children
+        assert sum(float(stats.n[k]) * float(loc[k]) for k in kids) == pytest.approx(0.0, abs=1e-9)
+    # V(root) = 1/3, V(a) = 1/2, V(b) = 0: raw log ratios ln(1.5) = 0.4055 and -2, weights 2, 1
+    # mean = (2 * 0.4055 - 2) / 3 = -0.3963; centred: 0.8018 and -1.6037
+    assert float(loc[a]) == pytest.approx(math.log(1.5) - (2 * math.log(1.5) - 2) / 3, abs=1e-9)
+    assert float(loc[b]) == pytest.approx(-2 - (2 * math.log(1.5) - 2) / 3, abs=1e-9)
+
+
+@pytest.mark.parametrize("rewards", [[0, 0, 0, 0], [1, 1, 1, 1]])
+def test_all_equal_rewards_give_zero_under_every_variant(rewards):
+    for local in LOCAL_ADVANTAGES.names():
+        assert leaf_advantages(flat_group(rewards), "ibtpo", local) == [0.0] * 4, local
+
+
+def test_an_unknown_variant_lists_the_valid_ones():
+    from ibtpo_core.algo.advantages import local_advantage
+
+    f = Forest.from_trees([flat_group([1, 0])])
+    with pytest.raises(ValueError, match="diff, log_ratio, log_ratio_centred"):
+        local_advantage(f, torch.zeros(3, dtype=torch.float64), "log_ratios")
