@@ -9,6 +9,14 @@
         one continuation per pick from the prefix ending at that node, to the end; cut, attach,
         verify. N_c is sized so the rest of the budget is spent over the remaining iterations:
         N_c = round(remaining / (iterations left * expected continuation length)), >= 1.
+        Candidates exclude final steps and, with min_branch_entropy, forced steps.
+    then (fill_budget) what a tree has left of its budget -- no candidate was left (one-step
+    answers, a root at B_root) or the last round rounded down -- goes to independent samples
+    from the root, so leaves per budget stay near 1.0 or above and every method decodes the
+    same tokens per prompt. ``tree/identical_sibling_frac``: share of branches whose first step
+    a sibling already had. With dedup_siblings such a first step is resampled (its tokens
+    count as decoded): the kept step is then drawn from pi_old conditioned on differing while
+    its stored log-probs are pi_old's, so the update is off-policy there; off by default.
 ``independent`` (GRPO): G responses per prompt as a flat tree (root -> G leaves, no steps).
 
 Token accounting counts decoded tokens only: a shared prefix is prompt for the engine.
@@ -53,6 +61,12 @@ class TreeSpec:
     entropy_estimator: Literal["token_entropy", "surprisal"] = "token_entropy"
     dedup_siblings: bool = False
     max_resamples: int = 2
+    # an inner node whose children's first tokens had a mean entropy (nats) below this is no
+    # candidate: its next step is forced, so a branch would repeat a sibling (0 = off)
+    min_branch_entropy: float = 0.0
+    # budget left when the rounds end (no candidate left, or rounding) goes to extra independent
+    # samples from the root, so every method decodes the same tokens per prompt
+    fill_budget: bool = True
     budget_tokens: Optional[int] = None  # per prompt
     steps: StepSpec = field(default_factory=StepSpec)
 
@@ -69,6 +83,9 @@ class TreeSpec:
             raise ValueError(f"M must be >= 1 (got {self.M})")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (got {self.beta})")
+        if self.min_branch_entropy < 0:
+            raise ValueError(f"min_branch_entropy must be >= 0 nats (got {self.min_branch_entropy}); "
+                             f"0 switches the rule off")
         if self.budget_tokens is not None and self.budget_tokens < 1:
             raise ValueError(f"budget_tokens must be positive (got {self.budget_tokens}); "
                              f"leave it null to spend G x mean response length")
@@ -114,13 +131,15 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
     mean_len = sum(len(c.token_ids) for c in first) / max(1, len(first))
     budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
     iterations = 1
+    branched = identical = 0  # branch continuations, and those whose first step a sibling had
     for it in range(2, spec.C + 1):
         remaining = [budget - u for u in used]
         if max(remaining) <= 0:
             break
         f = Forest.from_trees(trees)
         stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator)
-        cand = candidate_mask(f, stats, spec.B_max, spec.b_root)
+        cand = candidate_mask(f, stats, spec.B_max, spec.b_root, spec.min_branch_entropy,
+                              spec.entropy_estimator)
         if spec.ib_form == "zscore":  # z over this iteration's candidates
             stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand)
         est = _expected_continuation(f, trees, cand)
@@ -149,9 +168,45 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
         for (t, node), c in zip(picks, comps):
             if c is None:
                 continue
+            branched += 1
+            identical += _repeats_a_sibling(trees[t], node, c, step_ids, spec.steps)
             _attach(trees[t], node, c, score_fn(t, trees[t].response_tokens(node) + c.token_ids), step_ids, spec.steps)
-    return SampleResult(trees, tree_metrics(trees, used, budget, mean_len, iterations,
-                                            spec.beta, spec.ib_form, spec.entropy_estimator))
+    fills = _fill_budget(engine, trees, used, budget, mean_len, score_fn, stop, max_new_tokens,
+                         temperature, seed + 7919, step_ids, spec.steps) if spec.fill_budget else 0
+    metrics = tree_metrics(trees, used, budget, mean_len, iterations, spec.beta, spec.ib_form,
+                           spec.entropy_estimator)
+    metrics["tree/identical_sibling_frac"] = identical / branched if branched else 0.0
+    metrics["tree/fill_samples"] = fills / max(1, len(trees))
+    return SampleResult(trees, metrics)
+
+
+def _repeats_a_sibling(tree: Tree, node: int, comp, step_ids, spec: StepSpec) -> bool:
+    """Whether a new continuation of ``node`` begins with a step one of its children has."""
+    spans = split_steps(comp.token_ids, step_ids, spec.min_step_tokens, spec.max_step_tokens)
+    if not spans:
+        return False
+    first = comp.token_ids[spans[0][0]:spans[0][1]]
+    return any(tree.nodes[ch].tokens == first for ch in tree.nodes[node].children)
+
+
+def _fill_budget(engine, trees, used, budget, mean_len, score_fn, stop, max_new_tokens,
+                 temperature, seed, step_ids, spec: StepSpec) -> int:
+    """Spend what each tree has left of its budget on independent samples from the root (one
+    per mean response length, rounded); returns how many were drawn."""
+    want = [round(max(0.0, budget - u) / max(mean_len, 1.0)) for u in used]
+    drawn = 0
+    for k in sorted(set(want) - {0}):  # one engine call per sample count
+        idx = [t for t, w in enumerate(want) if w == k]
+        comps = engine.generate([trees[t].root.tokens for t in idx], num_samples=k,
+                                temperature=temperature, max_new_tokens=max_new_tokens, stop=stop,
+                                seed=seed + k)
+        for c in comps:
+            t = idx[c.prefix_index]
+            used[t] += len(c.token_ids)
+            _attach(trees[t], 0, c, score_fn(t, c.token_ids), step_ids, spec)
+            trees[t].meta["fill_samples"] = trees[t].meta.get("fill_samples", 0) + 1
+            drawn += 1
+    return drawn
 
 
 def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperature, seed, used):
@@ -179,9 +234,12 @@ def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperat
         for i, c in zip(pending, comps):
             t, node = picks[i]
             used[t] += len(c.token_ids)
-            siblings = {tuple(trees[t].nodes[ch].tokens) for ch in trees[t].nodes[node].children}
-            siblings |= {tuple(firsts[j].token_ids) for j in firsts if picks[j] == picks[i]}
-            if tuple(c.token_ids) in siblings and attempt < spec.max_resamples:
+            siblings = [trees[t].nodes[ch].tokens for ch in trees[t].nodes[node].children]
+            siblings += [firsts[j].token_ids for j in firsts if picks[j] == picks[i]]
+            # a sibling's step may hold more after the same start: a final step keeps the short
+            # tail (an EOS) merged into it, so [a, NL] repeats a sibling [a, NL, EOS]
+            first = list(c.token_ids)
+            if any(sib[:len(first)] == first for sib in siblings) and attempt < spec.max_resamples:
                 retry.append(i)
             else:
                 firsts[i] = c

@@ -41,10 +41,37 @@ def _by_random(stats: TreeStats, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(stats.n.shape, generator=gen, dtype=torch.float64)
 
 
-def candidate_mask(f: Forest, stats: TreeStats, B_max: int, B_root: int) -> torch.Tensor:
-    """(N,) bool: nodes that may receive a new child this iteration."""
+def branch_entropy(f: Forest, estimator: str = "token_entropy") -> torch.Tensor:
+    """(N,) float64: the mean over a node's children of the entropy at each child's first token
+    (the choice made at the node; ``surprisal``: -log pi_old of that token, and where the engine
+    gave no entropies); NaN for nodes without children."""
+    N = f.num_nodes
+    counts = torch.bincount(f.tok_node, minlength=N)  # (N,) tokens of each node's step
+    starts = torch.cumsum(counts, 0) - counts  # (N,) row of each node's first token
+    has_tok = counts > 0
+    first = starts.clamp(max=max(0, f.tok_node.numel() - 1))
+    ent = f.tok_entropy[first] if f.tok_node.numel() else torch.zeros(N, dtype=torch.float64)
+    surprisal = -f.tok_logprob[first] if f.tok_node.numel() else torch.zeros(N, dtype=torch.float64)
+    if estimator == "surprisal":
+        ent = surprisal
+    else:
+        ent = torch.where(torch.isnan(ent), surprisal, ent)
+    child = (f.parent >= 0) & has_tok
+    p = f.parent.clamp(min=0)
+    total = torch.zeros(N, dtype=torch.float64).index_add(0, p, torch.where(child, ent, 0.0))
+    num = torch.zeros(N, dtype=torch.float64).index_add(0, p, child.double())
+    return torch.where(num > 0, total / num.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def candidate_mask(f: Forest, stats: TreeStats, B_max: int, B_root: int,
+                   min_branch_entropy: float = 0.0, estimator: str = "token_entropy") -> torch.Tensor:
+    """(N,) bool: nodes that may receive a new child this iteration. With ``min_branch_entropy``
+    > 0, an inner node whose children's first tokens had a mean entropy below it (a forced next
+    step: a new branch would repeat its sibling) is no candidate; the root always may be."""
     is_root = f.parent < 0
     inner = (stats.num_children > 0) & ~f.final & ~is_root & (stats.num_children < B_max)
+    if min_branch_entropy > 0:
+        inner = inner & (branch_entropy(f, estimator) >= min_branch_entropy)
     return inner | (is_root & (stats.num_children < B_root))
 
 
