@@ -192,6 +192,7 @@ def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: 
     result = {"accuracy_before": m_b["accuracy"], "accuracy_after": m_a["accuracy"],
             "accuracy_se_before": m_b["accuracy_se"], "accuracy_se_after": m_a["accuracy_se"],
             f"{k8}_before": m_b[k8], f"{k8}_after": m_a[k8], "n_eval": int(m_a["n_eval"]),
+            "eval_split": cfg.eval.split,
             "decoded_tokens": decoded, "rl_wall_s": round(rl_wall, 1), "wall_s": round(time.time() - t0, 1),
             "mlflow_run_id": parent, "checkpoint": policy["path"], "run_key": run_key(cfg)}
     out = Path(run_dir) / "result.json"

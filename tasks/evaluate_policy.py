@@ -20,4 +20,4 @@ def evaluate_policy(eval_cfg: dict, engine_cfg: dict, policy: dict, data: dict, 
     inject_fault("evaluate_policy")
     return stages.evaluate_checkpoint(
         policy["path"], data["path"], EvalConfig.model_validate(eval_cfg),
-        EngineConfig.model_validate(engine_cfg), folder)
+        EngineConfig.model_validate(engine_cfg), folder, eval_cfg.get("split", "test"))

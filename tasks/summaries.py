@@ -42,7 +42,7 @@ def result_markdown(name: str, method: str, result: dict, url: str) -> str:
                      f"{result[f'pass_at_{k}_after']:.3f}"))
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     return (f"# {name} ({method})\n\n"
-            f"Held-out test problems: {result['n_eval']}\n\n"
+            f"Held-out {result.get('eval_split', 'test')} problems: {result['n_eval']}\n\n"
             f"| metric | before RL | after RL |\n|---|---|---|\n{table}\n\n"
             f"Decoded tokens {result['decoded_tokens']:,.0f}; RL wall time {result['rl_wall_s']} s; "
             f"run wall time {result['wall_s']} s.\n\n"

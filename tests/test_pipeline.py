@@ -230,3 +230,28 @@ def test_old_optimizer_states_are_deleted_and_the_run_still_resumes(harness, mon
     weights.write_bytes(weights.read_bytes()[:100])  # the last checkpoint is lost ...
     with pytest.raises(ValueError, match="rl.keep_optimizer_states=null"):
         _run(harness, *own)  # ... and the state it must be recomputed from was deleted
+
+
+def test_a_tuning_run_is_scored_on_the_validation_split(harness):
+    """eval.split: validation reads the validation split (8 problems in tiny_smoke), never the
+    test split (16), for the before, after and curve evaluations alike."""
+    out = _run(harness, "eval.split=validation", "eval.every=1", "eval.every_n=4")
+    assert out["eval_split"] == "validation" and out["n_eval"] == 8
+    from mlflow.tracking import MlflowClient
+
+    curve = MlflowClient().get_metric_history(
+        [r for r in MlflowClient().search_runs(
+            [MlflowClient().get_run(out["mlflow_run_id"]).info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{out['mlflow_run_id']}' and tags.`ibtpo.stage` = 'curve'")
+         ][0].info.run_id, "curve/n_eval")
+    assert {m.value for m in curve} == {4.0}
+
+
+def test_validation_scoring_without_a_validation_split_fails_before_any_work(tmp_path):
+    from configs.schema import load_config
+    from ibtpo_core.preflight import preflight
+
+    cfg = load_config(SMOKE, ["eval.split=validation", "data.n_val=0", f"output_dir={tmp_path}/r",
+                              f"stage_cache_dir={tmp_path}/s"])
+    with pytest.raises(ValueError, match="set data.n_val"):
+        preflight(cfg)
