@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -33,12 +34,15 @@ def main() -> None:
                             LossSpec(**json.loads(a.loss)), UpdateSpec(**up), ref_dir=a.ref)
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(a.out) / "update_metrics.json").write_text(json.dumps(metrics))
-    # no rank leaves while another still writes, and the process group is shut down before the
-    # interpreter exits: a rank exiting with gloo's threads alive aborted ("terminate called
-    # without an active exception") and failed the launch after a correct update
+    # no rank leaves while another still writes; then leave at once, without the interpreter's
+    # teardown: there, C++ threads of gloo and DeepSpeed still joinable at destruction aborted
+    # the rank ("terminate called without an active exception", SIGABRT) after a correct update
+    # and failed the launch, now and then under ZeRO-3, even after destroy_process_group
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
