@@ -67,8 +67,15 @@ class ScriptedEngine(RolloutEngine):
     def load_weights(self, path):
         pass
 
+    def begin_call(self, seed):
+        """Called once per engine call (a seeded policy reseeds here)."""
+
+    def step_token(self, depth):
+        return 20 + (self.count + depth) % 5
+
     def _generate(self, prefixes, num_samples, temperature, limits, stop, seed):
         self.calls.append((prefixes, num_samples, limits, stop.stop_at_step_end))
+        self.begin_call(seed)
         out = []
         for i, (p, lim) in enumerate(zip(prefixes, limits)):
             for _ in range(num_samples):
@@ -79,7 +86,7 @@ class ScriptedEngine(RolloutEngine):
                     if depth >= 3:
                         toks.append(EOS)
                         break
-                    toks += [20 + (self.count + depth) % 5, NL]
+                    toks += [self.step_token(depth), NL]
                     if stop.stop_at_step_end:
                         break
                 toks = toks[:lim]
@@ -134,26 +141,13 @@ class RepetitiveEngine(ScriptedEngine):
     (seeded per call), then NL; EOS after three steps. Branches often repeat a sibling's first
     step."""
 
-    def _generate(self, prefixes, num_samples, temperature, limits, stop, seed):
+    def begin_call(self, seed):
         import random
 
-        rng = random.Random(seed)
-        self.calls.append((prefixes, num_samples, limits, stop.stop_at_step_end))
-        out = []
-        for i, (p, lim) in enumerate(zip(prefixes, limits)):
-            for _ in range(num_samples):
-                toks = []
-                while len(toks) < lim:
-                    if sum(1 for x in p + toks if x == NL) >= 3:
-                        toks.append(EOS)
-                        break
-                    toks += [20 if rng.random() < 0.6 else rng.randint(21, 24), NL]
-                    if stop.stop_at_step_end:
-                        break
-                toks = toks[:lim]
-                reason = "eos" if toks and toks[-1] == EOS else ("step_end" if stop.stop_at_step_end else "length")
-                out.append(Completion(i, toks, [-0.5] * len(toks), [1.0] * len(toks), reason))
-        return out
+        self.rng = random.Random(seed)
+
+    def step_token(self, depth):
+        return 20 if self.rng.random() < 0.6 else self.rng.randint(21, 24)
 
 
 def test_dedup_siblings_makes_branches_differ_from_their_siblings():
