@@ -1,4 +1,4 @@
-"""The equal-budget comparison of SPEC section 6 on the embedded default: runs the sweep
+"""The equal-budget comparison of method.md §6 on the embedded default: runs the sweep
 configs/sweeps/paper_table1_tiny.yaml (5 methods x 3 seeds; finished cells are cache hits),
 prints its report table, writes JSON, and ends with one JSON line:
 

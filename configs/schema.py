@@ -30,12 +30,12 @@ from ibtpo_core.training.warmup import WarmupSpec
 
 ENGINE_NAMES = ("hf", "vllm")
 
-# SPEC section 6: each method is a set of defaults under the algo section; explicit keys win.
+# method.md §6: each method is a set of defaults under the algo section; explicit keys win.
 METHOD_PRESETS: dict[str, dict] = {
     # IB-TPO: the method's defaults (docs/experiments.md tells why the earlier preset, dedup and
     # B_root 4, was withdrawn: chosen on test-split accuracy, one seed). A preset changes only
     # after configs/sweeps/ibtpo_tuning_val.yaml, scored on the validation split, says so.
-    # Each baseline differs from its neighbour in the switches SPEC's table names, no others.
+    # Each baseline differs from its neighbour in the switches the table of docs/method.md §6 names.
     "ibtpo": {},
     "grpo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"}},
     "grpo_clip_higher": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
@@ -181,7 +181,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     probe_every: int = Field(5, ge=0, description="IB diagnostic on probe trees every k "
-                             "iterations, for every method (SPEC 2); 0 = never")
+                             "iterations, for every method (method.md §2); 0 = never")
     probe_prompts: int = Field(16, ge=0, description="validation problems the probe trees grow on")
 
 

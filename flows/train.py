@@ -1,4 +1,4 @@
-"""The training flow: one run of any method of SPEC section 6 on any config.
+"""The training flow: one run of any method of method.md §6 on any config.
 
 prepare data -> (create model) -> warm up -> evaluate (before) -> per RL iteration:
 sample trees -> estimate IB-Scores and advantages -> update the policy (DeepSpeed) ->

@@ -53,7 +53,7 @@ def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeS
 def probe_diagnostic(engine: RolloutEngine, tokenizer, rows: list[dict], G: int,
                      step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
                      seed: int, run_tree: TreeSpec | None = None) -> dict[str, float]:
-    """SPEC 2's IB diagnostic on probe trees: IBTree with its default settings on a fixed prompt
+    """method.md §2's IB diagnostic on probe trees: IBTree with its default settings on a fixed prompt
     set, sampled from the current policy and never trained on, so every method (GRPO included)
     is measured the same way. Keys ``ib_probe/score_mean``, ``ib_probe/h_mean``, ..."""
     # the run's step cutting and entropy estimator (an engine without full entropies needs

@@ -124,7 +124,7 @@ def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
 
     _, arts = _flow_run_page(sweep_run.data.tags["prefect.flow_run_id"])
     assert "| ibtpo | 2 |" in arts["report-smoke"] and out["sweep_run_id"] in arts["report-smoke"]
-    # the IB diagnostic on probe trees exists for GRPO too (SPEC 2)
+    # the IB diagnostic on probe trees exists for GRPO too (method.md §2)
     grpo = next(c for c in cells if c.data.tags["ibtpo.sweep_cell"] == "grpo")
     assert "ib_probe/score_mean" in grpo.data.metrics
 

@@ -1,5 +1,5 @@
 """A plain per-node loop over one Tree: the oracle the vectorised code is tested against.
-Written straight from SPEC sections 2 and 4, one node at a time, no tensors."""
+Written straight from method.md §2 and §4, one node at a time, no tensors."""
 import math
 
 

@@ -1,4 +1,4 @@
-"""Advantage estimators (SPEC sections 4 and 6), registered by name, one signature:
+"""Advantage estimators (method.md §4 and §6), registered by name, one signature:
 
     fn(forest: Forest, stats: TreeStats, spec: AdvantageSpec) -> (N,) float64 per-node advantage
 
@@ -142,7 +142,7 @@ def compute_advantages(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torc
 
 
 def eff_rate(f: Forest) -> float:
-    """Share of trees whose leaves do not all have the same reward (SPEC section 6)."""
+    """Share of trees whose leaves do not all have the same reward (method.md §6)."""
     if f.num_trees == 0:
         return 0.0
     T = f.num_trees

@@ -1,4 +1,4 @@
-"""Values and the IB-Score of every node of a batch of trees (SPEC section 2), vectorised.
+"""Values and the IB-Score of every node of a batch of trees (method.md §2), vectorised.
 
 A batch of trees is flattened into a ``Forest``: one row per node (N), one row per step token
 (T), parent links as indices. Every quantity is computed for all trees at once with
@@ -149,7 +149,7 @@ def step_entropy(f: Forest, estimator: str) -> torch.Tensor:
 def compute_stats(f: Forest, beta: float = 1.0, ib_form: str = "h_plus_bi",
                   entropy_estimator: str = "token_entropy",
                   candidates: torch.Tensor | None = None) -> TreeStats:
-    """Every SPEC section 2 quantity for every node of ``f``.
+    """Every method.md §2 quantity for every node of ``f``.
 
     ``candidates`` (N,) bool restricts the z-scoring of ``ib_form: zscore``; default: all nodes
     with children.

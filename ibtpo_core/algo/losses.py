@@ -1,4 +1,4 @@
-"""Policy losses (SPEC sections 5 and 6), registered by name, one signature:
+"""Policy losses (method.md §5 and §6), registered by name, one signature:
 
     fn(logprobs, old_logprobs, advantages, mask, spec, ref_logprobs=None, entropy=None)
         -> (loss, metrics)

@@ -1,4 +1,4 @@
-"""Samplers that turn prompts into trees through a rollout engine (SPEC section 3).
+"""Samplers that turn prompts into trees through a rollout engine (method.md §3).
 
 ``ibtree`` (IBTree):
     budget = G * mean response tokens (measured on iteration 1) unless budget_tokens is set
@@ -42,7 +42,7 @@ ScoreFn = Callable[[int, list[int]], float]
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """IBTree's knobs (SPEC section 3); ``None`` means the SPEC default derived from G."""
+    """IBTree's knobs (method.md §3); ``None`` means the default derived from G."""
 
     __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
 
@@ -76,7 +76,7 @@ class TreeSpec:
                              f"have a reward spread")
         if self.B_max < 2:
             raise ValueError(f"B_max must be >= 2 (got {self.B_max}): a node needs room for a "
-                             f"second child to branch (SPEC default 3)")
+                             f"second child to branch (default 3, docs/method.md §3)")
         if self.C < 1:
             raise ValueError(f"C must be >= 1 (got {self.C})")
         if self.M is not None and not 1 <= self.M:
@@ -351,7 +351,7 @@ def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: fl
 
 
 def ib_diagnostic(trees: list[Tree], beta: float, ib_form: str, estimator: str) -> dict[str, float]:
-    """Mean IB-Score, H and I over internal nodes with >= 2 children (SPEC section 2)."""
+    """Mean IB-Score, H and I over internal nodes with >= 2 children (method.md §2)."""
     f = Forest.from_trees(trees)
     if estimator == "token_entropy" and torch.isnan(f.tok_entropy).any():
         estimator = "surprisal"

@@ -1,4 +1,4 @@
-"""IB-guided selection (SPEC section 3): which nodes of each tree get a new branch.
+"""IB-guided selection (method.md §3): which nodes of each tree get a new branch.
 
 Candidates: nodes with children that are not final (the final-answer step and what follows it
 never branch) and have fewer than ``B_max`` children; a root while it has fewer than ``B_root``

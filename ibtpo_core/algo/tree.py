@@ -1,4 +1,4 @@
-"""The sampling tree (SPEC section 1): nodes are steps, root-to-leaf paths are trajectories.
+"""The sampling tree (method.md §1): nodes are steps, root-to-leaf paths are trajectories.
 
 A ``Tree`` holds one prompt's responses as a prefix tree of steps. Each node keeps its step's
 token ids, the sampling policy's per-token log-probs and (where the engine exposes them)
@@ -34,7 +34,7 @@ class Node:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """How a response is cut into steps (SPEC section 1)."""
+    """How a response is cut into steps (method.md §1)."""
 
     __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
 

@@ -1,4 +1,4 @@
-"""``ibtpo tree-score``: every SPEC quantity of one tree, as one JSON object.
+"""``ibtpo tree-score``: every quantity of docs/method.md §2 and §4 for one tree, as one JSON object.
 
 Reads a tree file (the JSON format of ``Tree.to_json``), computes n, c, V, H, I, IB and the
 advantages A_GL, A_IB, A of every node and returns ``{"nodes": [...]}`` with the file's own node

@@ -1,4 +1,4 @@
-"""The rollout engine interface (SPEC section 1).
+"""The rollout engine interface (method.md §1).
 
 An engine samples continuations of token-id prefixes and reports, per new token, the sampling
 policy's log-prob and the entropy of its full next-token distribution. Plain Python types only:
