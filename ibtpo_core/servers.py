@@ -24,11 +24,27 @@ STARTUP_TIMEOUT_S = 120.0
 MLFLOW_UI_PORT, PREFECT_UI_PORT = 5000, 4200  # `ibtpo ui`'s defaults  # a loaded 2-core machine needs far more than Prefect's default 20 s
 
 
+def profile_names_a_server() -> bool:
+    """Whether the active profile of Prefect's default home sets PREFECT_API_URL (``prefect
+    config set PREFECT_API_URL=...``): such a user reports to that server."""
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", Path.home() / ".prefect" / "profiles.toml"))
+    try:
+        import tomllib
+
+        data = tomllib.loads(path.read_text())
+    except (ImportError, OSError, ValueError):
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+
+
 def use_local_prefect_home(folder: Path | None = None) -> str:
     """Keep Prefect's state in ``./.prefect`` (as MLflow's store is ``./mlflow.db``) unless the
-    user chose a home (PREFECT_HOME) or a server (PREFECT_API_URL): ``ibtpo run``, ``ibtpo ui``
-    and ``make`` then all see the same flow runs. Returns the home in use."""
-    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+    user chose a home (PREFECT_HOME) or a server (PREFECT_API_URL, in the environment or the
+    active profile): ``ibtpo run``, ``ibtpo ui`` and ``make`` then all see the same flow runs.
+    Returns the home in use."""
+    chosen = "PREFECT_HOME" in os.environ or "PREFECT_API_URL" in os.environ
+    if not chosen and not profile_names_a_server():
         os.environ["PREFECT_HOME"] = str((folder or Path.cwd()) / ".prefect")
     return os.environ.get("PREFECT_HOME", "~/.prefect")
 

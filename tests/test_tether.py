@@ -91,3 +91,24 @@ def test_a_missing_program_is_named():
     proc = tether.spawn(["/nonexistent/program"], stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 127 and "cannot start /nonexistent/program" in err
+
+
+def test_prefect_state_defaults_to_this_folder_unless_the_user_chose(tmp_path, monkeypatch):
+    """ibtpo's commands keep Prefect's state in ./.prefect, beside ./mlflow.db, so ibtpo ui sees
+    what ibtpo run made; a user's own home or server (environment or active profile) wins."""
+    from ibtpo_core.servers import use_local_prefect_home
+
+    for k in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    profiles = tmp_path / "profiles.toml"
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(profiles))
+    assert use_local_prefect_home(tmp_path) == str(tmp_path / ".prefect")
+
+    monkeypatch.delenv("PREFECT_HOME")
+    profiles.write_text('active = "lab"\n[profiles.lab]\nPREFECT_API_URL = "http://prefect.lab:4200/api"\n')
+    assert use_local_prefect_home(tmp_path) == "~/.prefect" and "PREFECT_HOME" not in os.environ
+    profiles.write_text('active = "local"\n[profiles.local]\nPREFECT_LOGGING_LEVEL = "INFO"\n')
+    assert use_local_prefect_home(tmp_path) == str(tmp_path / ".prefect")
+
+    monkeypatch.setenv("PREFECT_HOME", "/elsewhere")
+    assert use_local_prefect_home(tmp_path) == "/elsewhere"
