@@ -86,13 +86,16 @@ def _cmd_ui(args) -> int:
     print(f"MLflow UI:  http://{shown}:{args.mlflow_port}  (store {uri})", flush=True)
     if args.no_prefect:
         pass
-    elif servers.answers(f"{os.environ.get('PREFECT_API_URL', '').rstrip('/')}/health"):
-        print(f"Prefect UI: served by the Prefect server at {os.environ['PREFECT_API_URL']}")
+    elif (api := servers.configured_api_url()) and servers.answers(f"{api.rstrip('/')}/health"):
+        print(f"Prefect UI: served by the Prefect server at {api}")
     else:
+        if api:
+            print(f"Prefect: {api} (PREFECT_API_URL) does not answer; starting a Prefect UI here "
+                  f"instead", flush=True)
         procs.append(tether.spawn(servers.prefect_ui_command(args.host, args.prefect_port),
                                   env={**env, **servers.prefect_ui_env(args.host, args.prefect_port)}))
-        print(f"Prefect UI: http://{shown}:{args.prefect_port}  (state {os.environ['PREFECT_HOME']})",
-              flush=True)
+        home = os.environ.get("PREFECT_HOME", "~/.prefect")
+        print(f"Prefect UI: http://{shown}:{args.prefect_port}  (state {home})", flush=True)
 
     def on_term(signum, _frame):
         raise KeyboardInterrupt

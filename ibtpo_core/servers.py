@@ -24,18 +24,23 @@ STARTUP_TIMEOUT_S = 120.0
 MLFLOW_UI_PORT, PREFECT_UI_PORT = 5000, 4200  # `ibtpo ui`'s defaults  # a loaded 2-core machine needs far more than Prefect's default 20 s
 
 
-def profile_names_a_server() -> bool:
-    """Whether the active profile of Prefect's default home sets PREFECT_API_URL (``prefect
-    config set PREFECT_API_URL=...``): such a user reports to that server."""
+def profile_api_url() -> str | None:
+    """PREFECT_API_URL as the active profile of Prefect's default home sets it (``prefect config
+    set PREFECT_API_URL=...``), if it does."""
     path = Path(os.environ.get("PREFECT_PROFILES_PATH", Path.home() / ".prefect" / "profiles.toml"))
     try:
         import tomllib
 
         data = tomllib.loads(path.read_text())
     except (ImportError, OSError, ValueError):
-        return False
+        return None
     active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
-    return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+    return data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
+
+
+def configured_api_url() -> str | None:
+    """The Prefect server the user named: PREFECT_API_URL, else the active profile's."""
+    return os.environ.get("PREFECT_API_URL") or profile_api_url()
 
 
 def use_local_prefect_home(folder: Path | None = None) -> str:
@@ -44,7 +49,7 @@ def use_local_prefect_home(folder: Path | None = None) -> str:
     active profile): ``ibtpo run``, ``ibtpo ui`` and ``make`` then all see the same flow runs.
     Returns the home in use."""
     chosen = "PREFECT_HOME" in os.environ or "PREFECT_API_URL" in os.environ
-    if not chosen and not profile_names_a_server():
+    if not chosen and not profile_api_url():
         os.environ["PREFECT_HOME"] = str((folder or Path.cwd()) / ".prefect")
     return os.environ.get("PREFECT_HOME", "~/.prefect")
 
