@@ -101,15 +101,19 @@ def _cmd_ui(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    names = ["MLflow", "Prefect"][:len(procs)]
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
+        ended = next(n for n, p in zip(names, procs) if p.poll() is not None)
+        print(f"ibtpo ui: the {ended} server exited (is its port taken? choose another with "
+              f"--{ended.lower()}-port); stopping the other", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         for p in procs:
             tether.stop(p)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
