@@ -136,3 +136,45 @@ def test_sharded_zero_stages_carry_the_optimizer_state_and_save_whole_weights(
     c = AutoModelForCausalLM.from_pretrained(fresh).state_dict()
     b = AutoModelForCausalLM.from_pretrained(runs["sharded"][1]).state_dict()
     assert any(not torch.allclose(c[k], b[k], atol=1e-6) for k in c)
+
+
+@pytest.mark.parametrize("n,world,size,expected", [
+    # 17 on 2 ranks at 8: shards 9 and 8; ceil(9 / 8) = 2 micro-batches each: 4 + 5 and 4 + 4
+    (17, 2, 8, [[4, 5], [4, 4]]),
+    # 3 on 2 ranks at 1: shards 2 and 1; 2 micro-batches each, rank 1 adds a weight-0 stand-in
+    (3, 2, 1, [[1, 1], [0, 1]]),
+    (6, 1, 256, [[6]]),
+])
+def test_every_rank_runs_the_same_number_of_micro_batches(n, world, size, expected):
+    from ibtpo_core.training.deepspeed_trainer import rank_micro_batches
+
+    mini = list(range(n))
+    seen = []
+    for rank in range(world):
+        chunks = rank_micro_batches(mini, rank, world, size)
+        assert [len(c) if w else 0 for c, w in chunks] == expected[rank]
+        assert all(c for c, _ in chunks)  # never an empty micro-batch
+        seen += [x for c, w in chunks if w for x in c]
+    assert sorted(seen) == mini  # every sequence once, with weight 1
+
+
+def test_uneven_shards_across_micro_batches_train_like_one_process(tiny_model_dir, tmp_path):
+    """5 sequences on 2 ranks at 2 a micro-batch, ZeRO-2 (which reduces gradients in every
+    backward): shards of 3 and 2 used to run 2 and 1 backward passes, and the rank with fewer
+    left its peer in a reduction (the launch aborted)."""
+    from ibtpo_core.rl import save_sequences
+    from ibtpo_core.training.deepspeed_trainer import launch_update
+
+    seqs = sequences(tiny_model_dir)[:5]
+    save_sequences(seqs, tmp_path / "seqs.json")
+    one = update_policy(tiny_model_dir, str(tmp_path / "one"), seqs, LossSpec(),
+                        UpdateSpec(lr=1e-3, micro_batch_size=2))
+    two = launch_update(tiny_model_dir, str(tmp_path / "two"), str(tmp_path / "seqs.json"),
+                        LossSpec(), UpdateSpec(lr=1e-3, micro_batch_size=2, num_processes=2,
+                                               deepspeed_config="configs/deepspeed/zero2.yaml"))
+    assert two["num_tokens"] == one["num_tokens"] == 35
+    assert two["loss/total"] == pytest.approx(one["loss/total"], abs=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)

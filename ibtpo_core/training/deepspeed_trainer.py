@@ -131,6 +131,22 @@ def _ensure_dist_env() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
+def rank_micro_batches(mini: list, rank: int, world: int, size: int) -> list[tuple[list, float]]:
+    """This rank's micro-batches of one mini-batch, each with its loss weight (1 or 0).
+
+    Every rank runs the same number of micro-batches, the number the largest shard needs at
+    ``size`` sequences: each step of the DeepSpeed engine is a collective, and a rank with one
+    step fewer (17 sequences on 2 ranks at 8 a micro-batch: 9 and 8) left its peer waiting in a
+    reduction and aborted the launch. A rank's shard is split as evenly as it allows; a rank
+    with fewer sequences than micro-batches repeats one with weight 0 (it joins the collective
+    and adds nothing).
+    """
+    shard = mini[rank::world]
+    count = -(-(-(-len(mini) // world)) // size)  # ceil(ceil(len / world) / size)
+    chunks = [shard[i * len(shard) // count:(i + 1) * len(shard) // count] for i in range(count)]
+    return [(c, 1.0) if c else (shard[:1], 0.0) for c in chunks]
+
+
 def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
                   spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
     """``spec.mini_batches`` optimizer steps on ``seqs`` (one per slice, in order); saves the new
@@ -183,9 +199,8 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
     for m in range(n_mini):
         mini = seqs[m * len(seqs) // n_mini:(m + 1) * len(seqs) // n_mini]
         mini_tokens = sum(len(s.tokens) for s in mini)
-        shard = mini[rank::world]
-        micro = [shard[i:i + spec.micro_batch_size] for i in range(0, len(shard), spec.micro_batch_size)]
-        for k, chunk in enumerate(micro):
+        micro = rank_micro_batches(mini, rank, world, spec.micro_batch_size)
+        for k, (chunk, weight) in enumerate(micro):
             batch = collate(chunk, tok.pad_token_id).to(device)
             logp, ent = token_logprobs(engine, batch, spec.temperature)
             ref_logp = None
@@ -194,7 +209,7 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
                     ref_logp, _ = token_logprobs(ref, batch, spec.temperature)
             value, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages,
                                          batch.response_mask, loss, ref_logprobs=ref_logp, entropy=ent)
-            tokens = float(batch.response_mask.sum())
+            tokens = float(batch.response_mask.sum()) * weight  # 0: a stand-in (rank_micro_batches)
             engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             engine.backward(value * (tokens / mini_tokens) * world, scale_wrt_gas=False)
             engine.step()
