@@ -27,6 +27,15 @@ def sequences(model_dir):
     return seqs
 
 
+def assert_same_update(one: dict, two: dict, one_dir, two_dir) -> None:
+    """Two updates took the same step: same loss, same weights (to float tolerance)."""
+    assert two["loss/total"] == pytest.approx(one["loss/total"], abs=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(one_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(two_dir).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
 def torch_steps(model, parts, loss, lr):
     """The reference in plain torch: one AdamW step per part (token mean within it), gradients
     clipped at norm 1.0 as the DeepSpeed config does."""
@@ -97,11 +106,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, launcher):
     two = launch_update(tiny_model_dir, str(tmp_path / "two"), str(tmp_path / "seqs.json"),
                         LossSpec(), UpdateSpec(lr=1e-3, num_processes=2, launcher=launcher))
     assert two["num_tokens"] == one["num_tokens"] == 42
-    assert two["loss/total"] == pytest.approx(one["loss/total"], abs=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+    assert_same_update(one, two, tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.parametrize("zero", [pytest.param(2, marks=pytest.mark.integration), 3])
@@ -173,8 +178,4 @@ def test_uneven_shards_across_micro_batches_train_like_one_process(tiny_model_di
                         LossSpec(), UpdateSpec(lr=1e-3, micro_batch_size=2, num_processes=2,
                                                deepspeed_config="configs/deepspeed/zero2.yaml"))
     assert two["num_tokens"] == one["num_tokens"] == 35
-    assert two["loss/total"] == pytest.approx(one["loss/total"], abs=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+    assert_same_update(one, two, tmp_path / "one", tmp_path / "two")
