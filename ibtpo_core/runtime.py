@@ -22,6 +22,15 @@ def set_offline_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it), never a fixed one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def set_accelerator_default() -> None:
     """Tell DeepSpeed the accelerator up front (it warns on every process that has to guess);
     a user's DS_ACCELERATOR wins."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from ibtpo_core import tether
+from ibtpo_core.runtime import free_port
 
 STARTUP_TIMEOUT_S = 120.0
 MLFLOW_UI_PORT, PREFECT_UI_PORT = 5000, 4200  # `ibtpo ui`'s defaults  # a loaded 2-core machine needs far more than Prefect's default 20 s
@@ -52,12 +52,6 @@ def use_local_prefect_home(folder: Path | None = None) -> str:
     if not chosen and not profile_api_url():
         os.environ["PREFECT_HOME"] = str((folder or Path.cwd()) / ".prefect")
     return os.environ.get("PREFECT_HOME", "~/.prefect")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def answers(url: str) -> bool:

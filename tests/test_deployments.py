@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from ibtpo_core.runtime import free_port
+from ibtpo_core.servers import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -33,28 +34,8 @@ def test_prefect_yaml_declares_the_deployments():
     assert "# schedules:" in (ROOT / "prefect.yaml").read_text()  # the commented example
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"prefect server at {url} not healthy after {timeout} s")
-
-
 def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     # without the torch.distributed variables an earlier in-process DeepSpeed test left in this
     # process's environment: its rendezvous port is still held here
@@ -68,7 +49,7 @@ def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
                               stdout=logs.open("w"), stderr=subprocess.STDOUT)
     worker, worker_log = None, tmp_path / "worker.log"
     try:
-        _wait_healthy(api, server)
+        wait_healthy(f"{api}/health", server, 120, "prefect server")
 
         def prefect(*args: str, timeout: float = 180, tries: int = 1) -> str:
             for attempt in range(tries):

@@ -94,4 +94,4 @@ def test_an_unknown_variant_lists_the_valid_ones():
 
     f = Forest.from_trees([flat_group([1, 0])])
     with pytest.raises(ValueError, match="diff, log_ratio, log_ratio_centred"):
-        local_advantage(f, torch.zeros(3, dtype=torch.float64), "log_ratios")
+        local_advantage(f, torch.zeros(3, dtype=torch.float64), "log_ratios", compute_stats(f).n)

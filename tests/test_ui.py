@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ibtpo_core.runtime import free_port
 from tests.processes import TAG, leftovers
 
 pytestmark = pytest.mark.ui
@@ -60,12 +61,6 @@ def browse_until(chromium: str, url: str, workdir: Path, ready, tries: int = 8) 
         if ready(page):
             break
     return page
-
-
-def free_port() -> int:
-    from ibtpo_core.servers import free_port as pick
-
-    return pick()
 
 
 def user_env(tag: str) -> dict[str, str]:

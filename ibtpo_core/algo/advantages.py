@@ -30,7 +30,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum, compute_stats, values
+from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum, values
 from ibtpo_core.registry import Registry
 
 ADVANTAGES: Registry[Callable] = Registry("advantage")
@@ -70,8 +70,8 @@ def _log_ratio(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) ->
 
 @LOCAL_ADVANTAGES.register("log_ratio_centred")
 def _log_ratio_centred(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    a = torch.where(f.parent >= 0, _log_ratio(f, V, Vp, n), torch.zeros_like(V))
     nonroot = f.parent >= 0
+    a = torch.where(nonroot, _log_ratio(f, V, Vp, n), torch.zeros_like(V))
     p = f.parent.clamp(min=0)
     # leaf-weighted mean over the children of each parent: sum_k n(k) a(k) / sum_k n(k)
     num = torch.zeros_like(V).index_add(0, p, torch.where(nonroot, n * a, 0.0))
@@ -79,12 +79,10 @@ def _log_ratio_centred(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Te
     return a - num[p] / den[p].clamp(min=1e-300)
 
 
-def local_advantage(f: Forest, V: torch.Tensor, kind: str, n: torch.Tensor | None = None) -> torch.Tensor:
+def local_advantage(f: Forest, V: torch.Tensor, kind: str, n: torch.Tensor) -> torch.Tensor:
     """A_IB(s) of ``kind`` (a name in LOCAL_ADVANTAGES); 0 for roots. ``n``: leaves below each
-    node (needed by ``log_ratio_centred``; counted from the forest if not given)."""
+    node (``TreeStats.n``; ``log_ratio_centred`` weights by it)."""
     fn = LOCAL_ADVANTAGES.get(kind)
-    if n is None:
-        n = compute_stats(f).n
     Vp = V[f.parent.clamp(min=0)]
     out = fn(f, V, Vp, n.to(V.dtype))
     return torch.where(f.parent >= 0, out, torch.zeros_like(V))

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ibtpo_core.algo.ib_score import Forest, TreeStats
+from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum
 from ibtpo_core.registry import Registry
 
 SELECT_BY: Registry[Callable] = Registry("select_by")
@@ -58,8 +58,8 @@ def branch_entropy(f: Forest, estimator: str = "token_entropy") -> torch.Tensor:
         ent = torch.where(torch.isnan(ent), surprisal, ent)
     child = (f.parent >= 0) & has_tok
     p = f.parent.clamp(min=0)
-    total = torch.zeros(N, dtype=torch.float64).index_add(0, p, torch.where(child, ent, 0.0))
-    num = torch.zeros(N, dtype=torch.float64).index_add(0, p, child.double())
+    total = _scatter_sum(p, torch.where(child, ent, 0.0), N)
+    num = _scatter_sum(p, child.double(), N)
     return torch.where(num > 0, total / num.clamp(min=1), torch.full_like(total, float("nan")))
 
 

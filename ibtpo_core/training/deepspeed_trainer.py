@@ -119,13 +119,11 @@ def _ds_config(path: str, micro: int, world_size: int) -> dict:
 
 def _ensure_dist_env() -> int:
     """Single-process defaults for torch.distributed; a launcher's variables win."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    if "MASTER_PORT" not in os.environ:  # no launcher: a free local port, never a fixed one
-        import socket
+    from ibtpo_core.runtime import free_port, set_accelerator_default
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    set_accelerator_default()
+    if "MASTER_PORT" not in os.environ:  # no launcher: a free local port
+        os.environ["MASTER_PORT"] = str(free_port())
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
     return int(os.environ["WORLD_SIZE"])
@@ -258,18 +256,16 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
     launcher (rank 0 saves and writes the metrics); returns the metrics."""
     import dataclasses
     import json
-    import socket
     import subprocess
     import sys
 
     from ibtpo_core import tether
+    from ibtpo_core.runtime import free_port
 
     require_optimizer_state(model_dir)  # before any rank starts
     if not torch.cuda.is_available():  # said here, where the run's log shows it, not in a rank
         clear_stale_lock()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     bindir = Path(sys.executable).parent
     args = ["-m", "ibtpo_core.training.update_main", "--model", model_dir, "--out", out_dir,
             "--sequences", seqs_path, "--loss", json.dumps(dataclasses.asdict(loss)),
