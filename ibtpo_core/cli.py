@@ -117,8 +117,6 @@ def _cmd_ui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ibtpo_core.algo.advantages import LOCAL_ADVANTAGES
-
     p = argparse.ArgumentParser(prog="ibtpo", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run an experiment config (data, warm-up, RL, evaluation)")
@@ -140,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beta", type=float, default=1.0)
     t.add_argument("--entropy-estimator", choices=["token_entropy", "surprisal"],
                    default="token_entropy")
-    t.add_argument("--local-advantage", choices=LOCAL_ADVANTAGES.names(), default="log_ratio")
+    # checked against the registry when the tree is scored (an unknown name lists the valid
+    # ones): reading the registry here would import torch for every command
+    t.add_argument("--local-advantage", default="log_ratio",
+                   help="the local advantage variant (docs/method.md §4)")
     t.add_argument("--picture", metavar="PNG", help="also draw the tree: steps coloured by "
                    "IB-Score, leaves by reward, the sampler's branching picks ringed")
     t.set_defaults(func=_cmd_tree_score)

@@ -95,3 +95,17 @@ def test_an_unknown_variant_lists_the_valid_ones():
     f = Forest.from_trees([flat_group([1, 0])])
     with pytest.raises(ValueError, match="diff, log_ratio, log_ratio_centred"):
         local_advantage(f, torch.zeros(3, dtype=torch.float64), "log_ratios", compute_stats(f).n)
+
+
+def test_tree_score_names_the_valid_variants_for_a_misspelt_one(tmp_path, capsys):
+    import json
+
+    from ibtpo_core.cli import main
+
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps(flat_group([1, 0, 0, 0]).to_json()))
+    assert main(["tree-score", str(path), "--local-advantage", "log_ratio_centered"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "diff, log_ratio, log_ratio_centred" in captured.err
+    assert main(["tree-score", str(path), "--local-advantage", "log_ratio_centred"]) == 0
