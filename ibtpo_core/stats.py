@@ -23,7 +23,9 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def welch_diff(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
     """mean(a) - mean(b) with Welch's t interval (unequal variances, Welch-Satterthwaite df).
 
-    Needs two values on each side; returns nan bounds otherwise, and a zero-width interval when
+    ``mde``: the minimum detectable effect, the smallest true difference that this many seeds
+    with this spread would find with 80% power. Needs two values on each side; returns nan
+    bounds otherwise, and a zero-width interval when
     both sides have no spread.
     """
     from scipy.stats import t as student_t
@@ -32,13 +34,16 @@ def welch_diff(a: list[float], b: list[float], level: float = 0.95) -> dict[str,
     mb, sb = mean_se(b)
     diff = ma - mb
     if len(a) < 2 or len(b) < 2:
-        return {"mean": diff, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan}
+        return {"mean": diff, "ci95_low": math.nan, "ci95_high": math.nan, "df": math.nan,
+                "mde": math.nan}
     se2 = sa ** 2 + sb ** 2
     if se2 == 0:
-        return {"mean": diff, "ci95_low": diff, "ci95_high": diff, "df": math.inf}
+        return {"mean": diff, "ci95_low": diff, "ci95_high": diff, "df": math.inf, "mde": 0.0}
     df = se2 ** 2 / (sa ** 4 / (len(a) - 1) + sb ** 4 / (len(b) - 1))
     half = student_t.ppf(0.5 + level / 2, df) * math.sqrt(se2)
-    return {"mean": diff, "ci95_low": diff - half, "ci95_high": diff + half, "df": df}
+    # the smallest true difference this many seeds would find with 80% power at this level
+    mde = (student_t.ppf(0.5 + level / 2, df) + student_t.ppf(0.8, df)) * math.sqrt(se2)
+    return {"mean": diff, "ci95_low": diff - half, "ci95_high": diff + half, "df": df, "mde": mde}
 
 
 def interp(xs: list[float], ys: list[float], x: float) -> float:

@@ -5,7 +5,9 @@ Per method: held-out accuracy (mean and SE over seeds), its difference to the ba
 Welch 95% interval, accuracy at equal decoded tokens and at equal RL wall time (read off each
 run's accuracy curve at the smallest total any run reached), pass@k and distinct correct
 solutions before and after RL, trajectories and unique trajectories per budget (and unique ones
-relative to the baseline), Eff-Rate, decoded tokens, RL wall time.
+relative to the baseline), Eff-Rate, decoded tokens, RL wall time, the final training reward
+(mean of the last ``FINAL_ITERATIONS`` iterations: far above test accuracy means memorisation) and
+the task's unique-leaf ceiling measured on the warm-up policy.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tasks import tracking
 PER_ITERATION = {"leaves_per_budget": "tree/leaves_per_budget",
                  "unique_leaves_per_budget": "tree/unique_leaves_per_budget", "eff_rate": "eff_rate"}
 IB_CURVES = ("ib_probe/score_mean", "ib/score_mean")
+FINAL_ITERATIONS = 5  # the training reward at the end: a mean over this many last iterations
 
 
 @dataclass
@@ -41,6 +44,7 @@ class CellRun:
     ib: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     order: int = 0  # the cell's place in the sweep file (rows follow the file's order)
     trees: bool = True  # sampled trees (IBTree); flat groups have no training-tree diagnostic
+    train_reward_final: float = math.nan  # mean reward over the last FINAL_ITERATIONS iterations
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -78,6 +82,7 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
     for name, key in PER_ITERATION.items():
         vals = [v for _, v in _history(client, rid, key)]
         per_it[name] = sum(vals) / len(vals) if vals else math.nan
+    rewards = [v for _, v in _history(client, rid, "reward")][-FINAL_ITERATIONS:]
     decoded = (_history(client, rid, "decoded_tokens_total") or [(0, 0.0)])[-1][1]
     rl_wall = (_history(client, rid, "rl_wall_s_total") or [(0, 0.0)])[-1][1]
     curve_run = _child(client, run, "curve")
@@ -95,7 +100,8 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
                    rl_wall=rl_wall, curve=curve,
                    ib={k: _history(client, rid, k) for k in IB_CURVES},
                    order=int(tags.get("ibtpo.cell_index", 0)),
-                   trees=run.data.params.get("algo.tree.sampler", "ibtree") == "ibtree")
+                   trees=run.data.params.get("algo.tree.sampler", "ibtree") == "ibtree",
+                   train_reward_final=sum(rewards) / len(rewards) if rewards else math.nan)
 
 
 def collect(sweep_run_id: str) -> list[CellRun]:
@@ -146,6 +152,9 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
             "distinct_correct_before": mean_se([c.before.get("distinct_correct", math.nan) for c in group])[0],
             "decoded_tokens": mean_se([c.decoded for c in group])[0],
             "wall_s": mean_se([c.rl_wall for c in group])[0],
+            "train_reward_final": mean_se([c.train_reward_final for c in group])[0],
+            "ceiling_unique_ratio": mean_se(
+                [c.before.get("task/ceiling_unique_ratio", math.nan) for c in group])[0],
         }
         for name in PER_ITERATION:
             row[name] = mean_se([c.per_iteration[name] for c in group])[0]
@@ -172,7 +181,7 @@ def markdown(summary: dict, title: str) -> str:
     head = ["method", "seeds", "accuracy", f"diff vs {b} [95% CI]" if b else "diff",
             f"acc @ {tok:,.0f} tokens", f"acc @ {wall:.0f} s RL", f"{pk} before -> after",
             "distinct correct", "leaves/budget", "unique/budget", f"unique vs {b}" if b else "unique ratio",
-            "Eff-Rate", "decoded tokens", "RL wall s"]
+            "Eff-Rate", "train reward (end)", "decoded tokens", "RL wall s"]
     lines = [f"# {title}", "",
              "Accuracy: held-out test split after RL, mean +- SE over seeds. The difference to "
              f"{b or 'the baseline'} has a Welch 95% interval over seeds. Equal-token and "
@@ -190,7 +199,8 @@ def markdown(summary: dict, title: str) -> str:
             f"{_f(r['distinct_correct_before'], '.2f')} -> {_f(r['distinct_correct'], '.2f')}",
             _f(r["leaves_per_budget"], ".2f"), _f(r["unique_leaves_per_budget"], ".2f"),
             _f(r.get(f"unique_leaves_vs_{b}", math.nan), ".2f") + "x",
-            _f(r["eff_rate"], ".2f"), f"{r['decoded_tokens']:,.0f}", f"{r['wall_s']:.0f}"]) + " |")
+            _f(r["eff_rate"], ".2f"), _f(r["train_reward_final"]), f"{r['decoded_tokens']:,.0f}",
+            f"{r['wall_s']:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 

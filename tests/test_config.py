@@ -50,3 +50,30 @@ def test_overrides_apply_and_are_validated(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_an_experiment_file_can_build_on_a_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: parent\nseed: 3\nwarmup:\n  spec:\n    steps: 9\n"
+                                        "    lr: 0.5\nrl:\n  iterations: 2\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nwarmup:\n  spec:\n    steps: 4\n")
+    cfg = load_config(tmp_path / "child.yaml", ["rl.iterations=5"])
+    # the child's key wins, its sibling keys come from the base, the base's name does not
+    assert cfg.warmup.spec.steps == 4 and cfg.warmup.spec.lr == 0.5 and cfg.seed == 3
+    assert cfg.rl.iterations == 5 and cfg.name == "child"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("base: nope.yaml\n", r"its base 'nope.yaml' does not exist"),
+    ("base: c.yaml\n", "base files form a loop"),
+    ("base: [a]\n", "base must be the path"),
+])
+def test_a_bad_base_is_named(tmp_path, text, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_the_deep_task_config_is_the_default_run_on_countdown_6():
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    deep, tiny = load_config(root / "deep_ibtpo.yaml"), load_config(root / "tiny_ibtpo.yaml")
+    assert deep.data.countdown.num_count == 6 and deep.data.countdown.problems == "sample"
+    assert deep.model == tiny.model and deep.warmup == tiny.warmup and deep.algo == tiny.algo

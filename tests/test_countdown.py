@@ -1,9 +1,11 @@
 """The built-in task: the verifier on hand-made solutions, the solver, the splits."""
+import random
+
 import pytest
 
 from ibtpo_core.algo.rewards import VERIFIERS, check_countdown
 from ibtpo_core.data.countdown import (CountdownSpec, canonical_key, enumerate_problems,
-                                       format_steps, make_splits, solve)
+                                       format_steps, make_splits, random_walk, sample_trace, solve)
 
 P = {"numbers": [2, 3, 4, 5], "target": 26}
 
@@ -102,3 +104,54 @@ def test_too_small_a_space_is_a_clear_error():
     n = len(enumerate_problems(spec))
     with pytest.raises(ValueError, match="too few"):
         make_splits(spec, seed=0, n_test=n, n_val=10)
+
+
+DEEP = CountdownSpec(num_count=6, problems="sample", max_value=9, min_target=10, max_target=99,
+                     max_intermediate=99, n_train=3000)
+
+
+def test_drawn_problems_carry_a_walk_that_verifies_and_splits_are_disjoint():
+    s = make_splits(DEEP, seed=0, n_test=300, n_val=100)
+    assert [len(s[k]) for k in ("test", "validation", "train")] == [300, 100, 3000]
+    keys = {k: [r["key"] for r in v] for k, v in s.items()}
+    assert len(set(keys["test"])) == 300 and len(set(keys["validation"])) == 100
+    assert not set(keys["test"]) & set(keys["train"]) and not set(keys["test"]) & set(keys["validation"])
+    assert not set(keys["validation"]) & set(keys["train"])
+    assert s == make_splits(DEEP, seed=0, n_test=300, n_val=100)
+    for row in s["test"][:100] + s["train"][:100]:
+        assert len(row["solution"]) == 5  # six numbers, five steps
+        assert 10 <= row["target"] <= 99 and canonical_key(row["numbers"], row["target"]) == row["key"]
+        trace = sample_trace(row, DEEP, random.Random(0))
+        assert check_countdown(trace, row["numbers"], row["target"]) == (True, "ok")
+
+
+def test_a_drawn_target_can_be_reached_more_than_one_way():
+    # the warm-up policy can only learn a choice where problems have several solutions: on
+    # countdown-4 drawn problems (solvable by enumeration here) most have more than one
+    spec = CountdownSpec(problems="sample", max_value=9, max_target=99, max_intermediate=99,
+                         n_train=1)
+    rows = make_splits(spec, seed=1, n_test=200, n_val=0)["test"]
+    several = [len(solve(r["numbers"], r["target"], 99)) > 1 for r in rows]
+    assert sum(several) / len(several) > 0.8
+
+
+def test_a_random_walk_follows_the_rules_by_hand():
+    # 2 and 2: 2+2=4, 2*2=4, 2-2 gives 0 (below 1), 2/2=1; each of the 3 is drawn
+    seen = {random_walk([2, 2], CountdownSpec(), random.Random(i)) for i in range(60)}
+    assert seen == {((2, "+", 2, 4),), ((2, "*", 2, 4),), ((2, "/", 2, 1),)}
+    # 7 and 9 with results capped at 10: 9+7 and 9*7 exceed it, 9/7 is inexact, 9-7=2 is left
+    assert random_walk([7, 9], CountdownSpec(max_intermediate=10), random.Random(0)) == ((9, "-", 7, 2),)
+    # 7 and 7: 14 and 49 exceed 10, 7-7=0 is below 1, 7/7=1 is left
+    assert random_walk([7, 7], CountdownSpec(max_intermediate=10), random.Random(0)) == ((7, "/", 7, 1),)
+    # with every result above the cap there is no valid step: a dead end
+    assert random_walk([9, 8], CountdownSpec(max_intermediate=0), random.Random(0)) is None
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"num_count": 6}, "set data.countdown.problems: sample"),
+    ({"max_intermediate": 300}, "up to 255"),
+    ({"num_count": 1}, "2 or more numbers"),
+])
+def test_bad_task_specs_name_the_fix(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CountdownSpec(**kw)

@@ -32,10 +32,13 @@ def test_welch_interval_hand_worked():
     assert d["df"] == pytest.approx(3.920, abs=1e-3)
     assert d["ci95_low"] == pytest.approx(0.15 - 0.21377, abs=2e-4)
     assert d["ci95_high"] == pytest.approx(0.15 + 0.21377, abs=2e-4)
+    # minimum detectable effect (80% power): (t_0.975 + t_0.8) * SE = (2.7990 + 0.9440) * 0.076376
+    # (t_0.8 between 0.978 at df 3 and 0.941 at df 4)
+    assert d["mde"] == pytest.approx(3.7430 * 0.076376, abs=1e-3)
     one = welch_diff([0.3], [0.1, 0.2])
     assert one["mean"] == pytest.approx(0.15) and math.isnan(one["ci95_low"])
     flat = welch_diff([0.3, 0.3], [0.1, 0.1])
-    assert flat["ci95_low"] == flat["ci95_high"] == pytest.approx(0.2)
+    assert flat["ci95_low"] == flat["ci95_high"] == pytest.approx(0.2) and flat["mde"] == 0.0
 
 
 def test_interp():

@@ -49,7 +49,16 @@ def test_expand_is_variants_times_grid_times_seeds(tmp_path):
     assert cfgs[first.name].algo.tree.sampler == "independent"  # the grpo preset applied
 
 
+def test_a_variant_can_have_its_own_seeds(tmp_path):
+    spec = load_sweep(_write(tmp_path, {
+        "name": "x", "base": SMOKE, "seeds": [0, 1],
+        "variants": [{"name": "a", "seeds": [0, 1, 2, 3]}, {"name": "b"}]}))
+    assert [(c.label, c.seed) for c in expand(spec)] == [
+        ("a", 0), ("a", 1), ("a", 2), ("a", 3), ("b", 0), ("b", 1)]
+
+
 @pytest.mark.parametrize("body, message", [
+    ({"variants": [{"name": "a", "seeds": [1, 1]}]}, "seeds repeat"),
     ({"grid": {"algo.tree.beta": []}}, "have no values"),
     ({}, "the sweep has no cells"),
     ({"grid": {"seed": [1]}, "seedz": [1]}, "did you mean 'seeds'"),
