@@ -17,9 +17,9 @@ from flows.train import external_model
 from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
-from tasks import tracking
+from pipeline import tracking
 from tasks.benchmark import benchmark
-from tasks.common import code_version
+from pipeline.stage_cache import code_version
 from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
 

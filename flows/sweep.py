@@ -22,9 +22,9 @@ from flows.train import finished_result, train
 from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults
-from tasks import summaries, tracking
-from tasks.common import code_version
-from tasks.report import write_report
+from pipeline import summaries, tracking
+from pipeline.stage_cache import code_version
+from pipeline.report import write_report
 
 
 def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:

@@ -24,9 +24,9 @@ from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
-from tasks import summaries, tracking
+from pipeline import summaries, tracking
 from tasks.benchmark import benchmark
-from tasks.common import code_version, inject_fault
+from pipeline.stage_cache import code_version, inject_fault
 from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
 from tasks.rl_iteration import estimate_scores, sample_trees, update_policy

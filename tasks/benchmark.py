@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import task
 
 from ibtpo_core import stages
-from tasks.common import CACHE, inject_fault, stage_dir
+from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
 @task(name="benchmark", task_run_name="benchmark",
       cache_policy=CACHE, persist_result=True)

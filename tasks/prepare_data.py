@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import task
 
 from ibtpo_core import stages
-from tasks.common import CACHE, inject_fault, stage_dir
+from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
 
 @task(name="prepare_data", task_run_name="prepare_data",

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from ibtpo_core import stages
-from tasks.common import CACHE, inject_fault, stage_dir
+from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
 def get_engine(engine_cfg: dict, model_path: str):
     """The process's engine (kept alive; weights reloaded when the checkpoint changes)."""

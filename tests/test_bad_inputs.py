@@ -106,7 +106,7 @@ def test_bad_rows_are_counted_at_data_preparation(fx, tmp_path):
 
 
 def test_the_cli_reports_bad_input_without_starting_prefect(capsys):
-    from ibtpo_core.cli import main
+    from pipeline.cli import main
 
     assert main(["run", str(SMOKE), "--set", "algo.tree.G=1"]) == 2
     err = capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Prefect puts a flow file's folder on ``sys.path`` when it loads the flow, so ``flows/evaluate.py``
 made ``import evaluate`` (which lm-eval and its task hooks do) return our flow module. No module
-of flows/, tasks/ or ibtpo_core/ may share a name with another of them, and none may share a
+of flows/, tasks/, pipeline/ or ibtpo_core/ may share a name with another of them, and none may share a
 name with an installed or standard-library top-level module.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("flows", "tasks", "ibtpo_core")
+FOLDERS = ("flows", "tasks", "pipeline", "ibtpo_core")
 
 
 def _modules() -> dict[str, list[str]]:
@@ -49,3 +49,16 @@ def test_import_evaluate_is_not_a_flow_once_prefect_loads_the_flows():
     assert out.returncode == 0, out.stderr[-2000:]
     origin = out.stdout.strip().splitlines()[-1]
     assert not origin.startswith(str(ROOT / "flows")), origin
+
+
+def test_tasks_holds_prefect_tasks_only():
+    import importlib
+
+    from prefect import Task
+
+    for path in sorted((ROOT / "tasks").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        mod = importlib.import_module(f"tasks.{path.stem}")
+        own = [v for v in vars(mod).values() if isinstance(v, Task) and v.fn.__module__ == mod.__name__]
+        assert own, f"tasks/{path.name} defines no Prefect task: move it out of tasks/ (pipeline/)"

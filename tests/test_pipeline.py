@@ -149,7 +149,7 @@ def test_corrupted_checkpoint_is_recomputed(harness):
 
 def test_tasks_through_fn(tmp_path):
     from configs.schema import DataConfig
-    from tasks.common import code_version
+    from pipeline.stage_cache import code_version
     from tasks.prepare_data import prepare_data
 
     cfg = DataConfig(n_test=10, n_val=5).model_dump()

@@ -36,3 +36,29 @@ def test_importing_the_algorithm_loads_no_framework():
     loaded = set(eval(out))
     for framework in ("transformers", "prefect", "mlflow", "deepspeed", "pydantic", "datasets", "yaml"):
         assert framework not in loaded, framework
+
+
+def _first_party_imports(folder: Path) -> list[tuple[str, str]]:
+    """(file, module) for every import anywhere in ``folder``'s modules, nested ones included."""
+    out = []
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                out += [(str(path.relative_to(folder.parent)), a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                out.append((str(path.relative_to(folder.parent)), node.module))
+    return out
+
+
+def test_the_library_imports_nothing_of_the_application_built_on_it():
+    # dependencies point down: pipeline.cli -> flows -> tasks -> pipeline helpers -> ibtpo_core
+    above = ("flows", "tasks", "pipeline", "configs")
+    bad = [f"{f}: {m}" for f, m in _first_party_imports(ALGO.parent) if m.split(".")[0] in above]
+    assert not bad, bad
+
+
+def test_the_check_would_see_a_nested_import(tmp_path):
+    lib = tmp_path / "ibtpo_core"
+    lib.mkdir()
+    (lib / "x.py").write_text("def f():\n    from flows.train import train\n")
+    assert ("ibtpo_core/x.py", "flows.train") in _first_party_imports(lib)

@@ -11,7 +11,7 @@ from ibtpo_core.artifacts import atomic_dir
 
 
 def test_unreachable_tracking_store_fails_at_start(monkeypatch):
-    from tasks.tracking import check_tracking_store
+    from pipeline.tracking import check_tracking_store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     t0 = time.time()
@@ -46,7 +46,7 @@ def test_a_write_that_dies_leaves_no_output(tmp_path):
 
 
 def test_ui_listens_on_loopback_by_default():
-    from ibtpo_core.cli import build_parser
+    from pipeline.cli import build_parser
 
     args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1"
@@ -63,7 +63,7 @@ def test_remote_code_is_off_by_default():
 
 
 def test_secrets_are_not_logged_as_params():
-    from tasks.tracking import flatten
+    from pipeline.tracking import flatten
 
     flat = flatten({"model": {"path": "m", "hf_token": "hf_abc"}, "api_key": "sk-1",
                     "tracking": {"password": "p", "experiment": "e"}})
@@ -95,7 +95,7 @@ def test_orphaned_running_runs_of_dead_processes_are_reaped(tmp_path, monkeypatc
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import child_run, parent_run
+    from pipeline.tracking import child_run, parent_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from ibtpo_core.stats import interp, mean_se, welch_diff
-from tasks.report import CellRun, markdown, summarize
+from pipeline.report import CellRun, markdown, summarize
 
 
 def test_mean_se_hand_worked():

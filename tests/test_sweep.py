@@ -138,7 +138,7 @@ def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
     assert "ib_probe/score_mean" in grpo.data.metrics
 
     # `ibtpo report` by the sweep's name writes the same table again, elsewhere
-    from ibtpo_core.cli import main
+    from pipeline.cli import main
 
     assert main(["report", "smoke", "--out", str(harness / "again")]) == 0
     assert (harness / "again" / "report.md").read_text() == Path(out["report"]).read_text()

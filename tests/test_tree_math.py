@@ -257,7 +257,7 @@ def test_insert_merges_equal_steps_and_keeps_duplicate_leaves():
 
 
 def test_tree_file_round_trip_and_cli(tmp_path, capsys):
-    from ibtpo_core.cli import main
+    from pipeline.cli import main
 
     path = tmp_path / "tree.json"
     path.write_text(json.dumps(hand_tree().to_json()))
@@ -297,7 +297,7 @@ def test_malformed_tree_files_name_the_node(mutate, match):
 
 
 def test_tree_score_cli_reports_bad_files(tmp_path, capsys):
-    from ibtpo_core.cli import main
+    from pipeline.cli import main
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -322,7 +322,7 @@ def test_tree_score_cli_reports_bad_files(tmp_path, capsys):
 ])
 def test_root_may_give_empty_or_no_logprobs_and_entropies(tmp_path, capsys, root):
     """A prompt is not sampled: the root carries neither (issue 13, item 6)."""
-    from ibtpo_core.cli import main
+    from pipeline.cli import main
 
     nodes = _nodes()
     nodes[0].pop("logprobs")

@@ -187,7 +187,7 @@ def log_metrics_once(run_id: str, step: int, metrics: dict[str, float], sentinel
     rows.append(Metric(sentinel, float(step), ts, step))
     if len(rows) > 1000:
         raise ValueError(f"{len(rows)} metrics in one step exceed MLflow's batch of 1000")
-    from tasks.common import inject_fault
+    from pipeline.stage_cache import inject_fault
 
     inject_fault("mlflow_log", step)
     client.log_batch(run_id, metrics=rows)  # one batch: one transaction, all or nothing

@@ -45,8 +45,8 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from tasks.report import write_report
-    from tasks.tracking import find_sweep_run
+    from pipeline.report import write_report
+    from pipeline.tracking import find_sweep_run
 
     path = write_report(find_sweep_run(args.sweep_run), args.out)
     print(path.read_text())
@@ -79,7 +79,9 @@ def _cmd_ui(args) -> int:
 
     from ibtpo_core import servers, tether
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    from pipeline.tracking import tracking_uri
+
+    uri = tracking_uri()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     procs = [tether.spawn(servers.mlflow_ui_command(uri, args.host, args.mlflow_port), env=env)]
     shown = servers.browser_host(args.host)

@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from ibtpo_core.stats import interp, mean_se, welch_diff
-from tasks import tracking
+from pipeline import tracking
 
 PER_ITERATION = {"leaves_per_budget": "tree/leaves_per_budget",
                  "unique_leaves_per_budget": "tree/unique_leaves_per_budget", "eff_rate": "eff_rate"}

@@ -8,7 +8,7 @@ import os
 import re
 
 from ibtpo_core.servers import MLFLOW_UI_PORT
-from tasks import tracking
+from pipeline import tracking
 
 
 def artifact_key(kind: str, name: str) -> str:
