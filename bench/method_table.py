@@ -49,11 +49,17 @@ def budget_row(summary: dict) -> dict:
     for name, r in summary["methods"].items():
         d = r.get(f"diff_vs_{base}") or {}
         methods[name] = {
-            "acc_mean": r["acc_mean"], "acc_se": r["acc_se"], "n_seeds": r["n_seeds"],
-            f"diff_vs_{base}": {k: d.get(k, math.nan) for k in ("mean", "ci95_low", "ci95_high", "mde")},
+            "acc_mean": r["acc_mean"],
+            "acc_se": r["acc_se"],
+            "n_seeds": r["n_seeds"],
+            f"diff_vs_{base}": {
+                k: d.get(k, math.nan) for k in ("mean", "ci95_low", "ci95_high", "mde")
+            },
             f"unique_vs_{base}": r.get(f"unique_leaves_vs_{base}", math.nan),
             "unique_leaves_per_budget": r["unique_leaves_per_budget"],
-            f"{pk}_before": r[f"{pk}_before"], f"{pk}_after": r[pk], "eff_rate": r["eff_rate"],
+            f"{pk}_before": r[f"{pk}_before"],
+            f"{pk}_after": r[pk],
+            "eff_rate": r["eff_rate"],
             "train_reward_final": r["train_reward_final"],
         }
     tokens = summary["methods"].get(base, next(iter(summary["methods"].values())))["decoded_tokens"]
@@ -86,7 +92,9 @@ def plot(budgets: list[dict], out: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sweep", action="append", help="a sweep file, one per budget (repeatable)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default="bench/results/method_table_budget.png")
@@ -119,12 +127,15 @@ def main() -> int:
     ref = first["methods"].get(BASELINE, {})
     treated = first["methods"].get(TREATED, {}).get(f"diff_vs_{BASELINE}", {})
     line = {
-        "task": f"countdown-{task.num_count} ({task.problems}, values {task.min_value}-{task.max_value}, "
-                f"targets {task.min_target}-{task.max_target})",
+        "task": f"countdown-{task.num_count} ({task.problems}, "
+        f"values {task.min_value}-{task.max_value}, "
+        f"targets {task.min_target}-{task.max_target})",
         "warmup_accuracy": ref.get("acc_before", math.nan),
         "ceiling_unique_ratio": ref.get("ceiling_unique_ratio", math.nan),
         "min_detectable_effect": treated.get("mde", math.nan),
-        "budgets": [{k: v for k, v in b.items() if k in ("decoded_tokens", "methods")} for b in budgets],
+        "budgets": [
+            {k: v for k, v in b.items() if k in ("decoded_tokens", "methods")} for b in budgets
+        ],
     }
     line = _clean(line)
     if args.plot:

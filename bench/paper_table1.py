@@ -52,7 +52,11 @@ def main() -> int:
     methods = {}
     for name, row in summary["methods"].items():
         pk = summary["pass_key"]  # pass_at_8 with the default evaluation (8 samples)
-        m = {pk: row.get(pk), f"{pk}_before": row.get(f"{pk}_before"), **{k: row.get(k) for k in FIELDS}}
+        m = {
+            pk: row.get(pk),
+            f"{pk}_before": row.get(f"{pk}_before"),
+            **{k: row.get(k) for k in FIELDS},
+        }
         if base:
             d = row[f"diff_vs_{base}"]
             m[f"diff_vs_{base}"] = {k: d[k] for k in ("mean", "ci95_low", "ci95_high")}

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_json  # noqa: E402
+
 from ibtpo_core.runtime import set_offline_defaults, set_threads  # noqa: E402
 
 
@@ -42,7 +43,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--model", default=None, help="checkpoint dir (default: a fresh tiny model)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores; stop other jobs first)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: all cores; stop other jobs first)",
+    )
     args = ap.parse_args()
     set_offline_defaults()
     threads = set_threads(args.threads or os.cpu_count() or 1)
@@ -99,7 +105,9 @@ def main() -> int:
         rows.append((b, e, g, e / g, 2 * params * e / peak))
     print(f"model: {params / 1e6:.2f}M params, {threads} threads, {T} new tokens, "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s, median of {args.repeats}")
-    print(f"{'batch':>5} {'engine tok/s':>13} {'generate tok/s':>15} {'ratio':>6} {'FLOP share':>10}")
+    print(
+        f"{'batch':>5} {'engine tok/s':>13} {'generate tok/s':>15} {'ratio':>6} {'FLOP share':>10}"
+    )
     for b, e, g, r, s in rows:
         print(f"{b:>5} {e:>13.0f} {g:>15.0f} {r:>6.2f} {s:>10.4f}")
     write_json(args.json, result)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_json  # noqa: E402
+
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages  # noqa: E402
 from ibtpo_core.algo.ib_score import Forest, compute_stats  # noqa: E402
 from ibtpo_core.algo.tree import Tree  # noqa: E402
@@ -31,7 +32,7 @@ def tree_with_leaves(rng: random.Random, leaves: int, step_tokens: int = 6) -> T
     t = Tree([1, 2, 3])
 
     def add_path(node: int) -> None:
-        for d in range(rng.randint(1, 4)):
+        for _ in range(rng.randint(1, 4)):
             node = t.add_node(node, [rng.randint(4, 200) for _ in range(step_tokens)],
                               [-rng.random() for _ in range(step_tokens)],
                               [rng.random() for _ in range(step_tokens)])
@@ -72,9 +73,10 @@ def main() -> int:
     vec, lp, so = [], [], []
     vectorised(), loop(), score_only()
     for _ in range(args.repeats):  # interleaved, so all three see the same machine load
-        t0 = time.perf_counter(); vectorised(); vec.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); score_only(); so.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); loop(); lp.append(time.perf_counter() - t0)
+        for fn, times in ((vectorised, vec), (score_only, so), (loop, lp)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     v, l, o = statistics.median(vec), statistics.median(lp), statistics.median(so)
     nodes = sum(len(t.nodes) for t in trees)
     res = {"trees": args.trees, "leaves_per_tree": args.leaves, "nodes": nodes, "threads": threads,

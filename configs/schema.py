@@ -22,13 +22,12 @@ from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
 from ibtpo_core.data.gym import ReasoningGymSpec
 from ibtpo_core.data.sources import DatasetSource
+from ibtpo_core.engines.base import ENGINE_MODULES
 from ibtpo_core.evaluation import EvalSpec
 from ibtpo_core.models.gguf_checkpoint import GGUFSpec
 from ibtpo_core.models.tiny import TinyModelSpec
 from ibtpo_core.training.deepspeed_trainer import UpdateSpec
 from ibtpo_core.training.warmup import WarmupSpec
-
-ENGINE_NAMES = ("hf", "vllm")
 
 # method.md §6: each method is a set of defaults under the algo section; explicit keys win.
 METHOD_PRESETS: dict[str, dict] = {
@@ -128,7 +127,7 @@ class EngineConfig(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        return one_of("engine", v, ENGINE_NAMES)
+        return one_of("engine", v, ENGINE_MODULES)
 
 
 class WarmupConfig(Section):
@@ -147,10 +146,14 @@ class EvalConfig(Section):
     every_n: int = Field(250, ge=1, description="problems (the first of the test split) of those "
                          "intermediate evaluations")
 
-    def section(self, n: Optional[int]) -> dict:
+    def on(self, n: Optional[int]) -> EvalConfig:
+        """This evaluation on the first ``n`` problems of its split (None: all)."""
+        return self.model_copy(update={"n": n})
+
+    def stage_key(self) -> dict:
         """What the evaluation stage is keyed on: the problems and the sampling, nothing else,
         so a run with a different ``every`` still shares the warm-up's evaluation."""
-        out = {"n": n, "spec": dataclasses.asdict(self.spec)}
+        out = {"n": self.n, "spec": dataclasses.asdict(self.spec)}
         return out if self.split == "test" else {**out, "split": self.split}
 
 
@@ -247,9 +250,11 @@ class ExperimentConfig(Section):
     def _budget_fits(self):
         t = self.algo.tree
         if t.budget_tokens is not None and t.budget_tokens < self.rl.rollout.max_new_tokens // 4:
-            raise ValueError(f"algo.tree.budget_tokens={t.budget_tokens} is too small to sample one "
-                             f"trajectory (responses run up to rl.rollout.max_new_tokens="
-                             f"{self.rl.rollout.max_new_tokens}); raise it or leave it null")
+            raise ValueError(
+                f"algo.tree.budget_tokens={t.budget_tokens} is too small to sample one "
+                f"trajectory (responses run up to rl.rollout.max_new_tokens="
+                f"{self.rl.rollout.max_new_tokens}); raise it or leave it null"
+            )
         return self
 
     def resolved_output_dir(self) -> Path:

@@ -71,8 +71,10 @@ class SweepSpec(BaseModel):
             raise ValueError("the sweep has no cells: give variants (a list of {name, set}) or a "
                              "grid (key: [values]), e.g. grid: {algo.method: [ibtpo, grpo]}")
         if self.executor == "inline" and self.concurrency > 1:
-            raise ValueError(f"concurrency={self.concurrency} needs executor: deployment (cells run "
-                             f"as deployment runs on a work pool); inline cells run one at a time")
+            raise ValueError(
+                f"concurrency={self.concurrency} needs executor: deployment (cells run "
+                f"as deployment runs on a work pool); inline cells run one at a time"
+            )
         return self
 
 
@@ -105,7 +107,9 @@ def expand(spec: SweepSpec) -> list[Cell]:
     out = spec.output_dir.replace("${name}", spec.name)
     for var in variants:
         for point in points:
-            parts = ([var.name] if spec.variants else []) + [_slug(k, v) for k, v in zip(keys, point)]
+            parts = ([var.name] if spec.variants else []) + [
+                _slug(k, v) for k, v in zip(keys, point)
+            ]
             label = ",".join(parts)
             sets = {**spec.set, **var.set, **dict(zip(keys, point))}
             for seed in var.seeds or spec.seeds:

@@ -18,8 +18,8 @@ from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from pipeline import tracking
-from tasks.benchmark import benchmark
 from pipeline.stage_cache import code_version
+from tasks.benchmark import benchmark
 from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
 
@@ -34,20 +34,23 @@ def evaluate(checkpoint: str, config: str = "configs/experiments/tiny_ibtpo.yaml
     preflight(cfg)
     tracking.check_tracking_store()
     set_threads(cfg.threads)
-    c = cfg.model_dump()
     policy = external_model(checkpoint)
-    run = tracking.parent_run(cfg.tracking.experiment, digest_json([policy["digest"], c, code_version()]),
-                              f"evaluate {Path(checkpoint).name}", params=c, kind="evaluate",
-                              tags={"prefect.flow_run_id": str(flow_run.id),
-                                    "ibtpo.checkpoint_digest": policy["digest"]})
+    run = tracking.parent_run(
+        cfg.tracking.experiment,
+        digest_json([policy["digest"], cfg.model_dump(), code_version()]),
+        f"evaluate {Path(checkpoint).name}",
+        params=cfg.model_dump(),
+        kind="evaluate",
+        tags={"prefect.flow_run_id": str(flow_run.id), "ibtpo.checkpoint_digest": policy["digest"]},
+    )
     try:
         shared = cfg.stage_cache_dir
-        data = prepare_data(c["data"], shared, code_version("prepare_data"))
-        ev = evaluate_policy(cfg.eval.section(cfg.eval.n), c["engine"], policy, data, shared,
+        data = prepare_data(cfg.data, shared, code_version("prepare_data"))
+        ev = evaluate_policy(cfg.eval, cfg.engine, policy, data, shared,
                              code_version("evaluate_policy"))
         metrics = dict(ev["metrics"])
         if cfg.benchmark.enabled:
-            b = benchmark(c["benchmark"], policy, data, shared, code_version("benchmark"))
+            b = benchmark(cfg.benchmark, policy, data, shared, code_version("benchmark"))
             metrics.update(b["metrics"])
             tracking.log_artifact_once(run, str(Path(b["path"]) / "lm_eval_results.json"))
         tracking.log_metrics_once(run, 0, metrics)

@@ -23,8 +23,8 @@ from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults
 from pipeline import summaries, tracking
-from pipeline.stage_cache import code_version
 from pipeline.report import write_report
+from pipeline.stage_cache import code_version
 
 
 def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
@@ -117,7 +117,9 @@ def run_inline(spec: SweepSpec, cells: list[Cell], tags: dict) -> dict[str, str]
     return status
 
 
-def run_on_pool(spec: SweepSpec, cells: list[Cell], tags: dict, poll_s: float = 5.0) -> dict[str, str]:
+def run_on_pool(
+    spec: SweepSpec, cells: list[Cell], tags: dict, poll_s: float = 5.0
+) -> dict[str, str]:
     """Each cell as a run of the train deployment (linked as a subflow), at most
     ``spec.concurrency`` in flight; the work pool's own concurrency limit applies as well."""
     from prefect.client.orchestration import get_client
@@ -128,9 +130,16 @@ def run_on_pool(spec: SweepSpec, cells: list[Cell], tags: dict, poll_s: float = 
         while queue or running:
             while queue and len(running) < spec.concurrency:
                 cell = queue.pop(0)
-                fr = run_deployment(spec.deployment, timeout=0, flow_run_name=cell.name,
-                                    parameters={"config": spec.base, "overrides": list(cell.overrides),
-                                                "tags": cell_tags(tags, cell)})
+                fr = run_deployment(
+                    spec.deployment,
+                    timeout=0,
+                    flow_run_name=cell.name,
+                    parameters={
+                        "config": spec.base,
+                        "overrides": list(cell.overrides),
+                        "tags": cell_tags(tags, cell),
+                    },
+                )
                 running[cell.name] = fr.id
             time.sleep(poll_s)
             for name, fr_id in list(running.items()):

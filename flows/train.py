@@ -1,8 +1,9 @@
 """The training flow: one run of any method of method.md §6 on any config.
 
-prepare data -> (create model) -> warm up -> evaluate (before) -> per RL iteration:
-sample trees -> estimate IB-Scores and advantages -> update the policy (DeepSpeed) ->
-(benchmark every k) -> evaluate (after) -> benchmark with lm-eval.
+``train_steps`` reads top to bottom: inputs (data, model, warm-up) -> evaluate (before) -> per
+RL iteration (``rl_iteration``): sample trees -> estimate IB-Scores and advantages -> update the
+policy (DeepSpeed) -> (benchmark every k) -> evaluate (after) -> benchmark with lm-eval -> result.
+Each step gets the typed config section it needs.
 
 Every stage is a cached task over files; a rerun of the same command skips what is finished
 and resumes at the first iteration that is not, and MLflow records are written once. Reads like
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from tqdm import tqdm
 from prefect.runtime import flow_run
+from tqdm import tqdm
 
 from configs.schema import ExperimentConfig, load_config
 from ibtpo_core import stages
@@ -25,8 +27,8 @@ from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
 from pipeline import summaries, tracking
-from tasks.benchmark import benchmark
 from pipeline.stage_cache import code_version, inject_fault
+from tasks.benchmark import benchmark
 from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
 from tasks.rl_iteration import estimate_scores, sample_trees, update_policy
@@ -41,7 +43,9 @@ def ensure(task, *args, iteration: int = -1, label: str | None = None):
         task = task.with_options(task_run_name=f"{task.name}[{label}]")
     rec = task(*args)
     if stages.cached(Path(rec["path"])) is None:
-        get_run_logger().warning(f"{task.name}: cached output {rec['path']} is missing or corrupted; recomputing")
+        get_run_logger().warning(
+            f"{task.name}: cached output {rec['path']} is missing or corrupted; recomputing"
+        )
         rec = task.with_options(refresh_cache=True)(*args)
     inject_fault(f"after_{task.name}", iteration)
     return rec
@@ -79,8 +83,33 @@ def external_model(path: str) -> dict:
     return {"path": path, "digest": folder_digest(digest_files(Path(path))), "metrics": {}}
 
 
+@dataclass
+class Run:
+    """Where one training run writes: its folder, its MLflow run, the RL code digest."""
+
+    cfg: ExperimentConfig
+    run_dir: str
+    mlflow_id: str
+    code: str
+    config_file: str
+    t0: float = field(default_factory=time.time)
+
+
+@dataclass
+class RLProgress:
+    """Running totals over the RL iterations done so far."""
+
+    policy: dict  # the latest checkpoint's stage record
+    decoded: float = 0.0  # decoded tokens
+    rl_wall: float = 0.0  # seconds spent in RL stages, as first computed (cache hits add theirs)
+    freed: int = 0  # bytes of optimizer state deleted by rl.keep_optimizer_states
+    checkpoints: list[str] = field(default_factory=list)  # this run's RL checkpoints, oldest first
+
+
 @flow(name="train", log_prints=True)
-def train(config: str, overrides: list[str] | None = None, tags: dict[str, str] | None = None) -> dict:
+def train(
+    config: str, overrides: list[str] | None = None, tags: dict[str, str] | None = None
+) -> dict:
     """One training run of ``config`` with ``overrides`` (``key.sub=value``); ``tags`` go on its
     MLflow run (a sweep links its cells with ``ibtpo.sweep_run_id``)."""
     set_offline_defaults()
@@ -89,113 +118,167 @@ def train(config: str, overrides: list[str] | None = None, tags: dict[str, str] 
     preflight(cfg)
     tracking.check_tracking_store()
     threads = set_threads(cfg.threads)
-    t0 = time.time()
-    run_dir = str(cfg.resolved_output_dir())
-    code = code_version("rl")
-    c = cfg.model_dump()
-    parent = tracking.parent_run(cfg.tracking.experiment, run_key(cfg), cfg.name,
-                                 params={**c, "seed": cfg.seed, "threads": threads},
-                                 tags={"prefect.flow_run_id": str(flow_run.id), "ibtpo.method": cfg.algo.method,
-                                       **(tags or {})})
+    run = start_run(cfg, config, threads, tags or {})
     try:
-        return _train(cfg, config, run_dir, code, parent, c, t0)
+        return train_steps(run)
     except BaseException:
-        tracking.finish(parent, "FAILED")  # a rerun of the same command resumes this run
+        tracking.finish(run.mlflow_id, "FAILED")  # a rerun of the same command resumes this run
         raise
 
 
-def _train(cfg: ExperimentConfig, config: str, run_dir: str, code: str, parent: str, c: dict,
-           t0: float) -> dict:  # noqa: C901 - reads top to bottom like the pipeline it runs
-    cfg_copy = Path(run_dir) / "config.json"
-    cfg_copy.parent.mkdir(parents=True, exist_ok=True)
-    cfg_copy.write_text(json.dumps(c, indent=1))
-    tracking.log_artifact_once(parent, str(cfg_copy))
-    tracking.log_artifact_once(parent, str(Path(config).resolve()))
+def train_steps(run: Run) -> dict:
+    cfg = run.cfg
+    record_config(run)
+    data = prepare_inputs(run)
+    start = starting_policy(run, data)
+    before = evaluate(run, start, data, cfg.eval.n, "before")
+    if cfg.eval.every and cfg.rl.iterations:  # the accuracy curve: every k iterations
+        log_curve_point(
+            run.mlflow_id, 0, evaluate(run, start, data, cfg.eval.every_n, "curve it 0"), 0.0, 0.0
+        )
+    rl = RLProgress(policy=start)
+    bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
+    for k in range(cfg.rl.iterations):
+        metrics = rl_iteration(run, k, rl, start, data)
+        after_iteration(run, k + 1, rl, data)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", eff_rate=f"{metrics['eff_rate']:.2f}",
+                        decoded=f"{rl.decoded:.0f}")
+    bar.close()
+    if rl.freed:  # one line, not one an iteration
+        get_run_logger().info(f"deleted {rl.freed / 2**20:.0f} MiB of older optimizer states "
+                              f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
+    after = evaluate(run, rl.policy, data, cfg.eval.n, "after") if cfg.rl.iterations else before
+    final_records(run, before, after, rl.policy, data, start)
+    return write_result(run, before, after, rl)
 
-    shared = cfg.stage_cache_dir  # stages keyed by their inputs alone, reused across runs
-    data = ensure(prepare_data, c["data"], shared, code_version("prepare_data"))
-    data_run = tracking.child_run(parent, "prepare_data")
+
+def start_run(cfg: ExperimentConfig, config: str, threads: int, tags: dict[str, str]) -> Run:
+    """The run's folder and MLflow run, with the config as given and as resolved."""
+    run_dir = str(cfg.resolved_output_dir())
+    params = {**cfg.model_dump(), "seed": cfg.seed, "threads": threads}
+    mlflow_id = tracking.parent_run(cfg.tracking.experiment, run_key(cfg), cfg.name, params=params,
+                                    tags={"prefect.flow_run_id": str(flow_run.id),
+                                          "ibtpo.method": cfg.algo.method, **tags})
+    return Run(cfg=cfg, run_dir=run_dir, mlflow_id=mlflow_id, code=code_version("rl"),
+               config_file=str(Path(config).resolve()))
+
+
+def record_config(run: Run) -> None:
+    """The config file as given and the resolved config, as artifacts of the run."""
+    resolved = Path(run.run_dir) / "config.json"
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    resolved.write_text(json.dumps(run.cfg.model_dump(), indent=1))
+    tracking.log_artifact_once(run.mlflow_id, str(resolved))
+    tracking.log_artifact_once(run.mlflow_id, run.config_file)
+
+
+def prepare_inputs(run: Run) -> dict:
+    """The data splits (shared between runs through the stage cache), logged as dataset inputs."""
+    data = ensure(prepare_data, run.cfg.data, run.cfg.stage_cache_dir, code_version("prepare_data"))
+    data_run = tracking.child_run(run.mlflow_id, "prepare_data")
     for split, ctx in (("train", "training"), ("test", "evaluation")):
         tracking.log_dataset(data_run, str(Path(data["path"]) / f"{split}.jsonl"), split,
                              data["digest"], ctx)
     tracking.log_metrics_once(data_run, 0, data["metrics"])
+    return data
 
+
+def starting_policy(run: Run, data: dict) -> dict:
+    """The checkpoint RL starts from (and the KL reference): a given one, or the tiny model
+    created here; warmed up on the task when the config asks."""
+    cfg, shared = run.cfg, run.cfg.stage_cache_dir
     if cfg.model.path is None:
-        policy = ensure(create_model, c["model"], shared, code_version("create_model"))
+        policy = ensure(create_model, cfg.model, shared, code_version("create_model"))
     else:
         policy = external_model(cfg.model.path)
     if cfg.warmup.enabled:
-        policy = ensure(warm_up, c["warmup"], c["data"]["countdown"], policy, data, shared,
+        policy = ensure(warm_up, cfg.warmup, cfg.data.countdown, policy, data, shared,
                         code_version("warm_up"))
-        tracking.log_metrics_once(tracking.child_run(parent, "warm_up"), 0, policy["metrics"])
-    reference = policy
+        tracking.log_metrics_once(
+            tracking.child_run(run.mlflow_id, "warm_up"), 0, policy["metrics"]
+        )
+    return policy
 
-    def evaluate(checkpoint: dict, n: int | None, label: str) -> dict:
-        return ensure(evaluate_policy, cfg.eval.section(n), c["engine"], checkpoint, data, shared,
-                      code_version("evaluate_policy"), label=label)
 
-    before = evaluate(policy, cfg.eval.n, "before")
-    curve = cfg.eval.every and cfg.rl.iterations
-    if curve:  # the accuracy curve: a subset of the test split every k iterations
-        log_curve_point(parent, 0, evaluate(policy, cfg.eval.every_n, "curve it 0"), 0.0, 0.0)
-    decoded = rl_wall = 0.0
-    freed = 0  # bytes of optimizer state deleted by rl.keep_optimizer_states
-    updated: list[str] = []  # this run's RL checkpoints, oldest first
-    bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
-    for k in range(cfg.rl.iterations):
-        trees = ensure(sample_trees, k, c["algo"], c["rl"]["rollout"], c["engine"], cfg.seed,
-                       policy, data, run_dir, code, iteration=k)
-        scores = ensure(estimate_scores, k, c["algo"], trees, run_dir, code, iteration=k)
-        new = ensure(update_policy, k, c["algo"], policy, scores, reference, run_dir, code,
-                     iteration=k)
-        decoded += trees["metrics"]["tree/decoded_tokens"]
-        metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"],
-                   "decoded_tokens_total": decoded}
-        rl_wall += sum(v for key, v in metrics.items()
-                       if key.startswith("timing_s/") and key != "timing_s/probe")
-        metrics["rl_wall_s_total"] = rl_wall  # time spent on RL itself, as first computed
-        metrics["kl"] = metrics.get("kl", metrics.get("loss/approx_kl", 0.0))
-        tracking.log_metrics_once(parent, k, metrics)
-        policy = new
-        updated.append(new["path"])
-        freed += prune_optimizer_states(updated, cfg.rl.keep_optimizer_states)
-        if curve and (k + 1) % cfg.eval.every == 0:
-            log_curve_point(parent, k + 1, evaluate(policy, cfg.eval.every_n, f"curve it {k + 1}"),
-                            decoded, rl_wall)
-        if cfg.benchmark.enabled and cfg.benchmark.every and (k + 1) % cfg.benchmark.every == 0:
-            b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"),
-                       label=f"it {k + 1}")
-            tracking.log_metrics_once(tracking.child_run(parent, "benchmark"), k + 1, b["metrics"])
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", eff_rate=f"{metrics['eff_rate']:.2f}",
-                        decoded=f"{decoded:.0f}")
-    bar.close()
-    if freed:  # one line, not one an iteration
-        get_run_logger().info(f"deleted {freed / 2**20:.0f} MiB of older optimizer states "
-                              f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
-    after = evaluate(policy, cfg.eval.n, "after") if cfg.rl.iterations else before
+def evaluate(run: Run, checkpoint: dict, data: dict, n: int | None, label: str) -> dict:
+    """Held-out accuracy of ``checkpoint`` on ``n`` problems of the evaluation split."""
+    return ensure(evaluate_policy, run.cfg.eval.on(n), run.cfg.engine, checkpoint, data,
+                  run.cfg.stage_cache_dir, code_version("evaluate_policy"), label=label)
+
+
+def rl_iteration(run: Run, k: int, rl: RLProgress, reference: dict, data: dict) -> dict:
+    """Iteration ``k``: sample trees with the current policy, score them, update the policy;
+    logs the iteration's metrics and returns them."""
+    cfg = run.cfg
+    trees = ensure(sample_trees, k, cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, rl.policy,
+                   data, run.run_dir, run.code, iteration=k)
+    scores = ensure(estimate_scores, k, cfg.algo, trees, run.run_dir, run.code, iteration=k)
+    new = ensure(update_policy, k, cfg.algo, rl.policy, scores, reference, run.run_dir, run.code,
+                 iteration=k)
+    metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"]}
+    rl.decoded += metrics["tree/decoded_tokens"]
+    rl.rl_wall += stage_seconds(metrics)
+    metrics["decoded_tokens_total"], metrics["rl_wall_s_total"] = rl.decoded, rl.rl_wall
+    tracking.log_metrics_once(run.mlflow_id, k, metrics)
+    rl.policy = new
+    rl.checkpoints.append(new["path"])
+    rl.freed += prune_optimizer_states(rl.checkpoints, cfg.rl.keep_optimizer_states)
+    return metrics
+
+
+def stage_seconds(metrics: dict) -> float:
+    """Seconds an iteration's stages took (``timing_s/*``), the diagnostic probe excepted."""
+    return sum(v for key, v in metrics.items()
+               if key.startswith("timing_s/") and key != "timing_s/probe")
+
+
+def after_iteration(run: Run, done: int, rl: RLProgress, data: dict) -> None:
+    """The accuracy curve and the periodic benchmark, where ``done`` iterations call for them."""
+    cfg = run.cfg
+    if cfg.eval.every and done % cfg.eval.every == 0:
+        point = evaluate(run, rl.policy, data, cfg.eval.every_n, f"curve it {done}")
+        log_curve_point(run.mlflow_id, done, point, rl.decoded, rl.rl_wall)
+    if cfg.benchmark.enabled and cfg.benchmark.every and done % cfg.benchmark.every == 0:
+        b = ensure(benchmark, cfg.benchmark, rl.policy, data, cfg.stage_cache_dir,
+                   code_version("benchmark"), label=f"it {done}")
+        tracking.log_metrics_once(
+            tracking.child_run(run.mlflow_id, "benchmark"), done, b["metrics"]
+        )
+
+
+def final_records(run: Run, before: dict, after: dict, policy: dict, data: dict,
+                  reference: dict) -> None:
+    """Evaluations before/after, the final lm-eval benchmark, lineage, sample trees, plots."""
+    cfg, parent = run.cfg, run.mlflow_id
     eval_run = tracking.child_run(parent, "evaluate")
     tracking.log_metrics_once(eval_run, 0, before["metrics"])
     tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
     if cfg.benchmark.enabled:
-        b = ensure(benchmark, c["benchmark"], policy, data, shared, code_version("benchmark"),
-                   label="final")
+        b = ensure(benchmark, cfg.benchmark, policy, data, cfg.stage_cache_dir,
+                   code_version("benchmark"), label="final")
         bench_run = tracking.child_run(parent, "benchmark")
         tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
         tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))
-    tracking.log_lineage(parent, run_dir, policy, data, reference)
-    tracking.log_sample_trees(parent, run_dir, cfg.tracking.sample_trees, policy["path"])
-    tracking.log_plots(parent, run_dir)
+    tracking.log_lineage(parent, run.run_dir, policy, data, reference)
+    tracking.log_sample_trees(parent, run.run_dir, cfg.tracking.sample_trees, policy["path"])
+    tracking.log_plots(parent, run.run_dir)
     tracking.finish(parent)
+
+
+def write_result(run: Run, before: dict, after: dict, rl: RLProgress) -> dict:
+    """result.json (what a sweep reads back) and the result artifact on the flow run's page."""
+    cfg = run.cfg
     m_b, m_a = before["metrics"], after["metrics"]
     k8 = f"pass_at_{cfg.eval.spec.num_samples}"
     result = {"accuracy_before": m_b["accuracy"], "accuracy_after": m_a["accuracy"],
-            "accuracy_se_before": m_b["accuracy_se"], "accuracy_se_after": m_a["accuracy_se"],
-            f"{k8}_before": m_b[k8], f"{k8}_after": m_a[k8], "n_eval": int(m_a["n_eval"]),
-            "eval_split": cfg.eval.split,
-            "decoded_tokens": decoded, "rl_wall_s": round(rl_wall, 1), "wall_s": round(time.time() - t0, 1),
-            "mlflow_run_id": parent, "checkpoint": policy["path"], "run_key": run_key(cfg)}
-    out = Path(run_dir) / "result.json"
+              "accuracy_se_before": m_b["accuracy_se"], "accuracy_se_after": m_a["accuracy_se"],
+              f"{k8}_before": m_b[k8], f"{k8}_after": m_a[k8], "n_eval": int(m_a["n_eval"]),
+              "eval_split": cfg.eval.split, "decoded_tokens": rl.decoded,
+              "rl_wall_s": round(rl.rl_wall, 1), "wall_s": round(time.time() - run.t0, 1),
+              "mlflow_run_id": run.mlflow_id, "checkpoint": rl.policy["path"],
+              "run_key": run_key(cfg)}
+    out = Path(run.run_dir) / "result.json"
     out.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
     out.with_suffix(".tmp").replace(out)
     summaries.publish_run_result(cfg.name, cfg.algo.method, result)

@@ -111,8 +111,11 @@ def prune(folder: Path, names: tuple[str, ...]) -> int:
         return 0
     gone = {k: v for k, v in manifest["files"].items() if _under(k, names)}
     if gone:
-        manifest = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in gone},
-                    "pruned": {**manifest.get("pruned", {}), **gone}}
+        manifest = {
+            **manifest,
+            "files": {k: v for k, v in manifest["files"].items() if k not in gone},
+            "pruned": {**manifest.get("pruned", {}), **gone},
+        }
         tmp = folder.parent / f".{folder.name}.manifest.tmp"  # outside: not a file of the output
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         tmp.replace(folder / "manifest.json")

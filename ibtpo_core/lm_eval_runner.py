@@ -50,7 +50,9 @@ def task_folder(dst: Path, test_jsonl: str, local_data: dict[str, str] | None = 
         files[task].write_text(re.sub(r"^test_split: .*$", "test_split: test", text, flags=re.M))
     if avg_k is not None:
         for task in AVG_K_TASKS:
-            text = re.sub(r"^repeats: \d+$", f"repeats: {avg_k}", files[task].read_text(), flags=re.M)
+            text = re.sub(
+                r"^repeats: \d+$", f"repeats: {avg_k}", files[task].read_text(), flags=re.M
+            )
             files[task].write_text(re.sub(r"^(\s+)k: \d+$", rf"\g<1>k: {avg_k}", text, flags=re.M))
     return dst
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, TypeVar
 
-T = TypeVar("T")
+Item = TypeVar("Item")  # what a registry holds (T means tokens elsewhere)
 
 
-class Registry(Generic[T]):
+class Registry(Generic[Item]):
     """A named table of interchangeable implementations of one concept."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._items: dict[str, T] = {}
+        self._items: dict[str, Item] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
+    def register(self, name: str) -> Callable[[Item], Item]:
+        def deco(obj: Item) -> Item:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
@@ -25,7 +25,7 @@ class Registry(Generic[T]):
 
         return deco
 
-    def get(self, name: str) -> T:
+    def get(self, name: str) -> Item:
         if name not in self._items:
             close = difflib.get_close_matches(name, list(self._items), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""

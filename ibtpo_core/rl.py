@@ -14,7 +14,7 @@ import torch
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
 from ibtpo_core.algo.ib_score import Forest, compute_stats
 from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic, sample
-from ibtpo_core.algo.tree import Tree, TrainingSequence, training_sequences
+from ibtpo_core.algo.tree import TrainingSequence, Tree, training_sequences
 from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
@@ -53,9 +53,9 @@ def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeS
 def probe_diagnostic(engine: RolloutEngine, tokenizer, rows: list[dict], G: int,
                      step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
                      seed: int, run_tree: TreeSpec | None = None) -> dict[str, float]:
-    """method.md §2's IB diagnostic on probe trees: IBTree with its default settings on a fixed prompt
-    set, sampled from the current policy and never trained on, so every method (GRPO included)
-    is measured the same way. Keys ``ib_probe/score_mean``, ``ib_probe/h_mean``, ..."""
+    """method.md §2's IB diagnostic on probe trees: IBTree with its default settings on a fixed
+    prompt set, sampled from the current policy and never trained on, so every method (GRPO
+    included) is measured the same way. Keys ``ib_probe/score_mean``, ``ib_probe/h_mean``, ..."""
     # the run's step cutting and entropy estimator (an engine without full entropies needs
     # surprisal); every other switch at its default
     spec = TreeSpec(G=G) if run_tree is None else TreeSpec(

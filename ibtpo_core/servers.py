@@ -21,7 +21,10 @@ from ibtpo_core import tether
 from ibtpo_core.runtime import free_port
 
 STARTUP_TIMEOUT_S = 120.0
-MLFLOW_UI_PORT, PREFECT_UI_PORT = 5000, 4200  # `ibtpo ui`'s defaults  # a loaded 2-core machine needs far more than Prefect's default 20 s
+MLFLOW_UI_PORT, PREFECT_UI_PORT = (
+    5000,
+    4200,
+)  # `ibtpo ui`'s defaults  # a loaded 2-core machine needs far more than Prefect's default 20 s
 
 
 def profile_api_url() -> str | None:
@@ -66,7 +69,8 @@ def answers(url: str) -> bool:
 
 
 def wait_healthy(url: str, proc, timeout_s: float, what: str) -> None:
-    """Poll ``url`` until it answers 200; fail naming ``what`` if ``proc`` exits or time runs out."""
+    """Poll ``url`` until it answers 200; fail naming ``what`` if ``proc`` exits or time runs
+    out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 from ibtpo_core.artifacts import atomic_dir, read_manifest, write_manifest
+from ibtpo_core.registry import Registry
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -24,7 +26,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _record(folder: Path, manifest: dict) -> dict:
-    return {"path": str(folder), "digest": manifest["digest"], "metrics": manifest.get("metrics", {})}
+    return {
+        "path": str(folder),
+        "digest": manifest["digest"],
+        "metrics": manifest.get("metrics", {}),
+    }
 
 
 def publish(folder: Path, write, metrics: dict, **extra) -> dict:
@@ -44,21 +50,30 @@ def cached(folder: Path) -> dict | None:
     return None if manifest is None else _record(folder, manifest)
 
 
+# data.source -> fn(data_cfg) -> {"train", "validation", "test": rows}
+DATA_SOURCES: Registry[Callable[..., dict]] = Registry("data source")
+
+
+@DATA_SOURCES.register("countdown")
+def _countdown_splits(data_cfg) -> dict[str, list[dict]]:
+    from ibtpo_core.data.countdown import make_splits
+
+    return make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
+
+
+@DATA_SOURCES.register("reasoning_gym")
+def _gym_splits(data_cfg) -> dict[str, list[dict]]:
+    from ibtpo_core.data.gym import make_gym_splits
+
+    return make_gym_splits(data_cfg.reasoning_gym, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
+
+
 def prepare_data(data_cfg, folder: Path) -> dict:
     """Write ``train/validation/test.jsonl`` of the built-in task, a ``datasets`` source or a
     reasoning-gym generator."""
-    from ibtpo_core.data.countdown import make_splits
-
     folder = Path(folder)
-    if data_cfg.source == "datasets":
-        splits = _splits_from_datasets(data_cfg)
-    elif data_cfg.source == "reasoning_gym":
-        from ibtpo_core.data.gym import make_gym_splits
+    splits = DATA_SOURCES.get(data_cfg.source)(data_cfg)
 
-        splits = make_gym_splits(data_cfg.reasoning_gym, data_cfg.seed, data_cfg.n_test,
-                                 data_cfg.n_val)
-    else:
-        splits = make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
     def write(tmp: Path) -> None:
         for name, rows in splits.items():
             _write_jsonl(tmp / f"{name}.jsonl", rows)
@@ -67,6 +82,7 @@ def prepare_data(data_cfg, folder: Path) -> dict:
     return publish(folder, write, counts, task=dataclasses.asdict(data_cfg.countdown))
 
 
+@DATA_SOURCES.register("datasets")
 def _splits_from_datasets(data_cfg) -> dict[str, list[dict]]:
     from ibtpo_core.data.sources import load_split
 
@@ -133,5 +149,8 @@ def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, f
         engine = held_engine(engine_cfg.name, str(model_dir), **engine_cfg.kwargs())
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     metrics = evaluate(engine, tok, rows, eval_cfg.spec)
-    return publish(folder, lambda tmp: (tmp / "results.json").write_text(json.dumps(metrics, indent=1)),
-                   metrics)
+    return publish(
+        folder,
+        lambda tmp: (tmp / "results.json").write_text(json.dumps(metrics, indent=1)),
+        metrics,
+    )

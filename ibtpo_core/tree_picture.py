@@ -49,8 +49,13 @@ def picks_by_node(tree: Tree) -> dict[int, list[int]]:
     return out
 
 
-def draw_tree(tree_json: dict, out_png: str | Path, decode: Callable[[list[int]], str] | None = None,
-              title: str | None = None, beta: float = 1.0) -> Path:
+def draw_tree(
+    tree_json: dict,
+    out_png: str | Path,
+    decode: Callable[[list[int]], str] | None = None,
+    title: str | None = None,
+    beta: float = 1.0,
+) -> Path:
     """Write the picture of the tree in ``tree_json`` (the tree file format) to ``out_png``."""
     import matplotlib
 
@@ -96,10 +101,14 @@ def draw_tree(tree_json: dict, out_png: str | Path, decode: Callable[[list[int]]
     correct = sum(1 for n in tree.leaves() if (n.reward or 0) > 0.5)
     rounds = sorted({r for rs in picks.values() for r in rs})
     fill = tree.meta.get("fill_samples", 0)
-    ax.set_title((title + "\n" if title else "") +
-                 f"{n_leaves} leaves, {correct} correct (green) / {n_leaves - correct} wrong (red); "
-                 f"ringed: branched from in round" + ("s " + ", ".join(map(str, rounds)) if rounds else "s: none")
-                 + (f"; {fill} budget-fill samples from the root" if fill else ""), fontsize=9)
+    ax.set_title(
+        (title + "\n" if title else "")
+        + f"{n_leaves} leaves, {correct} correct (green) / {n_leaves - correct} wrong (red); "
+        f"ringed: branched from in round"
+        + ("s " + ", ".join(map(str, rounds)) if rounds else "s: none")
+        + (f"; {fill} budget-fill samples from the root" if fill else ""),
+        fontsize=9,
+    )
     ax.set_axis_off()
     ax.margins(x=0.5 / math.sqrt(n_leaves), y=0.15)
     fig.tight_layout()

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from ibtpo_core.runtime import set_offline_defaults
-from ibtpo_core.servers import (MLFLOW_UI_PORT, PREFECT_UI_PORT, prefect_api,
-                                use_local_prefect_home)
+from ibtpo_core.servers import MLFLOW_UI_PORT, PREFECT_UI_PORT, prefect_api, use_local_prefect_home
 
 
 def _cmd_run(args) -> int:
@@ -39,7 +38,9 @@ def _cmd_sweep(args) -> int:
     except RuntimeError as err:  # some cells failed; the others finished and were reported
         print(f"ibtpo sweep: {err}", file=sys.stderr)
         return 1
-    print(Path(result["report"]).read_text() if Path(result["report"]).is_file() else result["report"])
+    print(
+        Path(result["report"]).read_text() if Path(result["report"]).is_file() else result["report"]
+    )
     print(json.dumps(result))
     return 0
 
@@ -50,7 +51,9 @@ def _cmd_report(args) -> int:
 
     path = write_report(find_sweep_run(args.sweep_run), args.out)
     print(path.read_text())
-    print(f"written: {path} (and report.json, report.png beside it; logged to the sweep's MLflow run)")
+    print(
+        f"written: {path} (and report.json, report.png beside it; logged to the sweep's MLflow run)"
+    )
     return 0
 
 
@@ -78,7 +81,6 @@ def _cmd_ui(args) -> int:
     import time
 
     from ibtpo_core import servers, tether
-
     from pipeline.tracking import tracking_uri
 
     uri = tracking_uri()
@@ -94,8 +96,12 @@ def _cmd_ui(args) -> int:
         if api:
             print(f"Prefect: {api} (PREFECT_API_URL) does not answer; starting a Prefect UI here "
                   f"instead", flush=True)
-        procs.append(tether.spawn(servers.prefect_ui_command(args.host, args.prefect_port),
-                                  env={**env, **servers.prefect_ui_env(args.host, args.prefect_port)}))
+        procs.append(
+            tether.spawn(
+                servers.prefect_ui_command(args.host, args.prefect_port),
+                env={**env, **servers.prefect_ui_env(args.host, args.prefect_port)},
+            )
+        )
         home = os.environ.get("PREFECT_HOME", "~/.prefect")
         print(f"Prefect UI: http://{shown}:{args.prefect_port}  (state {home})", flush=True)
 
@@ -138,18 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tree-score", help="print n, c, V, H, I, IB and advantages of a tree file")
     t.add_argument("tree")
     t.add_argument("--beta", type=float, default=1.0)
-    t.add_argument("--entropy-estimator", choices=["token_entropy", "surprisal"],
-                   default="token_entropy")
-    # checked against the registry when the tree is scored (an unknown name lists the valid
-    # ones): reading the registry here would import torch for every command
+    # these two are checked against their registries when the tree is scored (an unknown name
+    # lists the valid ones): reading a registry here would import torch for every command
+    t.add_argument("--entropy-estimator", default="token_entropy",
+                   help="token_entropy or surprisal (docs/method.md §2)")
     t.add_argument("--local-advantage", default="log_ratio",
                    help="the local advantage variant (docs/method.md §4)")
     t.add_argument("--picture", metavar="PNG", help="also draw the tree: steps coloured by "
                    "IB-Score, leaves by reward, the sampler's branching picks ringed")
     t.set_defaults(func=_cmd_tree_score)
     u = sub.add_parser("ui", help="start the MLflow UI (and the Prefect UI)")
-    u.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    u.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)",
+    )
     u.add_argument("--mlflow-port", type=int, default=MLFLOW_UI_PORT)
     u.add_argument("--prefect-port", type=int, default=PREFECT_UI_PORT)
     u.add_argument("--no-prefect", action="store_true", help="start only the MLflow UI")

@@ -21,8 +21,11 @@ from mlflow.tracking import MlflowClient
 from ibtpo_core.stats import interp, mean_se, welch_diff
 from pipeline import tracking
 
-PER_ITERATION = {"leaves_per_budget": "tree/leaves_per_budget",
-                 "unique_leaves_per_budget": "tree/unique_leaves_per_budget", "eff_rate": "eff_rate"}
+PER_ITERATION = {
+    "leaves_per_budget": "tree/leaves_per_budget",
+    "unique_leaves_per_budget": "tree/unique_leaves_per_budget",
+    "eff_rate": "eff_rate",
+}
 IB_CURVES = ("ib_probe/score_mean", "ib/score_mean")
 FINAL_ITERATIONS = 5  # the training reward at the end: a mean over this many last iterations
 
@@ -74,7 +77,10 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
     iterations = int(float(run.data.params.get("rl.iterations", "0")))
     if ev is None:
         return None
-    final, before = _at_step(client, ev.info.run_id, iterations), _at_step(client, ev.info.run_id, 0)
+    final, before = (
+        _at_step(client, ev.info.run_id, iterations),
+        _at_step(client, ev.info.run_id, 0),
+    )
     if "accuracy" not in final:
         return None
     rid = run.info.run_id
@@ -92,7 +98,10 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
         wall = dict(_history(client, curve_run.info.run_id, "curve/rl_wall_s"))
         curve = [(tok[s], wall[s], a) for s, a in acc]
     else:  # only before and after: a straight line between them
-        curve = [(0.0, 0.0, before.get("accuracy", math.nan)), (decoded, rl_wall, final["accuracy"])]
+        curve = [
+            (0.0, 0.0, before.get("accuracy", math.nan)),
+            (decoded, rl_wall, final["accuracy"]),
+        ]
     tags = run.data.tags
     return CellRun(name=run.info.run_name, label=tags.get("ibtpo.sweep_cell", run.info.run_name),
                    seed=int(tags.get("ibtpo.seed", run.data.params.get("seed", 0))), run_id=rid,
@@ -140,21 +149,36 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
         if len(group) == 1:
             se = group[0].final.get("accuracy_se", math.nan)  # one seed: the evaluation's own SE
         row = {
-            "n_seeds": len(group), "acc_mean": m, "acc_se": se,
+            "n_seeds": len(group),
+            "acc_mean": m,
+            "acc_se": se,
             "acc_before": mean_se([c.before.get("accuracy", math.nan) for c in group])[0],
             "acc_at_equal_tokens": mean_se(
-                [interp([p[0] for p in c.curve], [p[2] for p in c.curve], common_tokens) for c in group])[0],
+                [
+                    interp([p[0] for p in c.curve], [p[2] for p in c.curve], common_tokens)
+                    for c in group
+                ]
+            )[0],
             "acc_at_equal_wall": mean_se(
-                [interp([p[1] for p in c.curve], [p[2] for p in c.curve], common_wall) for c in group])[0],
+                [
+                    interp([p[1] for p in c.curve], [p[2] for p in c.curve], common_wall)
+                    for c in group
+                ]
+            )[0],
             pk: mean_se([c.final.get(pk, math.nan) for c in group])[0],
             f"{pk}_before": mean_se([c.before.get(pk, math.nan) for c in group])[0],
-            "distinct_correct": mean_se([c.final.get("distinct_correct", math.nan) for c in group])[0],
-            "distinct_correct_before": mean_se([c.before.get("distinct_correct", math.nan) for c in group])[0],
+            "distinct_correct": mean_se([c.final.get("distinct_correct", math.nan) for c in group])[
+                0
+            ],
+            "distinct_correct_before": mean_se(
+                [c.before.get("distinct_correct", math.nan) for c in group]
+            )[0],
             "decoded_tokens": mean_se([c.decoded for c in group])[0],
             "wall_s": mean_se([c.rl_wall for c in group])[0],
             "train_reward_final": mean_se([c.train_reward_final for c in group])[0],
             "ceiling_unique_ratio": mean_se(
-                [c.before.get("task/ceiling_unique_ratio", math.nan) for c in group])[0],
+                [c.before.get("task/ceiling_unique_ratio", math.nan) for c in group]
+            )[0],
         }
         for name in PER_ITERATION:
             row[name] = mean_se([c.per_iteration[name] for c in group])[0]
@@ -164,7 +188,9 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
     if base is not None:
         ref = methods[baseline]["unique_leaves_per_budget"]
         for row in methods.values():
-            row[f"unique_leaves_vs_{baseline}"] = row["unique_leaves_per_budget"] / ref if ref else math.nan
+            row[f"unique_leaves_vs_{baseline}"] = (
+                row["unique_leaves_per_budget"] / ref if ref else math.nan
+            )
     return {"methods": methods, "baseline": baseline, "equal_tokens": common_tokens,
             "equal_wall_s": common_wall, "pass_key": pk,
             "cells": [{"name": c.name, "label": c.label, "seed": c.seed, "run_id": c.run_id,
@@ -178,10 +204,23 @@ def _f(x: float, fmt: str = ".3f") -> str:
 def markdown(summary: dict, title: str) -> str:
     b, pk = summary["baseline"], summary["pass_key"]
     tok, wall = summary["equal_tokens"], summary["equal_wall_s"]
-    head = ["method", "seeds", "accuracy", f"diff vs {b} [95% CI]" if b else "diff",
-            f"acc @ {tok:,.0f} tokens", f"acc @ {wall:.0f} s RL", f"{pk} before -> after",
-            "distinct correct", "leaves/budget", "unique/budget", f"unique vs {b}" if b else "unique ratio",
-            "Eff-Rate", "train reward (end)", "decoded tokens", "RL wall s"]
+    head = [
+        "method",
+        "seeds",
+        "accuracy",
+        f"diff vs {b} [95% CI]" if b else "diff",
+        f"acc @ {tok:,.0f} tokens",
+        f"acc @ {wall:.0f} s RL",
+        f"{pk} before -> after",
+        "distinct correct",
+        "leaves/budget",
+        "unique/budget",
+        f"unique vs {b}" if b else "unique ratio",
+        "Eff-Rate",
+        "train reward (end)",
+        "decoded tokens",
+        "RL wall s",
+    ]
     lines = [f"# {title}", "",
              "Accuracy: held-out test split after RL, mean +- SE over seeds. The difference to "
              f"{b or 'the baseline'} has a Welch 95% interval over seeds. Equal-token and "
@@ -190,8 +229,11 @@ def markdown(summary: dict, title: str) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lab, r in summary["methods"].items():
         d = r.get(f"diff_vs_{b}") if b else None
-        diff = "-" if d is None or lab == b else \
-            f"{100 * d['mean']:+.1f} pts [{_f(100 * d['ci95_low'], '+.1f')}, {_f(100 * d['ci95_high'], '+.1f')}]"
+        if d is None or lab == b:
+            diff = "-"
+        else:
+            low, high = _f(100 * d["ci95_low"], "+.1f"), _f(100 * d["ci95_high"], "+.1f")
+            diff = f"{100 * d['mean']:+.1f} pts [{low}, {high}]"
         lines.append("| " + " | ".join([
             lab, str(r["n_seeds"]), f"{_f(r['acc_mean'])} +- {_f(r['acc_se'])}", diff,
             _f(r["acc_at_equal_tokens"]), _f(r["acc_at_equal_wall"]),
@@ -222,8 +264,18 @@ def plots(cells: list[CellRun], out: Path) -> list[Path]:
         axes[1].plot([p[1] for p in c.curve], [p[2] for p in c.curve], marker=".", **kw)
         for key, style in zip(IB_CURVES, ("-", ":")):
             if c.ib.get(key) and (c.trees or "probe" in key):
-                axes[2].plot(*zip(*c.ib[key]), linestyle=style, **{**kw, "label": (
-                    f"{c.label} ({'probe' if 'probe' in key else 'train'})" if kw["label"] else None)})
+                axes[2].plot(
+                    *zip(*c.ib[key]),
+                    linestyle=style,
+                    **{
+                        **kw,
+                        "label": (
+                            f"{c.label} ({'probe' if 'probe' in key else 'train'})"
+                            if kw["label"]
+                            else None
+                        ),
+                    },
+                )
     for ax, (x, y) in zip(axes, [("decoded tokens", "accuracy"), ("RL wall time (s)", "accuracy"),
                                  ("iteration", "IB-Score (mean over branching nodes)")]):
         ax.set_xlabel(x)

@@ -11,6 +11,7 @@ is a digest of its inputs, atomically, with a manifest; a folder already complet
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 from functools import lru_cache
 from pathlib import Path
@@ -108,8 +109,19 @@ def code_version(stage: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def plain(part):
+    """A stage key part as plain JSON data: a typed config section as its ``model_dump()``, a
+    spec dataclass as its fields (what the flow passed as dict slices before: same digests)."""
+    if hasattr(part, "model_dump"):
+        return part.model_dump()
+    if dataclasses.is_dataclass(part) and not isinstance(part, type):
+        return dataclasses.asdict(part)
+    return part
+
+
 def stage_dir(run_dir: str, stage: str, *key_parts) -> Path:
-    return Path(run_dir) / f"{stage}-{digest_json(list(key_parts))[:12]}"
+    """The folder of a stage output: its name is a digest of what the stage is keyed on."""
+    return Path(run_dir) / f"{stage}-{digest_json([plain(p) for p in key_parts])[:12]}"
 
 
 def inject_fault(stage: str, iteration: int = -1) -> None:

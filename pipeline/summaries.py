@@ -41,13 +41,15 @@ def result_markdown(name: str, method: str, result: dict, url: str) -> str:
         rows.append((f"pass@{k}", f"{result[f'pass_at_{k}_before']:.3f}",
                      f"{result[f'pass_at_{k}_after']:.3f}"))
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
-    return (f"# {name} ({method})\n\n"
-            f"Held-out {result.get('eval_split', 'test')} problems: {result['n_eval']}\n\n"
-            f"| metric | before RL | after RL |\n|---|---|---|\n{table}\n\n"
-            f"Decoded tokens {result['decoded_tokens']:,.0f}; RL wall time {result['rl_wall_s']} s; "
-            f"run wall time {result['wall_s']} s.\n\n"
-            f"Final checkpoint: `{result['checkpoint']}`\n\n"
-            f"MLflow run (metrics, lineage, sample trees): [{result['mlflow_run_id']}]({url})\n")
+    return (
+        f"# {name} ({method})\n\n"
+        f"Held-out {result.get('eval_split', 'test')} problems: {result['n_eval']}\n\n"
+        f"| metric | before RL | after RL |\n|---|---|---|\n{table}\n\n"
+        f"Decoded tokens {result['decoded_tokens']:,.0f}; RL wall time {result['rl_wall_s']} s; "
+        f"run wall time {result['wall_s']} s.\n\n"
+        f"Final checkpoint: `{result['checkpoint']}`\n\n"
+        f"MLflow run (metrics, lineage, sample trees): [{result['mlflow_run_id']}]({url})\n"
+    )
 
 
 def publish_run_result(name: str, method: str, result: dict) -> None:

@@ -99,7 +99,12 @@ def reap_orphans(client: MlflowClient, exp_id: str) -> list[str]:
                                             "tags.`ibtpo.kind` = 'train'"):
         tags = run.data.tags
         pid = tags.get("ibtpo.pid")
-        if tags.get("ibtpo.host") == host and pid and int(pid) != os.getpid() and not _alive(int(pid)):
+        if (
+            tags.get("ibtpo.host") == host
+            and pid
+            and int(pid) != os.getpid()
+            and not _alive(int(pid))
+        ):
             finish(run.info.run_id, "KILLED")
             reaped.append(run.info.run_id)
     return reaped
@@ -115,7 +120,9 @@ def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dic
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifact_root(tracking_uri()))
     tags = {**tags, "ibtpo.host": socket.gethostname(), "ibtpo.pid": str(os.getpid())}
-    found = _find(client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = '{kind}'")
+    found = _find(
+        client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = '{kind}'"
+    )
     if found is not None:
         run_id = found.info.run_id
         if found.info.status != "RUNNING":
@@ -126,7 +133,9 @@ def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dic
         run_id = run.info.run_id
         items = list({**flatten(params), **package_versions()}.items())
         for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i:i + 100]])
+            client.log_batch(
+                run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i : i + 100]]
+            )
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
     reap_orphans(client, exp_id)
@@ -174,13 +183,16 @@ def child_run(parent_id: str, stage: str) -> str:
     return run.info.run_id
 
 
-def log_metrics_once(run_id: str, step: int, metrics: dict[str, float], sentinel: str = "iteration") -> bool:
+def log_metrics_once(
+    run_id: str, step: int, metrics: dict[str, float], sentinel: str = "iteration"
+) -> bool:
     """Log ``metrics`` at ``step`` unless that step was logged before; True if logged now."""
     client = MlflowClient()
     if any(m.step == step for m in client.get_metric_history(run_id, sentinel)):
         return False
-    from mlflow.entities import Metric
     import time
+
+    from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     rows = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
@@ -242,7 +254,9 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
         entity = ds._to_mlflow_entity()  # the schema is inferred here
     from mlflow.entities import DatasetInput, InputTag
 
-    client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])]
+    )
 
 
 def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: dict) -> None:
@@ -255,7 +269,11 @@ def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: 
     run_dir = Path(run_dir)
     chain = []
     for folder in sorted(run_dir.glob("it*-policy-*")):
-        m = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+        m = (
+            json.loads((folder / "manifest.json").read_text())
+            if (folder / "manifest.json").is_file()
+            else {}
+        )
         chain.append({"checkpoint": folder.name, "digest": m.get("digest"),
                       "parent_checkpoint_digest": m.get("parent_checkpoint"),
                       "training_data_digest": m.get("data_digest"),
@@ -266,7 +284,9 @@ def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: 
     client.log_artifact(run_id, str(out))
 
 
-def log_sample_trees(run_id: str, run_dir: str, count: int, tokenizer_dir: str | None = None) -> None:
+def log_sample_trees(
+    run_id: str, run_dir: str, count: int, tokenizer_dir: str | None = None
+) -> None:
     """A few trees of the last iteration, in the tree-score JSON format, each with its picture
     (steps coloured by IB-Score, leaves by reward, the branching picks of each round marked)."""
     from ibtpo_core.tree_picture import draw_tree

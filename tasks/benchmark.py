@@ -6,15 +6,20 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 
 from ibtpo_core import stages
 from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
+if TYPE_CHECKING:
+    from configs.schema import BenchmarkConfig
+
+
 @task(name="benchmark", task_run_name="benchmark",
       cache_policy=CACHE, persist_result=True)
-def benchmark(bench: dict, policy: dict, data: dict, run_dir: str, code: str) -> dict:
+def benchmark(bench: BenchmarkConfig, policy: dict, data: dict, run_dir: str, code: str) -> dict:
     folder = stage_dir(run_dir, "bench", bench, policy["digest"], data["digest"], code)
     hit = stages.cached(folder)
     if hit:
@@ -25,7 +30,9 @@ def benchmark(bench: dict, policy: dict, data: dict, run_dir: str, code: str) ->
     def write(tmp: Path) -> None:
         from ibtpo_core.lm_eval_runner import run_lm_eval
 
-        out = run_lm_eval(policy["path"], str(Path(data["path"]) / "test.jsonl"), bench, tmp)
+        out = run_lm_eval(
+            policy["path"], str(Path(data["path"]) / "test.jsonl"), bench.model_dump(), tmp
+        )
         shutil.rmtree(tmp / "lm_eval_tasks", ignore_errors=True)
         results = out["results"]
         (tmp / "lm_eval_results.json").write_text(json.dumps(

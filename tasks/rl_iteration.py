@@ -12,54 +12,55 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 
 from ibtpo_core import stages
 from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
-def get_engine(engine_cfg: dict, model_path: str):
+if TYPE_CHECKING:
+    from configs.schema import AlgoConfig, EngineConfig, RolloutConfig
+
+
+def get_engine(engine: EngineConfig, model_path: str):
     """The process's engine (kept alive; weights reloaded when the checkpoint changes)."""
-    from configs.schema import EngineConfig
     from ibtpo_core.engines.held import held_engine
 
-    cfg = EngineConfig.model_validate(engine_cfg)
-    return held_engine(cfg.name, model_path, **cfg.kwargs())
+    return held_engine(engine.name, model_path, **engine.kwargs())
 
 
 @task(name="sample_trees", task_run_name="sample_trees[it {iteration}]",
       cache_policy=CACHE, persist_result=True)
-def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, seed: int,
-                 policy: dict, data: dict, run_dir: str, code: str) -> dict:
+def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engine: EngineConfig,
+                 seed: int, policy: dict, data: dict, run_dir: str, code: str) -> dict:
     from transformers import AutoTokenizer
 
-    from configs.schema import AlgoConfig
     from ibtpo_core.data.tokenizer import step_end_token_ids
-    from ibtpo_core.rl import draw_prompts, probe_diagnostic, sample_trees as sample, save_trees
+    from ibtpo_core.rl import draw_prompts, probe_diagnostic, save_trees
+    from ibtpo_core.rl import sample_trees as sample
 
-    folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo, rollout, engine_cfg, seed,
+    folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo, rollout, engine, seed,
                        policy["digest"], data["digest"], code)
     hit = stages.cached(folder)
     if hit:
         return hit
-    cfg = AlgoConfig.model_validate(algo)
     t0 = time.time()
     train = stages.read_jsonl(Path(data["path"]) / "train.jsonl")
-    rows = draw_prompts(train, iteration, rollout["prompts_per_iteration"], seed)
+    rows = draw_prompts(train, iteration, rollout.prompts_per_iteration, seed)
     tok = AutoTokenizer.from_pretrained(policy["path"])
-    engine = get_engine(engine_cfg, policy["path"])
-    steps = step_end_token_ids(tok, cfg.tree.steps.delimiter)
-    trees, metrics = sample(engine, tok, rows, cfg.tree, steps, rollout["max_new_tokens"],
-                            rollout["temperature"], seed * 100_003 + iteration)
+    rollout_engine = get_engine(engine, policy["path"])
+    steps = step_end_token_ids(tok, algo.tree.steps.delimiter)
+    trees, metrics = sample(rollout_engine, tok, rows, algo.tree, steps, rollout.max_new_tokens,
+                            rollout.temperature, seed * 100_003 + iteration)
     metrics["timing_s/sample_trees"] = time.time() - t0
-    every, n_probe = rollout["probe_every"], rollout["probe_prompts"]
-    if every and n_probe and iteration % every == 0:
+    if rollout.probe_every and rollout.probe_prompts and iteration % rollout.probe_every == 0:
         t1 = time.time()
-        probe = stages.read_jsonl(Path(data["path"]) / "validation.jsonl")[:n_probe]
+        probe = stages.read_jsonl(Path(data["path"]) / "validation.jsonl")[:rollout.probe_prompts]
         if probe:  # the same prompts and seed for every method and run
-            metrics.update(probe_diagnostic(engine, tok, probe, cfg.tree.G, steps,
-                                            rollout["max_new_tokens"], rollout["temperature"],
-                                            seed=7919 + iteration, run_tree=cfg.tree))
+            metrics.update(probe_diagnostic(rollout_engine, tok, probe, algo.tree.G, steps,
+                                            rollout.max_new_tokens, rollout.temperature,
+                                            seed=7919 + iteration, run_tree=algo.tree))
         metrics["timing_s/probe"] = time.time() - t1
     inject_fault("sample_trees", iteration)
 
@@ -72,17 +73,16 @@ def sample_trees(iteration: int, algo: dict, rollout: dict, engine_cfg: dict, se
 
 @task(name="estimate_scores", task_run_name="estimate_scores[it {iteration}]",
       cache_policy=CACHE, persist_result=True)
-def estimate_scores(iteration: int, algo: dict, trees: dict, run_dir: str, code: str) -> dict:
-    from configs.schema import AlgoConfig
+def estimate_scores(iteration: int, algo: AlgoConfig, trees: dict, run_dir: str, code: str) -> dict:
     from ibtpo_core.rl import load_trees, save_sequences, score_trees
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-scores", algo, trees["digest"], code)
     hit = stages.cached(folder)
     if hit:
         return hit
-    cfg = AlgoConfig.model_validate(algo)
     t0 = time.time()
-    seqs, metrics = score_trees(load_trees(Path(trees["path"]) / "trees.json"), cfg.tree, cfg.advantage)
+    seqs, metrics = score_trees(load_trees(Path(trees["path"]) / "trees.json"), algo.tree,
+                                algo.advantage)
     metrics["timing_s/estimate_scores"] = time.time() - t0
     inject_fault("estimate_scores", iteration)
     return stages.publish(folder, lambda tmp: save_sequences(seqs, tmp / "sequences.json"), metrics)
@@ -90,30 +90,29 @@ def estimate_scores(iteration: int, algo: dict, trees: dict, run_dir: str, code:
 
 @task(name="update_policy", task_run_name="update_policy[it {iteration}]",
       cache_policy=CACHE, persist_result=True)
-def update_policy(iteration: int, algo: dict, policy: dict, scores: dict, ref: dict,
+def update_policy(iteration: int, algo: AlgoConfig, policy: dict, scores: dict, ref: dict,
                   run_dir: str, code: str) -> dict:
-    from configs.schema import AlgoConfig
     from ibtpo_core.rl import load_sequences
-    from ibtpo_core.training.deepspeed_trainer import launch_update, update_policy as update
+    from ibtpo_core.training.deepspeed_trainer import launch_update
+    from ibtpo_core.training.deepspeed_trainer import update_policy as update
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-policy", algo, policy["digest"],
                        scores["digest"], ref["digest"], code)
     hit = stages.cached(folder)
     if hit:
         return hit
-    cfg = AlgoConfig.model_validate(algo)
     t0 = time.time()
     seqs_path = Path(scores["path"]) / "sequences.json"
     metrics: dict = {}
 
     def write(tmp: Path) -> None:
-        if cfg.update.num_processes > 1:
-            metrics.update(launch_update(policy["path"], str(tmp), str(seqs_path), cfg.loss,
-                                         cfg.update, ref_dir=ref["path"]))
+        if algo.update.num_processes > 1:
+            metrics.update(launch_update(policy["path"], str(tmp), str(seqs_path), algo.loss,
+                                         algo.update, ref_dir=ref["path"]))
             (tmp / "update_metrics.json").unlink()
         else:
-            metrics.update(update(policy["path"], str(tmp), load_sequences(seqs_path), cfg.loss,
-                                  cfg.update, ref_dir=ref["path"]))
+            metrics.update(update(policy["path"], str(tmp), load_sequences(seqs_path), algo.loss,
+                                  algo.update, ref_dir=ref["path"]))
         metrics["timing_s/update_policy"] = time.time() - t0
         inject_fault("update_policy", iteration)
 

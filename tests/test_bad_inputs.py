@@ -41,12 +41,20 @@ def fx(tmp_path_factory, tiny_model_dir):
 CASES = [
     # (id, overrides, expected error pattern)
     ("misspelt key", ["data.n_tets=5"], r"unknown key 'data.n_tets': did you mean 'n_test'"),
-    ("misspelt nested key", ["algo.tree.B_mx=3"], r"unknown key 'algo.tree.B_mx': did you mean 'B_max'"),
+    (
+        "misspelt nested key",
+        ["algo.tree.B_mx=3"],
+        r"unknown key 'algo.tree.B_mx': did you mean 'B_max'",
+    ),
     ("unknown top-level key", ["trainer={{}}"], r"unknown key 'trainer'"),
     ("misspelt section", ["rl.rolout={{}}"], r"did you mean 'rollout'"),
     ("wrong type int", ["data.n_test=many"], r"data.n_test: Input should be a valid integer"),
     ("wrong type G", ["algo.tree.G=eight"], r"algo.tree.G: Input should be a valid integer"),
-    ("wrong type bool", ["warmup.enabled=maybe"], r"warmup.enabled: Input should be a valid boolean"),
+    (
+        "wrong type bool",
+        ["warmup.enabled=maybe"],
+        r"warmup.enabled: Input should be a valid boolean",
+    ),
     ("negative budget", ["algo.tree.budget_tokens=-5"], r"budget_tokens must be positive"),
     ("G below 2", ["algo.tree.G=1"], r"G must be >= 2"),
     ("B_max below 2", ["algo.tree.B_max=1"], r"B_max must be >= 2"),
@@ -55,30 +63,81 @@ CASES = [
     ("beta negative", ["algo.tree.beta=-1"], r"beta must be >= 0"),
     ("unknown method", ["algo.method=ppo"], r"unknown method 'ppo'.*valid methods: ibtpo, grpo"),
     ("unknown engine", ["engine.name=sglang"], r"unknown engine 'sglang'; valid engines: hf, vllm"),
-    ("unknown selection", ["algo.tree.select_by=ibs"], r"unknown select_by 'ibs'.*Valid names: entropy, ib, random, relevance"),
-    ("unknown advantage", ["algo.advantage.name=gae"], r"unknown advantage 'gae'.*Valid names: grpo, ibtpo, tree_entropy"),
+    (
+        "unknown selection",
+        ["algo.tree.select_by=ibs"],
+        r"unknown select_by 'ibs'.*Valid names: entropy, ib, random, relevance",
+    ),
+    (
+        "unknown advantage",
+        ["algo.advantage.name=gae"],
+        r"unknown advantage 'gae'.*Valid names: grpo, ibtpo, tree_entropy",
+    ),
     ("unknown ib form", ["algo.tree.ib_form=product"], r"unknown ib_form 'product'.*Valid names"),
-    ("grpo advantage on trees", ["algo.advantage.name=grpo"], r"set tree.sampler: independent"),
-    ("rollout temperature 0", ["rl.rollout.temperature=0"], r"rl.rollout.temperature: Input should be greater than 0"),
-    ("max tokens 0", ["rl.rollout.max_new_tokens=0"], r"max_new_tokens: Input should be greater than or equal to 1"),
-    ("no prompts", ["rl.rollout.prompts_per_iteration=0"], r"prompts_per_iteration: Input should be greater than or equal to 1"),
+    (
+        "rollout temperature 0",
+        ["rl.rollout.temperature=0"],
+        r"rl.rollout.temperature: Input should be greater than 0",
+    ),
+    (
+        "max tokens 0",
+        ["rl.rollout.max_new_tokens=0"],
+        r"max_new_tokens: Input should be greater than or equal to 1",
+    ),
+    (
+        "no prompts",
+        ["rl.rollout.prompts_per_iteration=0"],
+        r"prompts_per_iteration: Input should be greater than or equal to 1",
+    ),
     ("budget too small", ["algo.tree.budget_tokens=2"], r"too small to sample one trajectory"),
     ("bad override", ["algo.tree.G"], r"must look like key.sub=value"),
-    ("unknown lm-eval task", ["benchmark.tasks=[ibtpo_countdwn]"], r"unknown lm-eval task\(s\) \['ibtpo_countdwn'\]"),
-    ("model path missing", ["model.path=/nonexistent/model"], r"model.path /nonexistent/model does not exist"),
-    ("model path not a model", ["model.path={d}/not_a_model"], r"is not a model \(no config.json\)"),
+    (
+        "unknown lm-eval task",
+        ["benchmark.tasks=[ibtpo_countdwn]"],
+        r"unknown lm-eval task\(s\) \['ibtpo_countdwn'\]",
+    ),
+    (
+        "model path missing",
+        ["model.path=/nonexistent/model"],
+        r"model.path /nonexistent/model does not exist",
+    ),
+    (
+        "model path not a model",
+        ["model.path={d}/not_a_model"],
+        r"is not a model \(no config.json\)",
+    ),
     ("tokenizer without EOS", ["model.path={d}/no_eos"], r"has no EOS token"),
     ("pickle weights refused", ["model.path={d}/pickled"], r"no \*.safetensors weights"),
-    ("dataset file missing", ["data.source=datasets", "data.datasets.data_files={{train: {d}/nope.jsonl}}"],
-     r"data file for split 'train' does not exist"),
-    ("dataset file empty", ["data.source=datasets", "data.datasets.data_files={{train: {d}/empty.jsonl}}"],
-     r"data file for split 'train' is empty"),
-    ("datasets without section", ["data.source=datasets"], r"source: datasets needs a datasets section"),
-    ("deepspeed config missing", ["algo.update.deepspeed_config=configs/deepspeed/none.yaml"],
-     r"DeepSpeed config .* does not exist"),
-    ("deepspeed world size", ["algo.update.deepspeed_config={d}/ds_tbs.yaml", "algo.update.num_processes=2"],
-     r"train_batch_size=3 is not divisible by the world size 2"),
-    ("deepspeed stage", ["algo.update.deepspeed_config={d}/ds_stage.yaml"], r"zero_optimization.stage=5"),
+    (
+        "dataset file missing",
+        ["data.source=datasets", "data.datasets.data_files={{train: {d}/nope.jsonl}}"],
+        r"data file for split 'train' does not exist",
+    ),
+    (
+        "dataset file empty",
+        ["data.source=datasets", "data.datasets.data_files={{train: {d}/empty.jsonl}}"],
+        r"data file for split 'train' is empty",
+    ),
+    (
+        "datasets without section",
+        ["data.source=datasets"],
+        r"source: datasets needs a datasets section",
+    ),
+    (
+        "deepspeed config missing",
+        ["algo.update.deepspeed_config=configs/deepspeed/none.yaml"],
+        r"DeepSpeed config .* does not exist",
+    ),
+    (
+        "deepspeed world size",
+        ["algo.update.deepspeed_config={d}/ds_tbs.yaml", "algo.update.num_processes=2"],
+        r"train_batch_size=3 is not divisible by the world size 2",
+    ),
+    (
+        "deepspeed stage",
+        ["algo.update.deepspeed_config={d}/ds_stage.yaml"],
+        r"zero_optimization.stage=5",
+    ),
     ("output dir not writable", ["output_dir={d}/a_file/run"], r"output_dir .* is not writable"),
 ]
 
@@ -98,8 +157,13 @@ def test_at_least_25_bad_inputs():
 def test_bad_rows_are_counted_at_data_preparation(fx, tmp_path):
     from ibtpo_core import stages
 
-    cfg = load_config(SMOKE, ["data.source=datasets",
-                              f"data.datasets.data_files={{train: {fx}/rows.jsonl, test: {fx}/rows.jsonl}}"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "data.source=datasets",
+            f"data.datasets.data_files={{train: {fx}/rows.jsonl, test: {fx}/rows.jsonl}}",
+        ],
+    )
     with pytest.raises(ValueError, match=r"2 of 3 rows of split 'test' lack .*bad_rows: skip"):
         stages.prepare_data(cfg.data, tmp_path / "data")
     assert not (tmp_path / "data").exists()  # nothing half-written

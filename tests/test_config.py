@@ -23,15 +23,27 @@ def write(tmp_path, text):
     return p
 
 
-@pytest.mark.parametrize("text,match", [
-    ("name: x\ndata:\n  n_tets: 5\n", r"unknown key 'data.n_tets': did you mean 'n_test'\?"),
-    ("name: x\nwarmup:\n  spec:\n    stpes: 5\n", r"unknown key 'warmup.spec.stpes': did you mean 'steps'\?"),
-    ("name: x\nmodle: {}\n", r"unknown key 'modle': did you mean 'model'\?"),
-    ("name: x\ndata:\n  n_test: many\n", r"data.n_test: Input should be a valid integer"),
-    ("name: x\ndata:\n  n_test: 0\n", r"data.n_test: Input should be greater than or equal to 1"),
-    ("name: x\nengine:\n  name: vllmm\n", r"unknown engine 'vllmm' \(did you mean 'vllm'\?\); valid engines: hf, vllm"),
-    ("name: x\nmodel:\n  tiny: null\n", r"model needs path \(a checkpoint directory\), gguf"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("name: x\ndata:\n  n_tets: 5\n", r"unknown key 'data.n_tets': did you mean 'n_test'\?"),
+        (
+            "name: x\nwarmup:\n  spec:\n    stpes: 5\n",
+            r"unknown key 'warmup.spec.stpes': did you mean 'steps'\?",
+        ),
+        ("name: x\nmodle: {}\n", r"unknown key 'modle': did you mean 'model'\?"),
+        ("name: x\ndata:\n  n_test: many\n", r"data.n_test: Input should be a valid integer"),
+        (
+            "name: x\ndata:\n  n_test: 0\n",
+            r"data.n_test: Input should be greater than or equal to 1",
+        ),
+        (
+            "name: x\nengine:\n  name: vllmm\n",
+            r"unknown engine 'vllmm' \(did you mean 'vllm'\?\); valid engines: hf, vllm",
+        ),
+        ("name: x\nmodel:\n  tiny: null\n", r"model needs path \(a checkpoint directory\), gguf"),
+    ],
+)
 def test_bad_configs_name_the_problem(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
         load_config(write(tmp_path, text))

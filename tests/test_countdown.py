@@ -4,8 +4,16 @@ import random
 import pytest
 
 from ibtpo_core.algo.rewards import VERIFIERS, check_countdown
-from ibtpo_core.data.countdown import (CountdownSpec, canonical_key, enumerate_problems,
-                                       format_steps, make_splits, random_walk, sample_trace, solve)
+from ibtpo_core.data.countdown import (
+    CountdownSpec,
+    canonical_key,
+    enumerate_problems,
+    format_steps,
+    make_splits,
+    random_walk,
+    sample_trace,
+    solve,
+)
 
 P = {"numbers": [2, 3, 4, 5], "target": 26}
 
@@ -48,7 +56,8 @@ def test_wrong_solutions_name_the_fault(text, reason):
 
 def test_unused_number_is_rejected():
     # 20 + 6 = 26 reached without the 2 and 3 being used: 4 * 5 = 20, 20 + 6 needs a 6 (absent),
-    # so use a problem where a short path exists: [1, 4, 5, 6] -> 26: 4 * 5 = 20, 20 + 6 = 26, 1 unused
+    # so use a problem where a short path exists: [1, 4, 5, 6] -> 26: 4 * 5 = 20, 20 + 6 = 26,
+    # 1 unused
     ok, why = check_countdown("4 * 5 = 20\n20 + 6 = 26\n", [1, 4, 5, 6], 26)
     assert not ok and why == "not every given number is used"
 
@@ -115,12 +124,16 @@ def test_drawn_problems_carry_a_walk_that_verifies_and_splits_are_disjoint():
     assert [len(s[k]) for k in ("test", "validation", "train")] == [300, 100, 3000]
     keys = {k: [r["key"] for r in v] for k, v in s.items()}
     assert len(set(keys["test"])) == 300 and len(set(keys["validation"])) == 100
-    assert not set(keys["test"]) & set(keys["train"]) and not set(keys["test"]) & set(keys["validation"])
+    assert not set(keys["test"]) & set(keys["train"]) and not set(keys["test"]) & set(
+        keys["validation"]
+    )
     assert not set(keys["validation"]) & set(keys["train"])
     assert s == make_splits(DEEP, seed=0, n_test=300, n_val=100)
     for row in s["test"][:100] + s["train"][:100]:
         assert len(row["solution"]) == 5  # six numbers, five steps
-        assert 10 <= row["target"] <= 99 and canonical_key(row["numbers"], row["target"]) == row["key"]
+        assert (
+            10 <= row["target"] <= 99 and canonical_key(row["numbers"], row["target"]) == row["key"]
+        )
         trace = sample_trace(row, DEEP, random.Random(0))
         assert check_countdown(trace, row["numbers"], row["target"]) == (True, "ok")
 
@@ -140,9 +153,13 @@ def test_a_random_walk_follows_the_rules_by_hand():
     seen = {random_walk([2, 2], CountdownSpec(), random.Random(i)) for i in range(60)}
     assert seen == {((2, "+", 2, 4),), ((2, "*", 2, 4),), ((2, "/", 2, 1),)}
     # 7 and 9 with results capped at 10: 9+7 and 9*7 exceed it, 9/7 is inexact, 9-7=2 is left
-    assert random_walk([7, 9], CountdownSpec(max_intermediate=10), random.Random(0)) == ((9, "-", 7, 2),)
+    assert random_walk([7, 9], CountdownSpec(max_intermediate=10), random.Random(0)) == (
+        (9, "-", 7, 2),
+    )
     # 7 and 7: 14 and 49 exceed 10, 7-7=0 is below 1, 7/7=1 is left
-    assert random_walk([7, 7], CountdownSpec(max_intermediate=10), random.Random(0)) == ((7, "/", 7, 1),)
+    assert random_walk([7, 7], CountdownSpec(max_intermediate=10), random.Random(0)) == (
+        (7, "/", 7, 1),
+    )
     # with every result above the cap there is no valid step: a dead end
     assert random_walk([9, 8], CountdownSpec(max_intermediate=0), random.Random(0)) is None
 

@@ -22,7 +22,10 @@ def test_local_jsonl_through_datasets_with_mapped_fields(tmp_path):
     cfg = DataConfig(source="datasets", n_test=5, n_val=1, datasets=DatasetSource(
         data_files={"train": train, "test": test}, numbers_field="nums", target_field="answer"))
     rec = stages.prepare_data(cfg, tmp_path / "out")
-    out = {s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    out = {
+        s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
+        for s in ("train", "validation", "test")
+    }
     assert out["test"] == [{"numbers": [1, 2, 3, 4], "target": 10, "key": "1 2 3 4->10"}]
     # both orders of the test problem are held out of training
     assert [r["target"] for r in out["train"]] == [26] and len(out["validation"]) == 1
@@ -35,7 +38,10 @@ def test_malformed_rows_fail_with_a_count_or_are_skipped(tmp_path):
                                      {"numbers": [1, 2]},
                                      {"numbers": [1.5, 2], "target": 3}])
     src = DatasetSource(data_files={"train": f})
-    with pytest.raises(ValueError, match=r"3 of 4 rows of split 'train' lack .* \(first bad row: 1\).*bad_rows: skip"):
+    with pytest.raises(
+        ValueError,
+        match=r"3 of 4 rows of split 'train' lack .* \(first bad row: 1\).*bad_rows: skip",
+    ):
         load_split(src, "train")
     rows = load_split(DatasetSource(data_files={"train": f}, bad_rows="skip"), "train")
     assert rows == [{"numbers": [1, 2], "target": 3, "key": "1 2->3"}]

@@ -102,7 +102,9 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, launcher):
 
     seqs = sequences(tiny_model_dir)
     save_sequences(seqs, tmp_path / "seqs.json")
-    one = update_policy(tiny_model_dir, str(tmp_path / "one"), seqs, LossSpec(), UpdateSpec(lr=1e-3))
+    one = update_policy(
+        tiny_model_dir, str(tmp_path / "one"), seqs, LossSpec(), UpdateSpec(lr=1e-3)
+    )
     two = launch_update(tiny_model_dir, str(tmp_path / "two"), str(tmp_path / "seqs.json"),
                         LossSpec(), UpdateSpec(lr=1e-3, num_processes=2, launcher=launcher))
     assert two["num_tokens"] == one["num_tokens"] == 42
@@ -136,8 +138,13 @@ def test_sharded_zero_stages_carry_the_optimizer_state_and_save_whole_weights(
             torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=f"step {step} {k}")
     # without the carried state the second step would differ (Adam's moments restart)
     fresh = tmp_path / "fresh"
-    launch_update(str(runs["zero0"][0]), str(fresh), seqs, LossSpec(),
-                  UpdateSpec(lr=1e-3, num_processes=2, deepspeed_config=f"configs/deepspeed/zero{zero}.yaml"))
+    launch_update(
+        str(runs["zero0"][0]),
+        str(fresh),
+        seqs,
+        LossSpec(),
+        UpdateSpec(lr=1e-3, num_processes=2, deepspeed_config=f"configs/deepspeed/zero{zero}.yaml"),
+    )
     c = AutoModelForCausalLM.from_pretrained(fresh).state_dict()
     b = AutoModelForCausalLM.from_pretrained(runs["sharded"][1]).state_dict()
     assert any(not torch.allclose(c[k], b[k], atol=1e-6) for k in c)

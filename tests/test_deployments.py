@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from ibtpo_core.runtime import free_port
@@ -40,9 +39,14 @@ def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
     # without the torch.distributed variables an earlier in-process DeepSpeed test left in this
     # process's environment: its rendezvous port is still held here
     dist = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in dist}, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PWD": str(ROOT),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in dist},
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PWD": str(ROOT),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
     logs = tmp_path / "server.log"
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env={**env, "PREFECT_API_URL": ""}, cwd=ROOT,
@@ -52,14 +56,16 @@ def test_deploy_and_run_the_smoke_and_sweep_deployments(tmp_path):
         wait_healthy(f"{api}/health", server, 120, "prefect server")
 
         def prefect(*args: str, timeout: float = 180, tries: int = 1) -> str:
-            for attempt in range(tries):
+            for _ in range(tries):
                 r = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True,
                                    text=True, timeout=timeout)
                 if r.returncode == 0:
                     return r.stdout
                 time.sleep(3)  # a server still starting up on a loaded machine
-            raise AssertionError(f"prefect {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}\n"
-                                 f"worker log:\n{worker_log.read_text()[-6000:] if worker_log.exists() else ''}")
+            raise AssertionError(
+                f"prefect {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}\n"
+                f"worker log:\n{worker_log.read_text()[-6000:] if worker_log.exists() else ''}"
+            )
 
         prefect("work-pool", "create", "ibtpo-process", "--type", "process", "--overwrite",
                 tries=3)

@@ -62,7 +62,9 @@ def test_prefix_reuse_gives_the_same_distribution_as_no_reuse(setup, tiny_model_
     fresh = fresh_engine.generate(branches, num_samples=2, max_new_tokens=6, stop=stop, seed=4)
     assert [c.token_ids for c in reused] == [c.token_ids for c in fresh]
     for r, f in zip(reused, fresh):
-        torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(f.logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(r.logprobs), torch.tensor(f.logprobs), atol=1e-5, rtol=0
+        )
     for c in reused:
         lp, _ = forward_logprobs(model, branches[c.prefix_index], c.token_ids)
         torch.testing.assert_close(torch.tensor(c.logprobs), lp, atol=1e-4, rtol=0)

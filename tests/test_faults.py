@@ -129,9 +129,21 @@ def test_a_kill_inside_the_first_build_of_the_comm_op_does_not_hang_the_rerun(tm
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "IBTPO_TEST_TAG": tag, "TORCH_EXTENSIONS_DIR": str(ext)}
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", SMOKE, "--set", "threads=1",
-           "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"stage_cache_dir={tmp_path / 'stages'}",
-           "--set", sets[0]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        SMOKE,
+        "--set",
+        "threads=1",
+        "--set",
+        f"output_dir={tmp_path / 'runs'}",
+        "--set",
+        f"stage_cache_dir={tmp_path / 'stages'}",
+        "--set",
+        sets[0],
+    ]
     with (tmp_path / "killed.log").open("w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log)
         deadline = time.monotonic() + 540

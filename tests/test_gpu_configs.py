@@ -20,12 +20,20 @@ FIX = ROOT / "tests" / "fixtures" / "math"
 def test_gpu_configs_validate_and_say_how_to_run_them(name):
     path = ROOT / "configs" / "experiments" / f"{name}.yaml"
     header = [ln for ln in path.read_text().splitlines() if ln.startswith("#")]
-    assert any(ln.startswith(f"# Run:   pip install -e .[gpu] && ibtpo run configs/experiments/{name}.yaml")
-               for ln in header)
+    assert any(
+        ln.startswith(
+            f"# Run:   pip install -e .[gpu] && ibtpo run configs/experiments/{name}.yaml"
+        )
+        for ln in header
+    )
     cfg = load_config(path)
     assert cfg.engine.name == "vllm" and cfg.engine.device == "cuda"
     assert cfg.algo.update.num_processes == 8 and cfg.rl.rollout.prompts_per_iteration == 128
-    assert cfg.algo.tree.G == 8 and cfg.algo.update.lr == 1e-6 and cfg.rl.rollout.max_new_tokens == 8192
+    assert (
+        cfg.algo.tree.G == 8
+        and cfg.algo.update.lr == 1e-6
+        and cfg.rl.rollout.max_new_tokens == 8192
+    )
     zero = 3 if "8b" in name else 2
     assert cfg.algo.update.deepspeed_config == f"configs/deepspeed/zero{zero}.yaml"
     assert cfg.data.datasets.path == "BytedTsinghua-SIA/DAPO-Math-17k"
@@ -50,7 +58,10 @@ def test_a_hub_model_id_resolves_from_the_local_hub_cache(tmp_path, monkeypatch,
     got = resolve_model_path("Org/Tiny")
     assert Path(got) == snap
     check_model_dir(got)
-    with pytest.raises(FileNotFoundError, match=r"model.path 'Org/Missing' is neither a local folder nor a hub model"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"model.path 'Org/Missing' is neither a local folder nor a hub model",
+    ):
         resolve_model_path("Org/Missing")
     assert resolve_model_path(tiny_model_dir) == tiny_model_dir
 

@@ -34,8 +34,13 @@ def test_avg_at_k_and_pass_at_k_by_hand():
 def test_aime_avg_k_task_runs_on_a_local_fixture(tiny_model_dir, tmp_path):
     from ibtpo_core.lm_eval_runner import run_lm_eval
 
-    bench = BenchmarkConfig(tasks=["aime24_avgk"], local_data={"aime24_avgk": str(FIX / "aime.jsonl")},
-                            avg_k=3, batch_size=8, max_gen_toks=6).model_dump()
+    bench = BenchmarkConfig(
+        tasks=["aime24_avgk"],
+        local_data={"aime24_avgk": str(FIX / "aime.jsonl")},
+        avg_k=3,
+        batch_size=8,
+        max_gen_toks=6,
+    ).model_dump()
     out = run_lm_eval(tiny_model_dir, str(FIX / "aime.jsonl"), bench, tmp_path)
     res = out["results"]["aime24_avgk"]
     assert 0.0 <= res["avg_at_k,all_k"] <= res["pass_at_k,all_k"] <= 1.0
@@ -46,7 +51,9 @@ def test_aime_avg_k_task_runs_on_a_local_fixture(tiny_model_dir, tmp_path):
 def test_task_folder_points_tasks_at_local_files_and_sets_k(tmp_path):
     from ibtpo_core.lm_eval_runner import task_folder
 
-    d = task_folder(tmp_path / "t", str(FIX / "aime.jsonl"), {"aime25_avgk": str(FIX / "aime.jsonl")}, 5)
+    d = task_folder(
+        tmp_path / "t", str(FIX / "aime.jsonl"), {"aime25_avgk": str(FIX / "aime.jsonl")}, 5
+    )
     text = (d / "ibtpo_aime" / "aime25_avgk.yaml").read_text()
     assert "dataset_path: json" in text and str(FIX / "aime.jsonl") in text
     assert "test_split: test" in text and "repeats: 5" in text and "k: 5" in text
@@ -65,7 +72,10 @@ def test_task_folder_writes_the_benchmark_sampling_into_the_projects_tasks(tmp_p
 
     d = task_folder(tmp_path / "t", str(FIX / "aime.jsonl"),
                     generation={"do_sample": False, "temperature": 0.0, "max_gen_toks": 7})
-    for path in (d / "ibtpo_countdown" / "ibtpo_countdown.yaml", d / "ibtpo_aime" / "aime24_avgk.yaml"):
+    for path in (
+        d / "ibtpo_countdown" / "ibtpo_countdown.yaml",
+        d / "ibtpo_aime" / "aime24_avgk.yaml",
+    ):
         text = "\n".join(line for line in path.read_text().splitlines() if "!function" not in line)
         gen = yaml.safe_load(text)["generation_kwargs"]
         assert (gen["do_sample"], gen["temperature"], gen["max_gen_toks"]) == (False, 0.0, 7), path
@@ -79,7 +89,9 @@ def test_standard_tasks_by_name_pass_preflight_and_typos_do_not():
     with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['aime2024'\]"):
         check_benchmarks(BenchmarkConfig(tasks=["aime2024"]))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        check_benchmarks(BenchmarkConfig(tasks=["aime24_avgk"], local_data={"aime24_avgk": "/nope.jsonl"}))
+        check_benchmarks(
+            BenchmarkConfig(tasks=["aime24_avgk"], local_data={"aime24_avgk": "/nope.jsonl"})
+        )
 
 
 def test_vllm_distribution_alias_answers_for_a_cpu_build(monkeypatch):

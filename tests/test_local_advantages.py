@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ibtpo_core.algo.advantages import AdvantageSpec, LOCAL_ADVANTAGES, compute_advantages
+from ibtpo_core.algo.advantages import LOCAL_ADVANTAGES, AdvantageSpec, compute_advantages
 from ibtpo_core.algo.ib_score import Forest, compute_stats
 from ibtpo_core.algo.tree import Tree
 
@@ -50,7 +50,9 @@ def test_a_flat_group_with_one_success(name, local, expected):
 def test_sums_and_signs_on_the_same_group():
     g = flat_group([1, 0, 0, 0])
     sums = {local: sum(leaf_advantages(g, "ibtpo", local)) for local in LOCAL_ADVANTAGES.names()}
-    assert sums["log_ratio"] == pytest.approx(0.75 + LN4 - 6.75, abs=1e-6)  # -4.6137: a net push down
+    assert sums["log_ratio"] == pytest.approx(
+        0.75 + LN4 - 6.75, abs=1e-6
+    )  # -4.6137: a net push down
     assert sums["log_ratio_centred"] == pytest.approx(0.0, abs=1e-9)
     assert sums["diff"] == pytest.approx(0.0, abs=1e-9)
     assert sum(leaf_advantages(g, "grpo")) == pytest.approx(0.0, abs=1e-9)
@@ -109,3 +111,20 @@ def test_tree_score_names_the_valid_variants_for_a_misspelt_one(tmp_path, capsys
     assert captured.out == ""
     assert "diff, log_ratio, log_ratio_centred" in captured.err
     assert main(["tree-score", str(path), "--local-advantage", "log_ratio_centred"]) == 0
+
+
+def test_grpo_advantage_on_a_tree_by_hand():
+    # root -> a -> {l1 r=1, l2 r=0}; root -> l3 r=0 (the ablation's GRPO advantage on trees)
+    # leaves 1, 0, 0: mean 1/3, unbiased std = sqrt(((2/3)^2 + 2 (1/3)^2) / 2) = sqrt(1/3) = 0.57735
+    # l1 = (2/3) / 0.57735 = 1.1547, l2 = l3 = -(1/3) / 0.57735 = -0.57735
+    # a: the mean over the leaves below it = (1.1547 - 0.57735) / 2 = 0.28868
+    t = Tree([9])
+    a = t.add_node(0, [10], [-0.1], [0.5])
+    l1 = t.add_node(a, [11], [-0.1], [0.5], reward=1.0, final=True)
+    l2 = t.add_node(a, [12], [-0.1], [0.5], reward=0.0, final=True)
+    l3 = t.add_node(0, [13], [-0.1], [0.5], reward=0.0, final=True)
+    f = Forest.from_trees([t])
+    A = compute_advantages(f, compute_stats(f), AdvantageSpec("grpo"))
+    assert float(A[l1]) == pytest.approx(1.1547, abs=1e-4)
+    assert float(A[l2]) == float(A[l3]) == pytest.approx(-0.57735, abs=1e-4)
+    assert float(A[a]) == pytest.approx(0.28868, abs=1e-4) and float(A[0]) == 0.0

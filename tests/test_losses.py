@@ -7,7 +7,8 @@ import torch
 from ibtpo_core.algo.losses import LossSpec, kl_k3, policy_loss
 
 
-def one_token(ratio, adv, spec=LossSpec()):
+def one_token(ratio, adv, spec=None):
+    spec = spec or LossSpec()
     old = torch.tensor([[-1.0]])
     logp = (old + math.log(ratio)).requires_grad_(True)
     loss, m = policy_loss(logp, old, torch.tensor([[adv]]), torch.ones(1, 1), spec)
@@ -19,7 +20,11 @@ def test_hand_worked_clipping():
     # r = 1.5, A = 1: min(1.5, clip(1.5) = 1.2) = 1.2 -> loss -1.2, clipped above, no gradient
     loss, m, g = one_token(1.5, 1.0)
     assert loss == pytest.approx(-1.2) and g == 0.0
-    assert m["loss/clipfrac"] == 1.0 and m["clip_ratio/high_mean"] == 1.0 and m["clip_ratio/low_mean"] == 0.0
+    assert (
+        m["loss/clipfrac"] == 1.0
+        and m["clip_ratio/high_mean"] == 1.0
+        and m["clip_ratio/low_mean"] == 0.0
+    )
     # r = 1.5, A = -1: min(-1.5, -1.2) = -1.5 -> loss 1.5; the unclipped term keeps the gradient
     loss, m, g = one_token(1.5, -1.0)
     assert loss == pytest.approx(1.5) and m["loss/clipfrac"] == 0.0 and g == pytest.approx(1.5)

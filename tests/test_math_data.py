@@ -23,7 +23,10 @@ def test_math_shape_boxed_answers_from_solutions_and_disjoint_splits(tmp_path):
                         prompt_template="Problem: {problem}\nAnswer in \\boxed{}.")
     cfg = DataConfig(source="datasets", n_test=10, n_val=1, datasets=src)
     stages.prepare_data(cfg, tmp_path / "out")
-    out = {s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    out = {
+        s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
+        for s in ("train", "validation", "test")
+    }
     assert [r["answer"] for r in out["test"]] == ["7", "\\frac{3}{4}"]
     assert out["test"][0]["prompt"] == "Problem: What is $\\sqrt{49}$?\nAnswer in \\boxed{}."
     assert all(r["verifier"] == "math" for rows in out.values() for r in rows)
@@ -105,7 +108,10 @@ def test_reasoning_gym_problems_and_their_checker(tmp_path):
                                     "max_target": 30})
     stages.prepare_data(DataConfig(source="reasoning_gym", n_test=5, n_val=2, reasoning_gym=spec),
                         tmp_path / "out")
-    out = {s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    out = {
+        s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
+        for s in ("train", "validation", "test")
+    }
     assert len(out["test"]) == 5 and len(out["validation"]) == 2 and len(out["train"]) >= 20
     keys = [{r["key"] for r in rows} for rows in out.values()]
     assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
@@ -114,7 +120,9 @@ def test_reasoning_gym_problems_and_their_checker(tmp_path):
     check = verifier("reasoning_gym")
     assert check(f"Let me think.\n{row['answer']}", row) == 1.0
     assert check(f"<answer>{row['answer']}</answer>", row) == 1.0
-    assert check("1 + 1", row) == 0.0  # well-formed but wrong: reasoning-gym's partial credit is 0 here
+    assert (
+        check("1 + 1", row) == 0.0
+    )  # well-formed but wrong: reasoning-gym's partial credit is 0 here
     nums = row["rg_metadata"]["numbers"]
     assert row["rg_metadata"]["target"] and len(nums) == 3
 
@@ -132,11 +140,17 @@ def test_reasoning_gym_arithmetic_scored_by_math_verify(tmp_path):
     assert row["answer"] == str(gold)
     check = verifier(row["verifier"])
     assert check(f"{a} {op} {b} equals {gold}.", row) == 1.0  # a right answer in a sentence
-    assert verifier("reasoning_gym")(f"{a} {op} {b} equals {gold}.", row) == 0.0  # not its last line
+    assert (
+        verifier("reasoning_gym")(f"{a} {op} {b} equals {gold}.", row) == 0.0
+    )  # not its last line
     assert check(f"{a} {op} {b} equals {gold + 1}.", row) == 0.0
     with pytest.raises(ValueError, match="verifier"):
-        DataConfig.model_validate({"source": "reasoning_gym",
-                                   "reasoning_gym": {"dataset": "basic_arithmetic", "verifier": "exact"}})
+        DataConfig.model_validate(
+            {
+                "source": "reasoning_gym",
+                "reasoning_gym": {"dataset": "basic_arithmetic", "verifier": "exact"},
+            }
+        )
 
 
 def test_final_answer_prefers_the_answer_tag_then_the_last_line():
@@ -160,7 +174,10 @@ def test_configs_for_real_data_fail_early_with_the_fix(raw, match):
 def test_unknown_reasoning_gym_dataset_is_named():
     from ibtpo_core.data.gym import ReasoningGymSpec, check_dataset
 
-    with pytest.raises(ValueError, match="unknown reasoning-gym dataset 'countdwn' \\(did you mean 'countdown'\\?\\)"):
+    with pytest.raises(
+        ValueError,
+        match="unknown reasoning-gym dataset 'countdwn' \\(did you mean 'countdown'\\?\\)",
+    ):
         check_dataset(ReasoningGymSpec(dataset="countdwn"))
     with pytest.raises(ValueError, match="rejects config"):
         check_dataset(ReasoningGymSpec(config={"bogus": 1}))

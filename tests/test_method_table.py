@@ -8,7 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("method_table", ROOT / "bench" / "method_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "method_table", ROOT / "bench" / "method_table.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -2,8 +2,8 @@
 
 Prefect puts a flow file's folder on ``sys.path`` when it loads the flow, so ``flows/evaluate.py``
 made ``import evaluate`` (which lm-eval and its task hooks do) return our flow module. No module
-of flows/, tasks/, pipeline/ or ibtpo_core/ may share a name with another of them, and none may share a
-name with an installed or standard-library top-level module.
+of flows/, tasks/, pipeline/ or ibtpo_core/ may share a name with another of them, and none may
+share a name with an installed or standard-library top-level module.
 """
 from __future__ import annotations
 
@@ -60,5 +60,7 @@ def test_tasks_holds_prefect_tasks_only():
         if path.stem == "__init__":
             continue
         mod = importlib.import_module(f"tasks.{path.stem}")
-        own = [v for v in vars(mod).values() if isinstance(v, Task) and v.fn.__module__ == mod.__name__]
+        own = [
+            v for v in vars(mod).values() if isinstance(v, Task) and v.fn.__module__ == mod.__name__
+        ]
         assert own, f"tasks/{path.name} defines no Prefect task: move it out of tasks/ (pipeline/)"

@@ -35,7 +35,7 @@ def test_flow_runs_every_stage_and_tracks_it(harness):
     run = client.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["algo.method"] == "ibtpo" and "version.torch" in run.data.params
-    for key in ("reward", "reward_std", "eff_rate", "entropy", "kl", "loss/clipfrac",
+    for key in ("reward", "reward_std", "eff_rate", "entropy", "loss/approx_kl", "loss/clipfrac",
                 "clip_ratio/high_mean", "clip_ratio/low_mean", "tree/decoded_tokens",
                 "tree/num_leaves", "tree/shared_prefix_frac", "tree/leaves_per_budget",
                 "ib/score_mean", "ib/h_mean", "ib/i_mean", "num_tokens", "timing_s/sample_trees",
@@ -53,9 +53,13 @@ def test_flow_runs_every_stage_and_tracks_it(harness):
     assert {"config.json", "tiny_smoke.yaml", "lineage.json", "sample_trees", "plots"} <= arts
     trees = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "sample_trees")}
     assert trees == {f"tree_{i}.{ext}" for i in range(3) for ext in ("json", "png")}
-    lineage = json.loads(Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text())
+    lineage = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text()
+    )
     assert len(lineage["checkpoints"]) == 2
-    assert lineage["checkpoints"][1]["parent_checkpoint_digest"] == lineage["checkpoints"][0]["digest"]
+    assert (
+        lineage["checkpoints"][1]["parent_checkpoint_digest"] == lineage["checkpoints"][0]["digest"]
+    )
 
 
 def _flow_run_page(flow_run_id: str) -> tuple[list[str], dict[str, str]]:
@@ -63,7 +67,12 @@ def _flow_run_page(flow_run_id: str) -> tuple[list[str], dict[str, str]]:
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
     async def read():
         async with get_client() as client:
@@ -94,21 +103,26 @@ def test_the_prefect_ui_names_stages_and_shows_the_result(harness):
 
 
 def test_rerun_is_cache_hits_only(harness, monkeypatch):
+    import ibtpo_core.lm_eval_runner
     import ibtpo_core.rl
     import ibtpo_core.stages
     import ibtpo_core.training.deepspeed_trainer
-    import ibtpo_core.lm_eval_runner
 
     first = _run(harness)
 
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    for mod, name in ((ibtpo_core.stages, "prepare_data"), (ibtpo_core.stages, "warm_up"),
-                      (ibtpo_core.stages, "create_model"), (ibtpo_core.stages, "evaluate_checkpoint"),
-                      (ibtpo_core.rl, "sample_trees"), (ibtpo_core.rl, "score_trees"),
-                      (ibtpo_core.training.deepspeed_trainer, "update_policy"),
-                      (ibtpo_core.lm_eval_runner, "run_lm_eval")):
+    for mod, name in (
+        (ibtpo_core.stages, "prepare_data"),
+        (ibtpo_core.stages, "warm_up"),
+        (ibtpo_core.stages, "create_model"),
+        (ibtpo_core.stages, "evaluate_checkpoint"),
+        (ibtpo_core.rl, "sample_trees"),
+        (ibtpo_core.rl, "score_trees"),
+        (ibtpo_core.training.deepspeed_trainer, "update_policy"),
+        (ibtpo_core.lm_eval_runner, "run_lm_eval"),
+    ):
         monkeypatch.setattr(mod, name, boom)
     second = _run(harness)
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
@@ -152,11 +166,27 @@ def test_tasks_through_fn(tmp_path):
     from pipeline.stage_cache import code_version
     from tasks.prepare_data import prepare_data
 
-    cfg = DataConfig(n_test=10, n_val=5).model_dump()
+    cfg = DataConfig(n_test=10, n_val=5)
     rec = prepare_data.fn(cfg, str(tmp_path), code_version())
     assert rec["metrics"]["data/test_rows"] == 10.0
     assert (Path(rec["path"]) / "train.jsonl").is_file()
     assert prepare_data.fn(cfg, str(tmp_path), code_version())["digest"] == rec["digest"]
+
+
+def test_typed_sections_key_stages_as_their_dicts_did(tmp_path):
+    # stage folders are named by a digest of their key parts: a typed section must give the same
+    # name as the dict slice of the whole config's model_dump() that the flow passed before
+    from configs.schema import load_config
+    from pipeline.stage_cache import stage_dir
+
+    cfg = load_config(SMOKE)
+    whole = cfg.model_dump()
+    assert stage_dir("r", "data", cfg.data, "c") == stage_dir("r", "data", whole["data"], "c")
+    assert stage_dir("r", "warmup", cfg.warmup, cfg.data.countdown) == \
+        stage_dir("r", "warmup", whole["warmup"], whole["data"]["countdown"])
+    assert stage_dir("r", "s", cfg.algo, cfg.rl.rollout, cfg.engine, 3) == \
+        stage_dir("r", "s", whole["algo"], whole["rl"]["rollout"], whole["engine"], 3)
+    assert stage_dir("r", "s", cfg.algo) != stage_dir("r", "s", cfg.rl.rollout)
 
 
 def test_lost_tracking_connection_mid_run_then_rerun_logs_once(harness, monkeypatch):
@@ -164,7 +194,6 @@ def test_lost_tracking_connection_mid_run_then_rerun_logs_once(harness, monkeypa
 
     other = ["seed=11"]
     real = MlflowClient.log_batch
-    calls = {"n": 0}
 
     def flaky(self, run_id, metrics=(), *a, **k):
         if any(m.key == "iteration" and m.step == 1 for m in metrics):
@@ -240,10 +269,16 @@ def test_a_tuning_run_is_scored_on_the_validation_split(harness):
     from mlflow.tracking import MlflowClient
 
     curve = MlflowClient().get_metric_history(
-        [r for r in MlflowClient().search_runs(
-            [MlflowClient().get_run(out["mlflow_run_id"]).info.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{out['mlflow_run_id']}' and tags.`ibtpo.stage` = 'curve'")
-         ][0].info.run_id, "curve/n_eval")
+        [
+            r
+            for r in MlflowClient().search_runs(
+                [MlflowClient().get_run(out["mlflow_run_id"]).info.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{out['mlflow_run_id']}' "
+                f"and tags.`ibtpo.stage` = 'curve'",
+            )
+        ][0].info.run_id,
+        "curve/n_eval",
+    )
     assert {m.value for m in curve} == {4.0}
 
 

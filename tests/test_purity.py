@@ -28,13 +28,25 @@ def test_algo_imports_are_stdlib_torch_numpy():
 
 
 def test_importing_the_algorithm_loads_no_framework():
-    code = ("import sys, ibtpo_core.algo.tree, ibtpo_core.algo.ib_score, ibtpo_core.algo.advantages,"
-            " ibtpo_core.algo.losses, ibtpo_core.algo.selection, ibtpo_core.algo.sampling,"
-            " ibtpo_core.algo.rewards, ibtpo_core.algo.tree_score;"
-            "print(sorted({m.split('.')[0] for m in sys.modules}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, ibtpo_core.algo.tree, ibtpo_core.algo.ib_score, ibtpo_core.algo.advantages,"
+        " ibtpo_core.algo.losses, ibtpo_core.algo.selection, ibtpo_core.algo.sampling,"
+        " ibtpo_core.algo.rewards, ibtpo_core.algo.tree_score;"
+        "print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     loaded = set(eval(out))
-    for framework in ("transformers", "prefect", "mlflow", "deepspeed", "pydantic", "datasets", "yaml"):
+    for framework in (
+        "transformers",
+        "prefect",
+        "mlflow",
+        "deepspeed",
+        "pydantic",
+        "datasets",
+        "yaml",
+    ):
         assert framework not in loaded, framework
 
 

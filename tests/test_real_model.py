@@ -29,7 +29,9 @@ def test_gguf_converts_to_a_checkpoint_that_matches_the_gguf_model(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     path = locate(GGUFSpec())
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     ours = AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -63,8 +65,9 @@ def test_one_iteration_of_each_smollm2_config(harness, method):
     sample = next(Path(harness / method).glob("it0000-sample-*"))
     prompts = json.loads((sample / "prompts.json").read_text())
     assert all(p["verifier"] == "reasoning_gym" and p["rg_dataset"] == "countdown" for p in prompts)
-    from ibtpo_core.rl import load_trees
     from transformers import AutoTokenizer
+
+    from ibtpo_core.rl import load_trees
 
     trees = load_trees(sample / "trees.json")
     tok = AutoTokenizer.from_pretrained(next(Path(harness / "stages").glob("model-*")))

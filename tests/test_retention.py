@@ -26,7 +26,10 @@ def test_prune_keeps_the_digest_and_the_output_valid(tmp_path):
     rec = _checkpoint(tmp_path / "ck", "a")
     freed = prune(tmp_path / "ck", ("optimizer.pt", "zero_state"))
     assert freed == 120  # 100 + 20 bytes
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["manifest.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+    ]
     again = stages.cached(tmp_path / "ck")
     assert again == rec  # same digest, so stages keyed by it stay cache hits
     assert pruned_files(tmp_path / "ck") == ["optimizer.pt", "zero_state/state/rank0.pt"]

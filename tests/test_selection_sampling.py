@@ -30,8 +30,22 @@ def tree_for_selection() -> Tree:
 def test_candidates_follow_b_max_b_root_and_final():
     f = Forest.from_trees([tree_for_selection()])
     s = compute_stats(f)
-    assert candidate_mask(f, s, B_max=3, B_root=8).tolist() == [True, True, True, False, False, False]
-    assert candidate_mask(f, s, B_max=2, B_root=2).tolist() == [False, False, True, False, False, False]
+    assert candidate_mask(f, s, B_max=3, B_root=8).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert candidate_mask(f, s, B_max=2, B_root=2).tolist() == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_select_by_each_rule():
@@ -40,7 +54,9 @@ def test_select_by_each_rule():
     g = torch.Generator().manual_seed(0)
     # H(1) = mean(0.2, 0.4) = 0.3, I(1) = ln 2 -> IB 0.993;  H(2) = 2.0, I(2) = 0 -> IB 2.0
     # H(0) = mean(0.1, 0.1) = 0.1, I(0) = w(2/3)(0.5/(2/3))ln(0.75)+(1/3)(1.5)ln 1.5 -> small
-    pick = lambda by, k=1: select_nodes(f, s, [k], by, "greedy", 1.0, 3, 8, g)
+    def pick(by, k=1):
+        return select_nodes(f, s, [k], by, "greedy", 1.0, 3, 8, g)
+
     assert pick("ib") == [2]
     assert pick("entropy") == [2]
     assert pick("relevance") == [1]
@@ -90,7 +106,11 @@ class ScriptedEngine(RolloutEngine):
                     if stop.stop_at_step_end:
                         break
                 toks = toks[:lim]
-                reason = "eos" if toks and toks[-1] == EOS else ("step_end" if stop.stop_at_step_end else "length")
+                reason = (
+                    "eos"
+                    if toks and toks[-1] == EOS
+                    else ("step_end" if stop.stop_at_step_end else "length")
+                )
                 out.append(Completion(i, toks, [-0.5] * len(toks), [1.0] * len(toks), reason))
         return out
 
@@ -120,7 +140,7 @@ def test_ibtree_spends_the_budget_and_reports_accounting():
     for t in r.trees:
         assert all(len(n.children) <= 3 for n in t.nodes[1:])
     # branches start from prefixes of existing paths, and their limits shrink with depth
-    for prefixes, n, limits, _ in eng.calls[1:]:
+    for _prefixes, n, limits, _ in eng.calls[1:]:
         assert n == 1 and all(lim <= 32 for lim in limits)
     assert 0 < m["tree/shared_prefix_frac"] < 1
     assert m["tree/num_leaves"] > 4
@@ -156,7 +176,9 @@ def test_dedup_siblings_makes_branches_differ_from_their_siblings():
     for dedup in (False, True):
         eng = RepetitiveEngine()
         spec = TreeSpec(G=8, dedup_siblings=dedup, max_resamples=6)
-        r = sample("ibtree", eng, [[100 + k] for k in range(16)], spec, score_even, stop, 32, 1.0, 0)
+        r = sample(
+            "ibtree", eng, [[100 + k] for k in range(16)], spec, score_even, stop, 32, 1.0, 0
+        )
         frac[dedup] = r.metrics["tree/identical_sibling_frac"]
         if dedup:
             assert any(step for *_, step in eng.calls[1:])  # first steps sampled to the step end
@@ -187,17 +209,30 @@ def test_one_step_answers_still_spend_the_budget(kwargs):
     ibtpo preset) and the budget fill draws the rest from the root, as GRPO would."""
     stop = StopConditions((EOS,), (NL,))
     prompts = [[100 + k] for k in range(4)]
-    r = sample("ibtree", OneStepEngine(), prompts, TreeSpec(G=8, **kwargs), score_even, stop, 32, 1.0, 0)
+    r = sample(
+        "ibtree", OneStepEngine(), prompts, TreeSpec(G=8, **kwargs), score_even, stop, 32, 1.0, 0
+    )
     g = sample("independent", OneStepEngine(), prompts, TreeSpec(sampler="independent", G=8),
                score_even, stop, 32, 1.0, 0)
     assert all(len(t.leaves()) == 8 for t in r.trees)
     assert r.metrics["tree/leaves_per_budget"] == pytest.approx(1.0)
-    assert r.metrics["tree/decoded_tokens"] == pytest.approx(g.metrics["tree/decoded_tokens"], rel=0.05)
+    assert r.metrics["tree/decoded_tokens"] == pytest.approx(
+        g.metrics["tree/decoded_tokens"], rel=0.05
+    )
     # without the fill: B_root 4 stops at 4 leaves; B_root 8 at 7, as the last round rounds
     # 8 tokens left / (3 rounds x 2 tokens) down to one pick a round
     short = 4 if kwargs else 7
-    unfilled = sample("ibtree", OneStepEngine(), prompts, TreeSpec(G=8, fill_budget=False, **kwargs),
-                      score_even, stop, 32, 1.0, 0)
+    unfilled = sample(
+        "ibtree",
+        OneStepEngine(),
+        prompts,
+        TreeSpec(G=8, fill_budget=False, **kwargs),
+        score_even,
+        stop,
+        32,
+        1.0,
+        0,
+    )
     assert all(len(t.leaves()) == short for t in unfilled.trees)
     assert unfilled.metrics["tree/leaves_per_budget"] == pytest.approx(short / 8)
     assert r.metrics["tree/fill_samples"] == 8 - short
@@ -209,7 +244,9 @@ def test_tree_and_independent_sampling_decode_the_same_tokens():
     tree = sample("ibtree", ScriptedEngine(), prompts, TreeSpec(G=8), score_even, stop, 32, 1.0, 0)
     flat = sample("independent", ScriptedEngine(), prompts, TreeSpec(sampler="independent", G=8),
                   score_even, stop, 32, 1.0, 0)
-    assert tree.metrics["tree/decoded_tokens"] == pytest.approx(flat.metrics["tree/decoded_tokens"], rel=0.05)
+    assert tree.metrics["tree/decoded_tokens"] == pytest.approx(
+        flat.metrics["tree/decoded_tokens"], rel=0.05
+    )
 
 
 def test_min_branch_entropy_drops_forced_steps_from_the_candidates():
@@ -223,10 +260,31 @@ def test_min_branch_entropy_drops_forced_steps_from_the_candidates():
     be = branch_entropy(f)
     assert be[0].item() == pytest.approx(0.1) and be[1].item() == pytest.approx(0.3)
     assert be[2].item() == pytest.approx(2.0) and torch.isnan(be[3])
-    assert candidate_mask(f, s, 3, 8, min_branch_entropy=0.5).tolist() == [True, False, True, False, False, False]
-    assert candidate_mask(f, s, 3, 8, min_branch_entropy=0.0).tolist() == [True, True, True, False, False, False]
+    assert candidate_mask(f, s, 3, 8, min_branch_entropy=0.5).tolist() == [
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert candidate_mask(f, s, 3, 8, min_branch_entropy=0.0).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     # surprisal: -log pi_old of each child's first token (all -0.1 here): 0.1 < 0.5 everywhere
-    assert candidate_mask(f, s, 3, 8, 0.5, "surprisal").tolist() == [True, False, False, False, False, False]
+    assert candidate_mask(f, s, 3, 8, 0.5, "surprisal").tolist() == [
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
 
 
 @pytest.mark.parametrize("kwargs,match", [

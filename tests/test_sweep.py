@@ -158,17 +158,17 @@ def test_failed_cell_does_not_stop_the_others_and_reruns_alone(harness, monkeypa
     from flows.sweep import sweep
 
     path = _smoke_sweep(harness, "faulty")
-    real = flows.train._train
+    real = flows.train.train_steps
 
-    def fail_one(cfg, *a, **k):
-        if cfg.name.endswith("grpo.s1"):
+    def fail_one(run):
+        if run.cfg.name.endswith("grpo.s1"):
             raise RuntimeError("simulated crash in one cell")
-        return real(cfg, *a, **k)
+        return real(run)
 
-    monkeypatch.setattr(flows.train, "_train", fail_one)
+    monkeypatch.setattr(flows.train, "train_steps", fail_one)
     with pytest.raises(RuntimeError, match=r"1 of 4 cells failed: faulty.grpo.s1.*--cell grpo.s1"):
         sweep(path)
-    monkeypatch.setattr(flows.train, "_train", real)
+    monkeypatch.setattr(flows.train, "train_steps", real)
     report = json.loads((harness / "runs" / "faulty" / "report.json").read_text())
     assert report["methods"]["grpo"]["n_seeds"] == 1  # the others were reported
     out = sweep(path, ["grpo.s1"])

@@ -57,7 +57,9 @@ def test_hand_worked_ibtpo_advantages():
     # node 3: A_GL = 2/3; A_IB = ln(1 / 0.5) = ln 2; A = 2/3 + ln 2
     # node 4: A_GL = -1/3; A_IB = -2 (V = 0 < 0.5); A = -7/3
     # node 5: A_GL = -1/3; V(p) = 0 -> A_IB = 0; A = -1/3
-    assert [s[i]["A_GL"] for i in range(1, 6)] == pytest.approx([1 / 6, -1 / 3, 2 / 3, -1 / 3, -1 / 3])
+    assert [s[i]["A_GL"] for i in range(1, 6)] == pytest.approx(
+        [1 / 6, -1 / 3, 2 / 3, -1 / 3, -1 / 3]
+    )
     assert [s[i]["A_IB"] for i in range(1, 6)] == pytest.approx([LN15, -2, LN2, -2, 0])
     assert [s[i]["A"] for i in range(1, 6)] == pytest.approx(
         [(1 / 6 + LN15) / math.sqrt(2), -7 / 3, 2 / 3 + LN2, -7 / 3, -1 / 3])
@@ -138,7 +140,15 @@ def test_vectorised_matches_the_loop_on_random_trees(estimator, local):
                 v = ref[i][k]
                 exp[k].append(float("nan") if v is None else (0.0 if k == "A" and v is None else v))
     exp["A"] = [0.0 if math.isnan(x) else x for x in exp["A"]]
-    got = {"n": stats.n, "c": stats.c, "V": stats.V, "H": stats.H, "I": stats.I, "IB": stats.IB, "A": A}
+    got = {
+        "n": stats.n,
+        "c": stats.c,
+        "V": stats.V,
+        "H": stats.H,
+        "I": stats.I,
+        "IB": stats.IB,
+        "A": A,
+    }
     assert max(len(t.nodes) for t in trees) > 20 and max(int(f.depth.max()), 0) >= 5
     for k in exp:
         torch.testing.assert_close(got[k], torch.tensor(exp[k], dtype=torch.float64),

@@ -116,7 +116,9 @@ def test_both_uis_show_the_runs_of_ibtpo_run_and_stop_with_sigterm(chromium, smo
             assert json.load(r)["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
 
         # the flow run's page: its task runs by stage and iteration (graph and log list)
-        page = browse(chromium, f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run}", workdir)
+        page = browse(
+            chromium, f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run}", workdir
+        )
         assert "Can't connect" not in page
         for name in ("prepare_data", "warm_up", "evaluate_policy[before]", "sample_trees[it 0]",
                      "update_policy[it 1]", "evaluate_policy[after]", "benchmark[final]"):

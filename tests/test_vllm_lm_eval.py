@@ -13,8 +13,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def test_builtin_task_through_lm_evals_vllm_backend(tmp_path):
-    from ibtpo_core.lm_eval_runner import run_lm_eval
     from ibtpo_core.data.tokenizer import build_tokenizer
+    from ibtpo_core.lm_eval_runner import run_lm_eval
     from ibtpo_core.models.tiny import TinyModelSpec, create_tiny_model
 
     model = tmp_path / "model"
@@ -22,8 +22,12 @@ def test_builtin_task_through_lm_evals_vllm_backend(tmp_path):
                                                        num_layers=2, num_heads=4, num_kv_heads=2),
                       seed=0, out_dir=str(model))
     test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps({"numbers": n, "target": t, "key": f"{n}->{t}"}) + "\n"
-                            for n, t in (([1, 2, 3, 4], 10), ([2, 3, 4, 5], 26), ([6, 6, 1, 1], 36))))
+    test.write_text(
+        "".join(
+            json.dumps({"numbers": n, "target": t, "key": f"{n}->{t}"}) + "\n"
+            for n, t in (([1, 2, 3, 4], 10), ([2, 3, 4, 5], 26), ([6, 6, 1, 1], 36))
+        )
+    )
     bench = {"tasks": ["ibtpo_countdown"], "backend": "vllm", "limit": None, "batch_size": 8,
              "max_gen_toks": 16, "temperature": 1.0, "local_data": {}, "avg_k": None}
     out = run_lm_eval(str(model), str(test), bench, tmp_path / "work")

@@ -3,7 +3,7 @@ Written straight from method.md §2 and §4, one node at a time, no tensors."""
 import math
 
 
-def reference(tree, beta=1.0, estimator="token_entropy", local="log_ratio", alpha=1.0):
+def reference(tree, beta=1.0, estimator="token_entropy", local="log_ratio", alpha=1.0):  # noqa: C901 - a plain loop on purpose
     nodes = tree.nodes
     out = {}
 
@@ -51,5 +51,7 @@ def reference(tree, beta=1.0, estimator="token_entropy", local="log_ratio", alph
             a_ib = -2.0
         else:
             a_ib = max(-2.0, min(2.0, math.log(V / Vp)))
-        out[node.id].update(A_GL=a_gl, A_IB=a_ib, A=(a_gl + alpha * a_ib) / math.sqrt(out[node.id]["n"]))
+        out[node.id].update(
+            A_GL=a_gl, A_IB=a_ib, A=(a_gl + alpha * a_ib) / math.sqrt(out[node.id]["n"])
+        )
     return out

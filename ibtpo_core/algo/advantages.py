@@ -69,7 +69,9 @@ def _log_ratio(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) ->
 
 
 @LOCAL_ADVANTAGES.register("log_ratio_centred")
-def _log_ratio_centred(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+def _log_ratio_centred(
+    f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
     nonroot = f.parent >= 0
     a = torch.where(nonroot, _log_ratio(f, V, Vp, n), torch.zeros_like(V))
     p = f.parent.clamp(min=0)
@@ -90,10 +92,12 @@ def local_advantage(f: Forest, V: torch.Tensor, kind: str, n: torch.Tensor) -> t
 
 def _tree_std_normalize(f: Forest, A: torch.Tensor) -> torch.Tensor:
     nonroot = f.parent >= 0
-    T = f.num_trees
-    cnt = _scatter_sum(f.tree, nonroot.double(), T)
-    mean = _scatter_sum(f.tree, torch.where(nonroot, A, 0.0), T) / cnt.clamp(min=1)
-    var = _scatter_sum(f.tree, torch.where(nonroot, (A - mean[f.tree]) ** 2, 0.0), T) / cnt.clamp(min=1)
+    num_trees = f.num_trees
+    cnt = _scatter_sum(f.tree, nonroot.double(), num_trees)
+    mean = _scatter_sum(f.tree, torch.where(nonroot, A, 0.0), num_trees) / cnt.clamp(min=1)
+    var = _scatter_sum(
+        f.tree, torch.where(nonroot, (A - mean[f.tree]) ** 2, 0.0), num_trees
+    ) / cnt.clamp(min=1)
     std = var.sqrt()[f.tree]
     return torch.where(std > EPS, A / std.clamp(min=EPS), torch.zeros_like(A))
 
@@ -117,12 +121,14 @@ def tree_entropy_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> 
 
 @ADVANTAGES.register("grpo")
 def grpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
-    T = f.num_trees
+    num_trees = f.num_trees
     leaf = f.is_leaf
     r = torch.where(leaf, f.reward, torch.zeros_like(f.reward))
-    cnt = _scatter_sum(f.tree, leaf.double(), T)
-    mean = _scatter_sum(f.tree, r, T) / cnt.clamp(min=1)
-    var = _scatter_sum(f.tree, torch.where(leaf, (r - mean[f.tree]) ** 2, 0.0), T) / (cnt - 1).clamp(min=1)
+    cnt = _scatter_sum(f.tree, leaf.double(), num_trees)
+    mean = _scatter_sum(f.tree, r, num_trees) / cnt.clamp(min=1)
+    var = _scatter_sum(f.tree, torch.where(leaf, (r - mean[f.tree]) ** 2, 0.0), num_trees) / (
+        cnt - 1
+    ).clamp(min=1)
     std = var.sqrt()[f.tree]
     a_leaf = torch.where(leaf & (std > EPS), (r - mean[f.tree]) / (std + EPS), torch.zeros_like(r))
     # internal nodes: mean over the leaves below (sum pushed up by depth, divided by n)
@@ -143,11 +149,15 @@ def eff_rate(f: Forest) -> float:
     """Share of trees whose leaves do not all have the same reward (method.md §6)."""
     if f.num_trees == 0:
         return 0.0
-    T = f.num_trees
+    num_trees = f.num_trees
     big = torch.where(f.is_leaf, f.reward, torch.full_like(f.reward, -1e300))
     small = torch.where(f.is_leaf, f.reward, torch.full_like(f.reward, 1e300))
-    hi = torch.full((T,), -1e300, dtype=torch.float64).scatter_reduce(0, f.tree, big, "amax")
-    lo = torch.full((T,), 1e300, dtype=torch.float64).scatter_reduce(0, f.tree, small, "amin")
+    hi = torch.full((num_trees,), -1e300, dtype=torch.float64).scatter_reduce(
+        0, f.tree, big, "amax"
+    )
+    lo = torch.full((num_trees,), 1e300, dtype=torch.float64).scatter_reduce(
+        0, f.tree, small, "amin"
+    )
     return float(((hi - lo) > 0).double().mean())
 
 

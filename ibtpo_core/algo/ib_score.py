@@ -30,7 +30,19 @@ from ibtpo_core.algo.tree import Tree
 from ibtpo_core.registry import Registry
 
 IB_FORMS: Registry[Callable] = Registry("ib_form")
-ENTROPY_ESTIMATORS = ("token_entropy", "surprisal")
+# How a token's uncertainty is estimated: fn(entropy, logprob) -> per-token estimate, (T,) each;
+# NaN where the engine gave no entropy (the callers decide whether that is an error).
+ENTROPY_ESTIMATORS: Registry[Callable] = Registry("entropy_estimator")
+
+
+@ENTROPY_ESTIMATORS.register("token_entropy")
+def _token_entropy(entropy: torch.Tensor, logprob: torch.Tensor) -> torch.Tensor:
+    return entropy
+
+
+@ENTROPY_ESTIMATORS.register("surprisal")
+def _surprisal(entropy: torch.Tensor, logprob: torch.Tensor) -> torch.Tensor:
+    return -logprob
 
 
 @dataclass
@@ -130,16 +142,10 @@ def values(f: Forest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def step_entropy(f: Forest, estimator: str) -> torch.Tensor:
     """(N,) mean per-token entropy of each node's own step; NaN for nodes with no tokens."""
-    if estimator == "token_entropy":
-        per_tok = f.tok_entropy
-        if torch.isnan(per_tok).any():
-            raise ValueError("entropy_estimator token_entropy needs per-token entropies on every "
-                             "node; this tree lacks some: use entropy_estimator: surprisal")
-    elif estimator == "surprisal":
-        per_tok = -f.tok_logprob
-    else:
-        raise ValueError(f"unknown entropy_estimator {estimator!r}; valid: "
-                         f"{', '.join(ENTROPY_ESTIMATORS)}")
+    per_tok = ENTROPY_ESTIMATORS.get(estimator)(f.tok_entropy, f.tok_logprob)  # (T,)
+    if torch.isnan(per_tok).any():
+        raise ValueError(f"entropy_estimator {estimator} needs per-token entropies on every "
+                         f"node; this tree lacks some: use entropy_estimator: surprisal")
     N = f.num_nodes
     total = _scatter_sum(f.tok_node, per_tok, N)
     count = _scatter_sum(f.tok_node, torch.ones_like(per_tok), N)
@@ -170,7 +176,9 @@ def compute_stats(f: Forest, beta: float = 1.0, ib_form: str = "h_plus_bi",
     # I: sum_k w_k (V_k / V) log(V_k / V), w_k = n_k / sum_j n_j
     Vp = V[par]
     ratio = torch.where(Vp > 0, V[child] / Vp.clamp(min=1e-300), torch.zeros_like(Vp))
-    xlogx = torch.where(ratio > 0, ratio * torch.log(ratio.clamp(min=1e-300)), torch.zeros_like(ratio))
+    xlogx = torch.where(
+        ratio > 0, ratio * torch.log(ratio.clamp(min=1e-300)), torch.zeros_like(ratio)
+    )
     n_sum = _scatter_sum(par, n[child], N)
     w = n[child] / n_sum[par].clamp(min=1e-300)
     I = _scatter_sum(par, w * xlogx, N)
@@ -199,10 +207,12 @@ def _zscore(H, I, beta, tree, cand):
 
 
 def _z(x: torch.Tensor, tree: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    T = int(tree.max()) + 1 if tree.numel() else 0
+    num_trees = int(tree.max()) + 1 if tree.numel() else 0
     xm = torch.where(mask, x, torch.zeros_like(x))
-    cnt = _scatter_sum(tree, mask.double(), T)
-    mean = _scatter_sum(tree, xm, T) / cnt.clamp(min=1)
-    var = _scatter_sum(tree, torch.where(mask, (x - mean[tree]) ** 2, torch.zeros_like(x)), T) / cnt.clamp(min=1)
+    cnt = _scatter_sum(tree, mask.double(), num_trees)
+    mean = _scatter_sum(tree, xm, num_trees) / cnt.clamp(min=1)
+    var = _scatter_sum(
+        tree, torch.where(mask, (x - mean[tree]) ** 2, torch.zeros_like(x)), num_trees
+    ) / cnt.clamp(min=1)
     std = var.sqrt()[tree]
     return torch.where(std > 1e-12, (x - mean[tree]) / std.clamp(min=1e-12), torch.zeros_like(x))

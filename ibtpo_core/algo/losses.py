@@ -73,8 +73,12 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
             "loss/pg": float(masked_mean(pg, mask)),
             "loss/clipfrac": float(masked_mean(took_clip.float(), mask)),
             "loss/approx_kl": float(masked_mean(kl_k3(logprobs, old_logprobs), mask)),
-            "clip_ratio/low_mean": float(masked_mean(((ratio < 1 - spec.eps_low) & (advantages < 0)).float(), mask)),
-            "clip_ratio/high_mean": float(masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)),
+            "clip_ratio/low_mean": float(
+                masked_mean(((ratio < 1 - spec.eps_low) & (advantages < 0)).float(), mask)
+            ),
+            "clip_ratio/high_mean": float(
+                masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)
+            ),
         }
     if ref_logprobs is not None and spec.beta_kl > 0:
         kl = masked_mean(kl_k3(logprobs, ref_logprobs), mask)

@@ -82,6 +82,7 @@ def check_countdown(response: str, numbers: list[int], target: int) -> tuple[boo
 
 @VERIFIERS.register("countdown")
 def countdown_reward(response: str, problem: dict) -> float:
-    """1.0 if ``response`` solves the countdown ``problem`` (keys ``numbers``, ``target``), else 0.0."""
+    """1.0 if ``response`` solves the countdown ``problem`` (keys ``numbers``, ``target``),
+    else 0.0."""
     ok, _ = check_countdown(response, list(problem["numbers"]), int(problem["target"]))
     return 1.0 if ok else 0.0

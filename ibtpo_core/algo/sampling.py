@@ -58,7 +58,7 @@ class TreeSpec:
     select_temperature: float = 1.0
     beta: float = 1.0
     ib_form: str = "h_plus_bi"
-    entropy_estimator: Literal["token_entropy", "surprisal"] = "token_entropy"
+    entropy_estimator: str = "token_entropy"  # a name in ib_score.ENTROPY_ESTIMATORS
     dedup_siblings: bool = False
     max_resamples: int = 2
     # an inner node whose children's first tokens had a mean entropy (nats) below this is no
@@ -84,22 +84,27 @@ class TreeSpec:
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (got {self.beta})")
         if self.min_branch_entropy < 0:
-            raise ValueError(f"min_branch_entropy must be >= 0 nats (got {self.min_branch_entropy}); "
-                             f"0 switches the rule off")
+            raise ValueError(
+                f"min_branch_entropy must be >= 0 nats (got {self.min_branch_entropy}); "
+                f"0 switches the rule off"
+            )
         if self.budget_tokens is not None and self.budget_tokens < 1:
             raise ValueError(f"budget_tokens must be positive (got {self.budget_tokens}); "
                              f"leave it null to spend G x mean response length")
         SELECT_BY.get(self.select_by)
         PICK.get(self.select)
-        from ibtpo_core.algo.ib_score import IB_FORMS
+        from ibtpo_core.algo.ib_score import ENTROPY_ESTIMATORS, IB_FORMS
         IB_FORMS.get(self.ib_form)
+        ENTROPY_ESTIMATORS.get(self.entropy_estimator)
 
     @property
-    def m(self) -> int:
+    def initial_samples(self) -> int:
+        """M resolved: independent responses per prompt in the first iteration."""
         return self.M if self.M is not None else max(1, self.G // 2)
 
     @property
-    def b_root(self) -> int:
+    def root_branch_limit(self) -> int:
+        """B_root resolved: the most children the root may have."""
         return self.B_root if self.B_root is not None else self.G
 
 
@@ -123,11 +128,13 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
     trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
     used = [0] * len(prompts)
     gen = torch.Generator().manual_seed(seed)
-    first = engine.generate(prompts, num_samples=spec.m, temperature=temperature,
+    first = engine.generate(prompts, num_samples=spec.initial_samples, temperature=temperature,
                             max_new_tokens=max_new_tokens, stop=stop, seed=seed)
     for c in first:
         used[c.prefix_index] += len(c.token_ids)
-        _attach(trees[c.prefix_index], 0, c, score_fn(c.prefix_index, c.token_ids), step_ids, spec.steps)
+        _attach(
+            trees[c.prefix_index], 0, c, score_fn(c.prefix_index, c.token_ids), step_ids, spec.steps
+        )
     mean_len = sum(len(c.token_ids) for c in first) / max(1, len(first))
     budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
     iterations = 1
@@ -138,7 +145,7 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
             break
         f = Forest.from_trees(trees)
         stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator)
-        cand = candidate_mask(f, stats, spec.B_max, spec.b_root, spec.min_branch_entropy,
+        cand = candidate_mask(f, stats, spec.B_max, spec.root_branch_limit, spec.min_branch_entropy,
                               spec.entropy_estimator)
         if spec.ib_form == "zscore":  # z over this iteration's candidates
             stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand)
@@ -156,7 +163,7 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                 want = round(remaining[t] / (left * max(est[t], 1.0)))
                 k.append(min(n_cand, max(1, want) if left > 1 else want))
         rows = select_nodes(f, stats, k, spec.select_by, spec.select, spec.select_temperature,
-                            spec.B_max, spec.b_root, gen)
+                            spec.B_max, spec.root_branch_limit, gen)
         if not rows:
             break
         iterations = it
@@ -170,7 +177,14 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                 continue
             branched += 1
             identical += _repeats_a_sibling(trees[t], node, c, step_ids, spec.steps)
-            _attach(trees[t], node, c, score_fn(t, trees[t].response_tokens(node) + c.token_ids), step_ids, spec.steps)
+            _attach(
+                trees[t],
+                node,
+                c,
+                score_fn(t, trees[t].response_tokens(node) + c.token_ids),
+                step_ids,
+                spec.steps,
+            )
     fills = _fill_budget(engine, trees, used, budget, mean_len, score_fn, stop, max_new_tokens,
                          temperature, seed + 7919, step_ids, spec.steps) if spec.fill_budget else 0
     metrics = tree_metrics(trees, used, budget, mean_len, iterations, spec.beta, spec.ib_form,
@@ -227,9 +241,14 @@ def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperat
     firsts = {}
     pending = keep
     for attempt in range(spec.max_resamples + 1):
-        comps = engine.generate([prefixes[i] for i in pending], num_samples=1, temperature=temperature,
-                                max_new_tokens=[limits[i] for i in pending], stop=step_stop,
-                                seed=seed * 1000 + attempt)
+        comps = engine.generate(
+            [prefixes[i] for i in pending],
+            num_samples=1,
+            temperature=temperature,
+            max_new_tokens=[limits[i] for i in pending],
+            stop=step_stop,
+            seed=seed * 1000 + attempt,
+        )
         retry = []
         for i, c in zip(pending, comps):
             t, node = picks[i]
@@ -246,7 +265,11 @@ def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperat
         pending = retry
         if not pending:
             break
-    cont = [i for i in keep if firsts[i].finish_reason == "step_end" and limits[i] > len(firsts[i].token_ids)]
+    cont = [
+        i
+        for i in keep
+        if firsts[i].finish_reason == "step_end" and limits[i] > len(firsts[i].token_ids)
+    ]
     rest = engine.generate([prefixes[i] + firsts[i].token_ids for i in cont], num_samples=1,
                            temperature=temperature,
                            max_new_tokens=[limits[i] - len(firsts[i].token_ids) for i in cont],
@@ -257,9 +280,13 @@ def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperat
         if i in tails:
             r = tails[i]
             used[picks[i][0]] += len(r.token_ids)
-            c = type(c)(c.prefix_index, c.token_ids + r.token_ids, c.logprobs + r.logprobs,
-                        None if c.entropies is None or r.entropies is None else c.entropies + r.entropies,
-                        r.finish_reason)
+            c = type(c)(
+                c.prefix_index,
+                c.token_ids + r.token_ids,
+                c.logprobs + r.logprobs,
+                None if c.entropies is None or r.entropies is None else c.entropies + r.entropies,
+                r.finish_reason,
+            )
         elif c.finish_reason == "step_end":
             c = type(c)(c.prefix_index, c.token_ids, c.logprobs, c.entropies, "length")
         out[i] = c
@@ -319,7 +346,7 @@ def sample_independent(engine: RolloutEngine, prompts: list[list[int]], spec: Tr
 def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: float,
                  iterations: int, beta: float, ib_form: str, estimator: str) -> dict[str, float]:
     """Token accounting and the IB diagnostic (means over trees)."""
-    n = max(1, len(trees))
+    num_trees = max(1, len(trees))
     leaves = [t.leaves() for t in trees]
     num_leaves = [len(l) for l in leaves]
     unique = []
@@ -336,11 +363,11 @@ def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: fl
     rewards = [leaf.reward for ls in leaves for leaf in ls]
     out = {
         "tree/decoded_tokens": float(decoded),
-        "tree/num_leaves": sum(num_leaves) / n,
-        "tree/unique_leaves": sum(unique) / n,
+        "tree/num_leaves": sum(num_leaves) / num_trees,
+        "tree/unique_leaves": sum(unique) / num_trees,
         "tree/shared_prefix_frac": 1.0 - decoded / path_tokens if path_tokens else 0.0,
-        "tree/leaves_per_budget": sum(num_leaves) / n / per_budget,
-        "tree/unique_leaves_per_budget": sum(unique) / n / per_budget,
+        "tree/leaves_per_budget": sum(num_leaves) / num_trees / per_budget,
+        "tree/unique_leaves_per_budget": sum(unique) / num_trees / per_budget,
         "tree/budget_tokens": budget,
         "tree/iterations": float(iterations),
         "tree/mean_response_tokens": mean_len,

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum
+from ibtpo_core.algo.ib_score import ENTROPY_ESTIMATORS, Forest, TreeStats, _scatter_sum
 from ibtpo_core.registry import Registry
 
 SELECT_BY: Registry[Callable] = Registry("select_by")
@@ -50,12 +50,11 @@ def branch_entropy(f: Forest, estimator: str = "token_entropy") -> torch.Tensor:
     starts = torch.cumsum(counts, 0) - counts  # (N,) row of each node's first token
     has_tok = counts > 0
     first = starts.clamp(max=max(0, f.tok_node.numel() - 1))
-    ent = f.tok_entropy[first] if f.tok_node.numel() else torch.zeros(N, dtype=torch.float64)
-    surprisal = -f.tok_logprob[first] if f.tok_node.numel() else torch.zeros(N, dtype=torch.float64)
-    if estimator == "surprisal":
-        ent = surprisal
-    else:
-        ent = torch.where(torch.isnan(ent), surprisal, ent)
+    none = torch.zeros(N, dtype=torch.float64)
+    ent_first = f.tok_entropy[first] if f.tok_node.numel() else none  # (N,)
+    logp_first = f.tok_logprob[first] if f.tok_node.numel() else none  # (N,)
+    ent = ENTROPY_ESTIMATORS.get(estimator)(ent_first, logp_first)
+    ent = torch.where(torch.isnan(ent), -logp_first, ent)  # no entropy from the engine: surprisal
     child = (f.parent >= 0) & has_tok
     p = f.parent.clamp(min=0)
     total = _scatter_sum(p, torch.where(child, ent, 0.0), N)
@@ -63,8 +62,14 @@ def branch_entropy(f: Forest, estimator: str = "token_entropy") -> torch.Tensor:
     return torch.where(num > 0, total / num.clamp(min=1), torch.full_like(total, float("nan")))
 
 
-def candidate_mask(f: Forest, stats: TreeStats, B_max: int, B_root: int,
-                   min_branch_entropy: float = 0.0, estimator: str = "token_entropy") -> torch.Tensor:
+def candidate_mask(
+    f: Forest,
+    stats: TreeStats,
+    B_max: int,
+    B_root: int,
+    min_branch_entropy: float = 0.0,
+    estimator: str = "token_entropy",
+) -> torch.Tensor:
     """(N,) bool: nodes that may receive a new child this iteration. With ``min_branch_entropy``
     > 0, an inner node whose children's first tokens had a mean entropy below it (a forced next
     step: a new branch would repeat its sibling) is no candidate; the root always may be."""
@@ -77,14 +82,18 @@ def candidate_mask(f: Forest, stats: TreeStats, B_max: int, B_root: int,
 
 @PICK.register("greedy")
 def pick_greedy(scores, cand, tree, k_per_tree, temperature, gen) -> list[int]:
-    s = torch.where(cand, scores.nan_to_num(nan=float("-inf")), torch.full_like(scores, float("-inf")))
+    s = torch.where(
+        cand, scores.nan_to_num(nan=float("-inf")), torch.full_like(scores, float("-inf"))
+    )
     return _top_k_per_tree(s, cand, tree, k_per_tree)
 
 
 @PICK.register("softmax")
 def pick_softmax(scores, cand, tree, k_per_tree, temperature, gen) -> list[int]:
     if temperature <= 0:
-        raise ValueError(f"select_temperature must be > 0 for softmax selection (got {temperature})")
+        raise ValueError(
+            f"select_temperature must be > 0 for softmax selection (got {temperature})"
+        )
     u = torch.rand(scores.shape, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     gumbel = -torch.log(-torch.log(u))
     s = scores.nan_to_num(nan=0.0) / temperature + gumbel

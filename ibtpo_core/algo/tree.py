@@ -65,7 +65,11 @@ def split_steps(tokens: list[int], step_end_ids: set[int] | frozenset[int],
             spans.append((start, i + 1))
             start = i + 1
     if start < len(tokens):
-        if spans and len(tokens) - start < min_tokens and spans[-1][1] - spans[-1][0] + len(tokens) - start <= max_tokens:
+        if (
+            spans
+            and len(tokens) - start < min_tokens
+            and spans[-1][1] - spans[-1][0] + len(tokens) - start <= max_tokens
+        ):
             spans[-1] = (spans[-1][0], len(tokens))
         else:
             spans.append((start, len(tokens)))
@@ -155,7 +159,7 @@ class Tree:
         return {"nodes": nodes, **({"meta": self.meta} if self.meta else {})}
 
     @classmethod
-    def from_json(cls, obj) -> "Tree":
+    def from_json(cls, obj) -> "Tree":  # noqa: C901 - one check per field, each with its message
         """Parse and validate a tree file's content; errors name the offending node."""
         if isinstance(obj, str):
             obj = json.loads(obj)
@@ -210,9 +214,17 @@ class Tree:
             if leaf and d.get("reward") is None:
                 raise ValueError(f"leaf node {k!r} has no reward: every leaf needs 'reward'")
             new_id[k] = len(tree.nodes)
-            tree.nodes.append(Node(new_id[k], None if is_root else new_id[d["parent"]], toks, lps,
-                                   None if ents is None else list(ents),
-                                   float(d["reward"]) if leaf else None, bool(d.get("final", False))))
+            tree.nodes.append(
+                Node(
+                    new_id[k],
+                    None if is_root else new_id[d["parent"]],
+                    toks,
+                    lps,
+                    None if ents is None else list(ents),
+                    float(d["reward"]) if leaf else None,
+                    bool(d.get("final", False)),
+                )
+            )
         for n in tree.nodes[1:]:
             tree.nodes[n.parent].children.append(n.id)
         tree.meta["original_ids"] = [by_id[k]["id"] for k in order]
@@ -242,5 +254,7 @@ def training_sequences(tree: Tree, node_advantage: list[float]) -> list[Training
             lps += n.logprobs
             adv += [float(node_advantage[i])] * len(n.tokens)
             sid += [i] * len(n.tokens)
-        out.append(TrainingSequence(list(tree.root.tokens), toks, lps, adv, sid, float(leaf.reward)))
+        out.append(
+            TrainingSequence(list(tree.root.tokens), toks, lps, adv, sid, float(leaf.reward))
+        )
     return out

@@ -1,4 +1,5 @@
-"""``ibtpo tree-score``: every quantity of docs/method.md §2 and §4 for one tree, as one JSON object.
+"""``ibtpo tree-score``: every quantity of docs/method.md §2 and §4 for one tree, as one JSON
+object.
 
 Reads a tree file (the JSON format of ``Tree.to_json``), computes n, c, V, H, I, IB and the
 advantages A_GL, A_IB, A of every node and returns ``{"nodes": [...]}`` with the file's own node
@@ -10,7 +11,12 @@ import json
 import math
 from pathlib import Path
 
-from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, global_advantage, local_advantage
+from ibtpo_core.algo.advantages import (
+    AdvantageSpec,
+    compute_advantages,
+    global_advantage,
+    local_advantage,
+)
 from ibtpo_core.algo.ib_score import Forest, compute_stats
 from ibtpo_core.algo.tree import Tree
 
@@ -31,12 +37,20 @@ def score_tree(tree: Tree, beta: float = 1.0, entropy_estimator: str = "token_en
     out = []
     for i, node in enumerate(tree.nodes):
         root = node.parent is None
-        out.append({
-            "id": ids[i], "n": int(stats.n[i]), "c": float(stats.c[i]), "V": float(stats.V[i]),
-            "H": _num(float(stats.H[i])), "I": _num(float(stats.I[i])), "IB": _num(float(stats.IB[i])),
-            "A_GL": None if root else float(a_gl[i]), "A_IB": None if root else float(a_ib[i]),
-            "A": None if root else float(A[i]),
-        })
+        out.append(
+            {
+                "id": ids[i],
+                "n": int(stats.n[i]),
+                "c": float(stats.c[i]),
+                "V": float(stats.V[i]),
+                "H": _num(float(stats.H[i])),
+                "I": _num(float(stats.I[i])),
+                "IB": _num(float(stats.IB[i])),
+                "A_GL": None if root else float(a_gl[i]),
+                "A_IB": None if root else float(a_ib[i]),
+                "A": None if root else float(A[i]),
+            }
+        )
     return {"nodes": out}
 
 

@@ -89,7 +89,8 @@ def solve(numbers: list[int], target: int, max_intermediate: int) -> list[tuple]
     Each step combines two available values (``a >= b`` for ``-`` and ``/``; both orders for
     ``+`` and ``*`` count once, larger first) into a result in ``[1, max_intermediate]``.
     Returns a list of solutions, each a tuple of steps ``(a, op, b, r)``. The order of steps
-    matters: ``(1+2, 3*4, ...)`` and ``(3*4, 1+2, ...)`` are two solutions (a model may emit either).
+    matters: ``(1+2, 3*4, ...)`` and ``(3*4, 1+2, ...)`` are two solutions (a model may emit
+    either).
     """
     return list(_all_solutions(tuple(sorted(numbers)), max_intermediate).get(target, ()))
 
@@ -191,9 +192,11 @@ def sample_splits(spec: CountdownSpec, seed: int, n_test: int, n_val: int) -> di
             if row["key"] in seen:
                 misses += 1
                 if misses > 50 * n + 1000:
-                    raise ValueError(f"the countdown spec has too few distinct problems for {n_test} "
-                                     f"test and {n_val} validation problems: widen max_value / "
-                                     f"max_target or lower the split sizes")
+                    raise ValueError(
+                        f"the countdown spec has too few distinct problems for {n_test} "
+                        f"test and {n_val} validation problems: widen max_value / "
+                        f"max_target or lower the split sizes"
+                    )
                 continue
             seen.add(row["key"])
             held[name].append(row)

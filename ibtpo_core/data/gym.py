@@ -1,4 +1,5 @@
-"""Problems from ``reasoning-gym``'s seeded generators (countdown, basic_arithmetic, chain_sum, ...),
+"""Problems from ``reasoning-gym``'s seeded generators (countdown, basic_arithmetic, chain_sum,
+...),
 scored by reasoning-gym's own answer checkers (the ``reasoning_gym`` verifier) or by math-verify.
 
 One seeded draw is deduplicated on the question text and split into test / validation / train,
@@ -48,7 +49,9 @@ def check_dataset(spec: ReasoningGymSpec) -> None:
                          f"{spec.config}: {err}") from None
 
 
-def make_gym_splits(spec: ReasoningGymSpec, seed: int, n_test: int, n_val: int) -> dict[str, list[dict]]:
+def make_gym_splits(
+    spec: ReasoningGymSpec, seed: int, n_test: int, n_val: int
+) -> dict[str, list[dict]]:
     import reasoning_gym
 
     check_dataset(spec)

@@ -52,7 +52,9 @@ def _field(raw: dict, dotted: str):
 def _math_row(raw: dict, src: DatasetSource) -> dict | None:
     problem, answer = _field(raw, src.problem_field), _field(raw, src.answer_field)
     if isinstance(problem, list):  # chat messages: the last user turn is the problem
-        users = [m.get("content") for m in problem if isinstance(m, dict) and m.get("role") == "user"]
+        users = [
+            m.get("content") for m in problem if isinstance(m, dict) and m.get("role") == "user"
+        ]
         problem = users[-1] if users else None
     if not isinstance(problem, str) or not problem.strip() or answer is None:
         return None

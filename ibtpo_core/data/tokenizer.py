@@ -17,11 +17,14 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(max_number: int = 255):
-    """A ``PreTrainedTokenizerFast`` with EOS, PAD, UNK and a chat template (prompt passes as is)."""
+    """A ``PreTrainedTokenizerFast`` with EOS, PAD, UNK and a chat template (the prompt passes
+    as is)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + tuple(str(i) for i in range(max_number + 1)))}
+    vocab = {
+        t: i for i, t in enumerate(SPECIALS + WORDS + tuple(str(i) for i in range(max_number + 1)))
+    }
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),

@@ -7,6 +7,7 @@ with any engine. Engines register in ``ENGINES`` and are built by name from conf
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -14,6 +15,9 @@ from typing import Callable, Sequence
 from ibtpo_core.registry import Registry
 
 ENGINES: Registry[Callable[..., "RolloutEngine"]] = Registry("engine")
+# The engines this project ships, by name -> the module that registers it (imported when first
+# built: the hf engine needs transformers, the vllm one vLLM). Configs check names against this.
+ENGINE_MODULES: dict[str, str] = {"hf": "ibtpo_core.engines.hf", "vllm": "ibtpo_core.engines.vllm"}
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,22 @@ class RolloutEngine(ABC):
         """Longest prefix + continuation the model accepts, in tokens."""
 
     @abstractmethod
-    def _generate(self, prefixes: list[list[int]], num_samples: int, temperature: float,
-                  max_new_tokens: list[int], stop: StopConditions, seed: int | None) -> list[Completion]:
+    def _generate(
+        self,
+        prefixes: list[list[int]],
+        num_samples: int,
+        temperature: float,
+        max_new_tokens: list[int],
+        stop: StopConditions,
+        seed: int | None,
+    ) -> list[Completion]:
         """``max_new_tokens`` holds one limit per prefix."""
 
     @abstractmethod
     def load_weights(self, path: str) -> None:
         """Replace the policy's weights with the checkpoint at ``path`` (same architecture)."""
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> None:  # noqa: B027 - a no-op unless the engine keeps prefixes
         """Forget reusable prefixes, so results depend only on the inputs of this call on."""
 
     def generate(self, prefixes: Sequence[Sequence[int]], *, num_samples: int = 1,
@@ -111,10 +122,8 @@ def validate_request(prefixes: list[list[int]], num_samples: int, temperature: f
 
 def build_engine(name: str, **kwargs) -> RolloutEngine:
     """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed)."""
-    if name == "hf" and "hf" not in ENGINES:
-        import ibtpo_core.engines.hf  # noqa: F401  registers itself
-    if name == "vllm" and "vllm" not in ENGINES:
-        import ibtpo_core.engines.vllm  # noqa: F401  registers itself (vLLM itself loads later)
+    if name in ENGINE_MODULES and name not in ENGINES:
+        importlib.import_module(ENGINE_MODULES[name])  # the module registers its engine
     cls = ENGINES.get(name)
     import inspect
 

@@ -46,9 +46,10 @@ class HFEngine(RolloutEngine):
         return int(self.model.config.max_position_embeddings)
 
     def load_weights(self, path: str) -> None:
-        from safetensors.torch import load_file
         import glob
         import os
+
+        from safetensors.torch import load_file
 
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
@@ -83,8 +84,15 @@ class HFEngine(RolloutEngine):
         return out
 
     @torch.inference_mode()
-    def _generate_chunk(self, prefixes: list[list[int]], n: int, temperature: float,
-                        limits: list[int], stop: StopConditions, gen: torch.Generator) -> list[Completion]:
+    def _generate_chunk(
+        self,
+        prefixes: list[list[int]],
+        n: int,
+        temperature: float,
+        limits: list[int],
+        stop: StopConditions,
+        gen: torch.Generator,
+    ) -> list[Completion]:
         dev = self.device
         P = len(prefixes)
         max_new = max(limits)

@@ -36,11 +36,14 @@ class KVBuffer:
 
     def rows(self, b: int, length: int) -> torch.Tensor:
         """Row b's first ``length`` positions as one ``(length, 2, L, H_kv, D)`` tensor."""
-        kv = torch.stack((self.k[:, b, :, :length], self.v[:, b, :, :length]), 0)  # (2, L, H, len, D)
+        kv = torch.stack(
+            (self.k[:, b, :, :length], self.v[:, b, :, :length]), 0
+        )  # (2, L, H, len, D)
         return kv.permute(3, 0, 1, 2, 4).clone()
 
     def load_rows(self, b: int, kv: torch.Tensor, length: int) -> None:
-        """Write a stored ``(len, 2, L, H_kv, D)`` tensor's first ``length`` positions into row b."""
+        """Write a stored ``(len, 2, L, H_kv, D)`` tensor's first ``length`` positions into
+        row b."""
         part = kv[:length].permute(1, 2, 3, 0, 4)  # (2, L, H, length, D)
         self.k[:, b, :, :length] = part[0]
         self.v[:, b, :, :length] = part[1]
@@ -88,9 +91,15 @@ class LeanDecoder:
         """Rebuild the fused weights from the model's current parameters (after a weight load)."""
         self.fused = []
         m = self.model.model
-        self.norm_w = [(l.input_layernorm.weight.detach(), _eps(l.input_layernorm),
-                        l.post_attention_layernorm.weight.detach(), _eps(l.post_attention_layernorm))
-                       for l in m.layers]
+        self.norm_w = [
+            (
+                l.input_layernorm.weight.detach(),
+                _eps(l.input_layernorm),
+                l.post_attention_layernorm.weight.detach(),
+                _eps(l.post_attention_layernorm),
+            )
+            for l in m.layers
+        ]
         self.final_norm = (m.norm.weight.detach(), _eps(m.norm))
         d = self.head_dim
         for layer in self.model.model.layers:
@@ -112,7 +121,9 @@ class LeanDecoder:
 
     def new_buffer(self, batch: int, capacity: int) -> KVBuffer:
         p = self.model.model.embed_tokens.weight
-        return KVBuffer(self.num_layers, batch, capacity, self.n_kv, self.head_dim, p.dtype, p.device)
+        return KVBuffer(
+            self.num_layers, batch, capacity, self.n_kv, self.head_dim, p.dtype, p.device
+        )
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, buf: KVBuffer,
@@ -120,7 +131,8 @@ class LeanDecoder:
         """Feed ``tokens`` (B, S) at absolute ``positions`` (B, S); write their keys/values.
 
         Every row must already hold keys/values for all positions before its first one.
-        Returns logits (B, V) at column ``last_index[b]`` of each row (default: the last column).
+        Returns logits (B, vocab) at column ``last_index[b]`` of each row (default: the last
+        column).
         """
         m = self.model.model
         B, S = tokens.shape
@@ -150,8 +162,13 @@ class LeanDecoder:
             qk = qkv[..., :n_qk].view(B, S, hq + hk, d)
             v = qkv[..., n_qk: n_qk + hk * d].view(B, S, hk, d)
             if self.qk_norm:
-                qk = torch.cat((F.rms_norm(qk[:, :, :hq], (d,), at.q_norm.weight, _eps(at.q_norm)),
-                                F.rms_norm(qk[:, :, hq:], (d,), at.k_norm.weight, _eps(at.k_norm))), 2)
+                qk = torch.cat(
+                    (
+                        F.rms_norm(qk[:, :, :hq], (d,), at.q_norm.weight, _eps(at.q_norm)),
+                        F.rms_norm(qk[:, :, hq:], (d,), at.k_norm.weight, _eps(at.k_norm)),
+                    ),
+                    2,
+                )
                 qk = qk * cos + _rotate_half(qk) * sin
             else:
                 qk_rot = qkv[..., n_qk + hk * d:].view(B, S, hq + hk, d)
@@ -181,7 +198,7 @@ class LeanDecoder:
         else:
             x = x[torch.arange(B, device=x.device), last_index]
         w_n, eps_n = self.final_norm
-        return self.model.lm_head(F.rms_norm(x, (E,), w_n, eps_n)).float()  # (B, V)
+        return self.model.lm_head(F.rms_norm(x, (E,), w_n, eps_n)).float()  # (B, vocab)
 
 
 def _eps(norm: torch.nn.Module) -> float:

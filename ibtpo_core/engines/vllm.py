@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from ibtpo_core.engines.base import ENGINES, Completion, RolloutEngine, StopConditions
+from ibtpo_core.engines.base import ENGINES, Completion, RolloutEngine
 
 
 def request_seed(seed: int, prefix_index: int) -> int:

@@ -45,7 +45,8 @@ def locate(spec: GGUFSpec) -> Path:
 
 
 def convert_gguf(spec: GGUFSpec, out_dir: str) -> int:
-    """Write the de-quantized model and its tokenizer to ``out_dir``; returns the parameter count."""
+    """Write the de-quantized model and its tokenizer to ``out_dir``; returns the parameter
+    count."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

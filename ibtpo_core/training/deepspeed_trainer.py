@@ -37,7 +37,9 @@ def prune_optimizer_states(checkpoints: list[str], keep: int | None) -> int:
 
     if keep is None:
         return 0
-    return sum(prune(Path(c), OPTIMIZER_STATE) for c in checkpoints[:max(0, len(checkpoints) - keep)])
+    return sum(
+        prune(Path(c), OPTIMIZER_STATE) for c in checkpoints[: max(0, len(checkpoints) - keep)]
+    )
 
 
 def require_optimizer_state(model_dir: str) -> None:
@@ -124,7 +126,12 @@ def _ensure_dist_env() -> int:
     set_accelerator_default()
     if "MASTER_PORT" not in os.environ:  # no launcher: a free local port
         os.environ["MASTER_PORT"] = str(free_port())
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for k, v in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ):
         os.environ.setdefault(k, v)
     return int(os.environ["WORLD_SIZE"])
 
@@ -140,13 +147,15 @@ def rank_micro_batches(mini: list, rank: int, world: int, size: int) -> list[tup
     and adds nothing).
     """
     shard = mini[rank::world]
-    count = -(-(-(-len(mini) // world)) // size)  # ceil(ceil(len / world) / size)
+    per_rank = (len(mini) + world - 1) // world  # ceil(len / world)
+    count = (per_rank + size - 1) // size  # micro-batches of every rank
     chunks = [shard[i * len(shard) // count:(i + 1) * len(shard) // count] for i in range(count)]
     return [(c, 1.0) if c else (shard[:1], 0.0) for c in chunks]
 
 
-def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
-                  spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
+def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read in one place
+        model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
+        spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
     """``spec.mini_batches`` optimizer steps on ``seqs`` (one per slice, in order); saves the new
     policy (and optimizer state) to ``out_dir``."""
     import deepspeed
@@ -205,8 +214,15 @@ def update_policy(model_dir: str, out_dir: str, seqs: list[TrainingSequence], lo
             if ref is not None:
                 with torch.no_grad():
                     ref_logp, _ = token_logprobs(ref, batch, spec.temperature)
-            value, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages,
-                                         batch.response_mask, loss, ref_logprobs=ref_logp, entropy=ent)
+            value, metrics = policy_loss(
+                logp,
+                batch.old_logprobs,
+                batch.advantages,
+                batch.response_mask,
+                loss,
+                ref_logprobs=ref_logp,
+                entropy=ent,
+            )
             tokens = float(batch.response_mask.sum()) * weight  # 0: a stand-in (rank_micro_batches)
             engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             engine.backward(value * (tokens / mini_tokens) * world, scale_wrt_gas=False)

@@ -45,7 +45,9 @@ def collate(seqs: list[TrainingSequence], pad_id: int) -> Batch:
     return Batch(ids, att, ids[:, 1:], resp, old, adv)
 
 
-def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model, batch: Batch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logprobs, entropy)``, each (B, L - 1), of every next token under softmax(logits / T)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, :-1].float() / temperature  # (B, L - 1, V)

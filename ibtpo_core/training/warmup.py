@@ -29,7 +29,9 @@ class WarmupSpec:
     seed: int = 0
 
 
-def build_example(tokenizer, row: dict, spec: CountdownSpec, rng: random.Random) -> tuple[list[int], int]:
+def build_example(
+    tokenizer, row: dict, spec: CountdownSpec, rng: random.Random
+) -> tuple[list[int], int]:
     """``(ids, n_prompt)``: prompt + trace + EOS for a randomly reordered ``row``."""
     nums = list(row["numbers"])
     rng.shuffle(nums)
@@ -62,7 +64,9 @@ def run_warmup(model_dir: str, out_dir: str, train_rows: list[dict], task: Count
 
     t0, losses = time.time(), []
     for step in range(spec.steps):
-        batch = [build_example(tok, rng.choice(train_rows), task, rng) for _ in range(spec.batch_size)]
+        batch = [
+            build_example(tok, rng.choice(train_rows), task, rng) for _ in range(spec.batch_size)
+        ]
         T = max(len(ids) for ids, _ in batch)
         inp = torch.full((len(batch), T), tok.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), T), -100, dtype=torch.long)

@@ -19,7 +19,8 @@ def doc_to_target(doc: dict) -> str:
 
 def process_results(doc: dict, results: list) -> dict:
     """``results[0]`` holds the k responses of one problem (the take_first_k filter keeps them
-    all). avg@k: the mean reward over them (pass@1 estimated with k samples); pass@k: any correct."""
+    all). avg@k: the mean reward over them (pass@1 estimated with k samples); pass@k: any
+    correct."""
     responses = results[0] if isinstance(results[0], (list, tuple)) else results
     check = verifier("math")
     gold = {"answer": doc_to_target(doc)}
