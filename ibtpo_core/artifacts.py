@@ -3,15 +3,19 @@
 A stage writes into a temporary sibling folder and renames it into place only when complete,
 so a killed write never leaves a half-written output that a rerun would trust. A manifest
 (written last) records the digest of every file; ``verify_manifest`` recomputes it.
+``exclusive`` lets one worker of many compute a stage that several reach at once (a shared
+stage store): the others wait, then find the finished output.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,6 +62,30 @@ def atomic_dir(final: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(final: Path):
+    """Hold an exclusive lock on the output folder ``final`` while a stage computes it.
+
+    The lock is ``flock`` on a ``.NAME.lock`` file beside the folder: other processes, from any
+    working directory (and on a shared filesystem that supports it, from other machines), wait
+    here until the holder leaves; the kernel releases it when the holder dies, SIGKILL included,
+    so a crashed worker never blocks the next one. The lock file itself is left in place (a
+    waiter may already hold it open)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{final.name}: another worker is writing it; waiting for that worker",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_manifest(folder: Path, extra: dict) -> dict:

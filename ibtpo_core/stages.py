@@ -5,12 +5,13 @@ Prefect or MLflow.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
 
-from ibtpo_core.artifacts import atomic_dir, read_manifest, write_manifest
+from ibtpo_core.artifacts import atomic_dir, exclusive, read_manifest, write_manifest
 from ibtpo_core.registry import Registry
 
 
@@ -48,6 +49,20 @@ def cached(folder: Path) -> dict | None:
     """The record of a finished, intact stage output in ``folder``; None if it must be (re)made."""
     manifest = read_manifest(folder)
     return None if manifest is None else _record(folder, manifest)
+
+
+@contextlib.contextmanager
+def claim(folder: Path):
+    """``with claim(folder) as hit``: ``hit`` is the finished output's record, or None, and then
+    this process holds the stage until the block ends and must compute it. Where several workers
+    reach one stage of a shared store at once, one computes; the others wait and get its record.
+    """
+    hit = cached(folder)
+    if hit is not None:
+        yield hit
+        return
+    with exclusive(folder):
+        yield cached(folder)  # a worker that held the stage before us may have finished it
 
 
 # data.source -> fn(data_cfg) -> {"train", "validation", "test": rows}

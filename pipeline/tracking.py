@@ -6,6 +6,7 @@ of the same command continues the same MLflow run instead of starting a new one.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from ibtpo_core.artifacts import exclusive
 
 SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
 PACKAGES = ("torch", "transformers", "deepspeed", "prefect", "mlflow", "lm_eval", "datasets")
@@ -33,7 +36,12 @@ def check_tracking_store() -> None:
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)
     try:
-        MlflowClient().search_experiments(max_results=1)
+        # a new sqlite store is created (its schema migrated) by the first client: two runs that
+        # start together on one new store would both migrate it and one would fail, so the first
+        # look at a local store is taken under a lock beside the database
+        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        with exclusive(db) if db is not None else contextlib.nullcontext():
+            MlflowClient().search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
         raise RuntimeError(f"MLflow tracking store {uri} is not reachable ({type(err).__name__}: "
                            f"{str(err)[:200]}); start the server or set MLFLOW_TRACKING_URI to a "

@@ -21,28 +21,35 @@ if TYPE_CHECKING:
       cache_policy=CACHE, persist_result=True)
 def benchmark(bench: BenchmarkConfig, policy: dict, data: dict, run_dir: str, code: str) -> dict:
     folder = stage_dir(run_dir, "bench", bench, policy["digest"], data["digest"], code)
-    hit = stages.cached(folder)
-    if hit:
-        return hit
-    t0 = time.time()
-    metrics: dict = {}
+    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
+        if hit:
+            return hit
+        t0 = time.time()
+        metrics: dict = {}
 
-    def write(tmp: Path) -> None:
-        from ibtpo_core.lm_eval_runner import run_lm_eval
+        def write(tmp: Path) -> None:
+            from ibtpo_core.lm_eval_runner import run_lm_eval
 
-        out = run_lm_eval(
-            policy["path"], str(Path(data["path"]) / "test.jsonl"), bench.model_dump(), tmp
-        )
-        shutil.rmtree(tmp / "lm_eval_tasks", ignore_errors=True)
-        results = out["results"]
-        (tmp / "lm_eval_results.json").write_text(json.dumps(
-            {"results": results, "config": {k: str(v) for k, v in out.get("config", {}).items()}},
-            indent=1, default=str))
-        for task_name, vals in results.items():
-            for k, v in vals.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    metrics[f"lm_eval/{task_name}/{k.replace(',', '_')}"] = float(v)
-        metrics["timing_s/benchmark"] = time.time() - t0
-        inject_fault("benchmark")  # mid-stage: results computed, output not yet in place
+            out = run_lm_eval(
+                policy["path"], str(Path(data["path"]) / "test.jsonl"), bench.model_dump(), tmp
+            )
+            shutil.rmtree(tmp / "lm_eval_tasks", ignore_errors=True)
+            results = out["results"]
+            (tmp / "lm_eval_results.json").write_text(
+                json.dumps(
+                    {
+                        "results": results,
+                        "config": {k: str(v) for k, v in out.get("config", {}).items()},
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
+            for task_name, vals in results.items():
+                for k, v in vals.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        metrics[f"lm_eval/{task_name}/{k.replace(',', '_')}"] = float(v)
+            metrics["timing_s/benchmark"] = time.time() - t0
+            inject_fault("benchmark")  # mid-stage: results computed, output not yet in place
 
-    return stages.publish(folder, write, metrics)
+        return stages.publish(folder, write, metrics)

@@ -18,9 +18,9 @@ def evaluate_policy(evaluation: EvalConfig, engine: EngineConfig, policy: dict, 
                     run_dir: str, code: str) -> dict:
     folder = stage_dir(run_dir, "eval", evaluation.stage_key(), engine, policy["digest"],
                        data["digest"], code)
-    hit = stages.cached(folder)
-    if hit:
-        return hit
-    inject_fault("evaluate_policy")
-    return stages.evaluate_checkpoint(policy["path"], data["path"], evaluation, engine, folder,
-                                      evaluation.split)
+    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
+        if hit:
+            return hit
+        inject_fault("evaluate_policy")
+        return stages.evaluate_checkpoint(policy["path"], data["path"], evaluation, engine, folder,
+                                          evaluation.split)

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
       cache_policy=CACHE, persist_result=True, retries=1)
 def prepare_data(data: DataConfig, run_dir: str, code: str) -> dict:
     folder = stage_dir(run_dir, "data", data, code)
-    hit = stages.cached(folder)
-    if hit:
-        return hit
-    inject_fault("prepare_data")
-    return stages.prepare_data(data, folder)
+    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
+        if hit:
+            return hit
+        inject_fault("prepare_data")
+        return stages.prepare_data(data, folder)

@@ -42,33 +42,35 @@ def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engin
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo, rollout, engine, seed,
                        policy["digest"], data["digest"], code)
-    hit = stages.cached(folder)
-    if hit:
-        return hit
-    t0 = time.time()
-    train = stages.read_jsonl(Path(data["path"]) / "train.jsonl")
-    rows = draw_prompts(train, iteration, rollout.prompts_per_iteration, seed)
-    tok = AutoTokenizer.from_pretrained(policy["path"])
-    rollout_engine = get_engine(engine, policy["path"])
-    steps = step_end_token_ids(tok, algo.tree.steps.delimiter)
-    trees, metrics = sample(rollout_engine, tok, rows, algo.tree, steps, rollout.max_new_tokens,
-                            rollout.temperature, seed * 100_003 + iteration)
-    metrics["timing_s/sample_trees"] = time.time() - t0
-    if rollout.probe_every and rollout.probe_prompts and iteration % rollout.probe_every == 0:
-        t1 = time.time()
-        probe = stages.read_jsonl(Path(data["path"]) / "validation.jsonl")[:rollout.probe_prompts]
-        if probe:  # the same prompts and seed for every method and run
-            metrics.update(probe_diagnostic(rollout_engine, tok, probe, algo.tree.G, steps,
-                                            rollout.max_new_tokens, rollout.temperature,
-                                            seed=7919 + iteration, run_tree=algo.tree))
-        metrics["timing_s/probe"] = time.time() - t1
-    inject_fault("sample_trees", iteration)
+    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
+        if hit:
+            return hit
+        t0 = time.time()
+        train = stages.read_jsonl(Path(data["path"]) / "train.jsonl")
+        rows = draw_prompts(train, iteration, rollout.prompts_per_iteration, seed)
+        tok = AutoTokenizer.from_pretrained(policy["path"])
+        rollout_engine = get_engine(engine, policy["path"])
+        steps = step_end_token_ids(tok, algo.tree.steps.delimiter)
+        trees, metrics = sample(rollout_engine, tok, rows, algo.tree, steps, rollout.max_new_tokens,
+                                rollout.temperature, seed * 100_003 + iteration)
+        metrics["timing_s/sample_trees"] = time.time() - t0
+        if rollout.probe_every and rollout.probe_prompts and iteration % rollout.probe_every == 0:
+            t1 = time.time()
+            probe = stages.read_jsonl(Path(data["path"]) / "validation.jsonl")[
+                : rollout.probe_prompts
+            ]
+            if probe:  # the same prompts and seed for every method and run
+                metrics.update(probe_diagnostic(rollout_engine, tok, probe, algo.tree.G, steps,
+                                                rollout.max_new_tokens, rollout.temperature,
+                                                seed=7919 + iteration, run_tree=algo.tree))
+            metrics["timing_s/probe"] = time.time() - t1
+        inject_fault("sample_trees", iteration)
 
-    def write(tmp: Path) -> None:
-        save_trees(trees, tmp / "trees.json")
-        (tmp / "prompts.json").write_text(json.dumps(rows))
+        def write(tmp: Path) -> None:
+            save_trees(trees, tmp / "trees.json")
+            (tmp / "prompts.json").write_text(json.dumps(rows))
 
-    return stages.publish(folder, write, metrics)
+        return stages.publish(folder, write, metrics)
 
 
 @task(name="estimate_scores", task_run_name="estimate_scores[it {iteration}]",
@@ -77,15 +79,17 @@ def estimate_scores(iteration: int, algo: AlgoConfig, trees: dict, run_dir: str,
     from ibtpo_core.rl import load_trees, save_sequences, score_trees
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-scores", algo, trees["digest"], code)
-    hit = stages.cached(folder)
-    if hit:
-        return hit
-    t0 = time.time()
-    seqs, metrics = score_trees(load_trees(Path(trees["path"]) / "trees.json"), algo.tree,
-                                algo.advantage)
-    metrics["timing_s/estimate_scores"] = time.time() - t0
-    inject_fault("estimate_scores", iteration)
-    return stages.publish(folder, lambda tmp: save_sequences(seqs, tmp / "sequences.json"), metrics)
+    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
+        if hit:
+            return hit
+        t0 = time.time()
+        seqs, metrics = score_trees(load_trees(Path(trees["path"]) / "trees.json"), algo.tree,
+                                    algo.advantage)
+        metrics["timing_s/estimate_scores"] = time.time() - t0
+        inject_fault("estimate_scores", iteration)
+        return stages.publish(
+            folder, lambda tmp: save_sequences(seqs, tmp / "sequences.json"), metrics
+        )
 
 
 @task(name="update_policy", task_run_name="update_policy[it {iteration}]",
@@ -98,23 +102,31 @@ def update_policy(iteration: int, algo: AlgoConfig, policy: dict, scores: dict, 
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-policy", algo, policy["digest"],
                        scores["digest"], ref["digest"], code)
-    hit = stages.cached(folder)
-    if hit:
-        return hit
-    t0 = time.time()
-    seqs_path = Path(scores["path"]) / "sequences.json"
-    metrics: dict = {}
+    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
+        if hit:
+            return hit
+        t0 = time.time()
+        seqs_path = Path(scores["path"]) / "sequences.json"
+        metrics: dict = {}
 
-    def write(tmp: Path) -> None:
-        if algo.update.num_processes > 1:
-            metrics.update(launch_update(policy["path"], str(tmp), str(seqs_path), algo.loss,
-                                         algo.update, ref_dir=ref["path"]))
-            (tmp / "update_metrics.json").unlink()
-        else:
-            metrics.update(update(policy["path"], str(tmp), load_sequences(seqs_path), algo.loss,
-                                  algo.update, ref_dir=ref["path"]))
-        metrics["timing_s/update_policy"] = time.time() - t0
-        inject_fault("update_policy", iteration)
+        def write(tmp: Path) -> None:
+            if algo.update.num_processes > 1:
+                metrics.update(launch_update(policy["path"], str(tmp), str(seqs_path), algo.loss,
+                                             algo.update, ref_dir=ref["path"]))
+                (tmp / "update_metrics.json").unlink()
+            else:
+                metrics.update(
+                    update(
+                        policy["path"],
+                        str(tmp),
+                        load_sequences(seqs_path),
+                        algo.loss,
+                        algo.update,
+                        ref_dir=ref["path"],
+                    )
+                )
+            metrics["timing_s/update_policy"] = time.time() - t0
+            inject_fault("update_policy", iteration)
 
-    return stages.publish(folder, write, metrics, parent_checkpoint=policy["digest"],
-                          data_digest=scores["digest"])
+        return stages.publish(folder, write, metrics, parent_checkpoint=policy["digest"],
+                              data_digest=scores["digest"])

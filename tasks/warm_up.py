@@ -17,7 +17,8 @@ if TYPE_CHECKING:
       cache_policy=CACHE, persist_result=True)
 def create_model(model: ModelConfig, run_dir: str, code: str) -> dict:
     folder = stage_dir(run_dir, "model", model, code)
-    return stages.cached(folder) or stages.create_model(model, folder)
+    with stages.claim(folder) as hit:
+        return hit or stages.create_model(model, folder)
 
 
 @task(name="warm_up", task_run_name="warm_up",
@@ -27,19 +28,19 @@ def warm_up(warmup: WarmupConfig, task_spec: CountdownSpec, model: dict, data: d
     from tqdm import tqdm
 
     folder = stage_dir(run_dir, "warmup", warmup, task_spec, model["digest"], data["digest"], code)
-    hit = stages.cached(folder)
-    if hit:
-        return hit
-    bar = tqdm(total=warmup.spec.steps, desc="warm-up", unit="step", mininterval=2)
+    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
+        if hit:
+            return hit
+        bar = tqdm(total=warmup.spec.steps, desc="warm-up", unit="step", mininterval=2)
 
-    def progress(step, total, loss):
-        if step == total // 2:
-            inject_fault("warm_up")  # mid-stage
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        def progress(step, total, loss):
+            if step == total // 2:
+                inject_fault("warm_up")  # mid-stage
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-    try:
-        return stages.warm_up(model["path"], data["path"], task_spec, warmup.spec, folder,
-                              progress=progress)
-    finally:
-        bar.close()
+        try:
+            return stages.warm_up(model["path"], data["path"], task_spec, warmup.spec, folder,
+                                  progress=progress)
+        finally:
+            bar.close()

@@ -1,0 +1,86 @@
+"""One stage store shared by workers (issue 15, item 3): two processes started from different
+working directories reach the same stage at once; one computes it, the other waits and reuses
+it; a worker killed while it holds a stage does not block the next."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = r"""
+import json, os, sys, time
+from pathlib import Path
+from ibtpo_core import stages
+
+folder = Path(sys.argv[1])
+
+def compute():
+    (folder.parent / f"computed-by-{os.getpid()}").write_text(os.getcwd())
+    time.sleep(float(sys.argv[2]))
+    return stages.publish(folder, lambda tmp: (tmp / "out.txt").write_text(os.getcwd()),
+                          {"worker/pid": float(os.getpid())})
+
+with stages.claim(folder) as hit:
+    rec = hit or compute()
+print(json.dumps(rec))
+"""
+
+
+def _start(cwd: Path, folder: Path, seconds: float) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(folder), str(seconds)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_from_different_folders_compute_a_shared_stage_once(tmp_path):
+    folder = tmp_path / "shared" / "stages" / "warmup-abc"
+    first = _start(tmp_path / "machine_a", folder, 3.0)
+    time.sleep(1.0)  # the first holds the stage while the second arrives
+    second = _start(tmp_path / "machine_b", folder, 3.0)
+    out_a, err_a = first.communicate(timeout=60)
+    out_b, err_b = second.communicate(timeout=60)
+    assert first.returncode == 0 and second.returncode == 0, (err_a, err_b)
+    computed = list(folder.parent.glob("computed-by-*"))
+    assert len(computed) == 1, computed  # one computed, the other reused
+    rec_a, rec_b = json.loads(out_a), json.loads(out_b)
+    assert rec_a == rec_b and rec_a["metrics"]["worker/pid"] == first.pid
+    assert "warmup-abc: another worker is writing it; waiting" in err_b
+    assert (folder / "out.txt").read_text() == str(tmp_path / "machine_a")
+    leftovers = [p for p in folder.parent.iterdir() if p.is_dir() and p.name.startswith(".warmup")]
+    assert not leftovers  # no temporary folder left behind
+
+
+def test_a_worker_killed_while_computing_does_not_block_the_next(tmp_path):
+    folder = tmp_path / "shared" / "eval-xyz"
+    first = _start(tmp_path / "a", folder, 60.0)
+    deadline = time.time() + 30
+    while not list(folder.parent.glob("computed-by-*")) and time.time() < deadline:
+        time.sleep(0.1)
+    second = _start(tmp_path / "b", folder, 0.5)
+    time.sleep(1.0)
+    assert second.poll() is None  # waiting on the first
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert json.loads(out)["metrics"]["worker/pid"] == second.pid  # it computed the stage itself
+    assert (folder / "out.txt").read_text() == str(tmp_path / "b")
+
+
+def test_runs_starting_together_on_a_new_sqlite_store_both_start(tmp_path):
+    # the first client of a new MLflow sqlite store migrates its schema; without a lock, two at
+    # once failed with "duplicate column name" (seen when two runs started together)
+    db = tmp_path / "shared" / "mlflow.db"
+    code = "from pipeline.tracking import check_tracking_store; check_tracking_store(); print('ok')"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    procs = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path / name, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in results]
