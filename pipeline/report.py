@@ -25,6 +25,7 @@ PER_ITERATION = {
     "leaves_per_budget": "tree/leaves_per_budget",
     "unique_leaves_per_budget": "tree/unique_leaves_per_budget",
     "eff_rate": "eff_rate",
+    "identical_sibling_frac": "tree/identical_sibling_frac",
 }
 IB_CURVES = ("ib_probe/score_mean", "ib/score_mean")
 FINAL_ITERATIONS = 5  # the training reward at the end: a mean over this many last iterations
@@ -181,7 +182,7 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
             )[0],
         }
         for name in PER_ITERATION:
-            row[name] = mean_se([c.per_iteration[name] for c in group])[0]
+            row[name] = mean_se([c.per_iteration.get(name, math.nan) for c in group])[0]
         if base is not None:
             row[f"diff_vs_{baseline}"] = welch_diff(accs, [c.final["accuracy"] for c in base])
         methods[lab] = row
@@ -191,8 +192,10 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
             row[f"unique_leaves_vs_{baseline}"] = (
                 row["unique_leaves_per_budget"] / ref if ref else math.nan
             )
+    ceilings = [c.before.get("task/ceiling_unique_ratio", math.nan) for c in cells]
     return {"methods": methods, "baseline": baseline, "equal_tokens": common_tokens,
             "equal_wall_s": common_wall, "pass_key": pk,
+            "ceiling_unique_ratio": mean_se(ceilings)[0],
             "cells": [{"name": c.name, "label": c.label, "seed": c.seed, "run_id": c.run_id,
                        "accuracy": c.final["accuracy"]} for c in cells]}
 
@@ -217,6 +220,7 @@ def markdown(summary: dict, title: str) -> str:
         "unique/budget",
         f"unique vs {b}" if b else "unique ratio",
         "Eff-Rate",
+        "identical siblings",
         "train reward (end)",
         "decoded tokens",
         "RL wall s",
@@ -225,7 +229,12 @@ def markdown(summary: dict, title: str) -> str:
              "Accuracy: held-out test split after RL, mean +- SE over seeds. The difference to "
              f"{b or 'the baseline'} has a Welch 95% interval over seeds. Equal-token and "
              "equal-time accuracies are read off each run's accuracy curve (a subset of the test "
-             "split, every few iterations) at the smallest total that every run reached.", "",
+             "split, every few iterations) at the smallest total that every run reached. "
+             "Identical siblings: the share of branches whose first step a sibling already had "
+             "(trees only). Train reward (end): the mean reward of the last "
+             f"{FINAL_ITERATIONS} iterations; far above the accuracy means memorisation. "
+             f"The task's ceiling on unique leaves per budget (warm-up policy): "
+             f"{_f(summary.get('ceiling_unique_ratio', math.nan), '.2f')}x.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lab, r in summary["methods"].items():
         d = r.get(f"diff_vs_{b}") if b else None
@@ -241,7 +250,8 @@ def markdown(summary: dict, title: str) -> str:
             f"{_f(r['distinct_correct_before'], '.2f')} -> {_f(r['distinct_correct'], '.2f')}",
             _f(r["leaves_per_budget"], ".2f"), _f(r["unique_leaves_per_budget"], ".2f"),
             _f(r.get(f"unique_leaves_vs_{b}", math.nan), ".2f") + "x",
-            _f(r["eff_rate"], ".2f"), _f(r["train_reward_final"]), f"{r['decoded_tokens']:,.0f}",
+            _f(r["eff_rate"], ".2f"), _f(r["identical_sibling_frac"], ".2f"),
+            _f(r["train_reward_final"]), f"{r['decoded_tokens']:,.0f}",
             f"{r['wall_s']:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 
