@@ -95,6 +95,21 @@ def solve(numbers: list[int], target: int, max_intermediate: int) -> list[tuple]
     return list(_all_solutions(tuple(sorted(numbers)), max_intermediate).get(target, ()))
 
 
+def valid_steps(pool, max_intermediate: int):
+    """Every allowed step on ``pool`` as ``(i, j, (a, op, b, r))``: two available values
+    (``a >= b``; ``+`` and ``*`` of equal values once), a result in ``[1, max_intermediate]``."""
+    for i, j in itertools.permutations(range(len(pool)), 2):
+        a, b = pool[i], pool[j]
+        if a < b:
+            continue
+        for op in OPS:
+            if op in "+*" and a == b and i > j:
+                continue
+            r = apply_op(a, op, b)
+            if r is not None and 1 <= r <= max_intermediate:
+                yield i, j, (a, op, b, r)
+
+
 @functools.lru_cache(maxsize=4096)
 def _all_solutions(numbers: tuple[int, ...], max_intermediate: int) -> dict[int, tuple]:
     """target -> sorted tuple of solutions, for one sorted multiset of numbers."""
@@ -105,18 +120,9 @@ def _all_solutions(numbers: tuple[int, ...], max_intermediate: int) -> dict[int,
             if steps:
                 found.setdefault(pool[0], set()).add(steps)
             return
-        for i, j in itertools.permutations(range(len(pool)), 2):
-            a, b = pool[i], pool[j]
-            if a < b:
-                continue
-            for op in OPS:
-                if op in "+*" and a == b and i > j:
-                    continue
-                r = apply_op(a, op, b)
-                if r is None or r < 1 or r > max_intermediate:
-                    continue
-                rest = tuple(v for k, v in enumerate(pool) if k not in (i, j)) + (r,)
-                rec(rest, steps + ((a, op, b, r),))
+        for i, j, step in valid_steps(pool, max_intermediate):
+            rest = tuple(v for k, v in enumerate(pool) if k not in (i, j)) + (step[3],)
+            rec(rest, steps + (step,))
 
     rec(numbers, ())
     return {t: tuple(sorted(s)) for t, s in found.items()}
@@ -144,17 +150,7 @@ def random_walk(numbers: list[int], spec: CountdownSpec, rng: random.Random) -> 
     ``(pair, operator)`` choices (same rules as ``solve``); None at a dead end."""
     pool, steps = list(numbers), []
     while len(pool) > 1:
-        choices = []
-        for i, j in itertools.permutations(range(len(pool)), 2):
-            a, b = pool[i], pool[j]
-            if a < b:
-                continue
-            for op in OPS:
-                if op in "+*" and a == b and i > j:
-                    continue
-                r = apply_op(a, op, b)
-                if r is not None and 1 <= r <= spec.max_intermediate:
-                    choices.append((i, j, (a, op, b, r)))
+        choices = list(valid_steps(pool, spec.max_intermediate))
         if not choices:
             return None
         i, j, step = rng.choice(choices)
