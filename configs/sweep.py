@@ -49,8 +49,11 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]] = {}
     seeds: list[int] = Field([0], min_length=1)
     concurrency: int = Field(1, ge=1, description="cells in flight at once")
-    executor: Literal["inline", "deployment"] = "inline"
+    executor: Literal["inline", "deployment", "ray"] = "inline"
     deployment: str = Field("train/ibtpo-train", description="with executor: deployment")
+    ray_address: Optional[str] = Field(
+        None, description="with executor: ray, the cluster the cells run on (host:port of its "
+        "head, ray://host:10001, or auto); null starts a local Ray for the sweep")
     output_dir: str = "runs/sweeps/${name}"
     report: ReportSpec = ReportSpec()
 
@@ -73,8 +76,12 @@ class SweepSpec(BaseModel):
         if self.executor == "inline" and self.concurrency > 1:
             raise ValueError(
                 f"concurrency={self.concurrency} needs executor: deployment (cells run "
-                f"as deployment runs on a work pool); inline cells run one at a time"
+                f"as deployment runs on a work pool) or executor: ray (cells run as Ray tasks); "
+                f"inline cells run one at a time"
             )
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError(f"ray_address is read with executor: ray only (this sweep's "
+                             f"executor is {self.executor}): set executor: ray or remove it")
         return self
 
 

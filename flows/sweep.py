@@ -1,9 +1,10 @@
 """The sweep flow: every cell of a sweep file (variants x grid x seeds) as a training run, then
 the comparison report.
 
-Cells run as subflows of this flow, one at a time in this process (``executor: inline``), or as
+Cells run as subflows of this flow, one at a time in this process (``executor: inline``), as
 runs of the train deployment on a work pool, up to ``concurrency`` in flight
-(``executor: deployment``: a process pool here, any Prefect worker type on a cluster). Every
+(``executor: deployment``: a process pool here, any Prefect worker type on a cluster), or as
+Ray tasks on a Ray cluster with each cell's resources (``executor: ray``, flows/sweep_ray.py). Every
 cell's config is validated before the first starts. A cell that finished before (same config,
 same code) is a cache hit; a failed cell does not stop the others; the sweep then fails naming
 the failed cells and the command that reruns one alone. One MLflow run per sweep; each cell's
@@ -53,6 +54,10 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
     tracking.check_tracking_store()
     if spec.executor == "deployment":
         check_deployment(spec.deployment)
+    if spec.executor == "ray":
+        from flows.sweep_ray import check_ray_address
+
+        check_ray_address(spec.ray_address)
     experiment = next(iter(configs.values())).tracking.experiment
     parent = tracking.parent_run(
         experiment, digest_json([spec.model_dump(), code_version()]), spec.name,
@@ -69,8 +74,13 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
             log.info(f"cell {cell.name}: finished before (same config and code), skipped")
         else:
             todo.append(cell)
-    runner = run_inline if spec.executor == "inline" else run_on_pool
-    status.update(runner(spec, todo, tags))
+    if spec.executor == "ray":
+        from flows.sweep_ray import run_on_ray
+
+        status.update(run_on_ray(spec, todo, tags, configs) if todo else {})
+    else:
+        runner = run_inline if spec.executor == "inline" else run_on_pool
+        status.update(runner(spec, todo, tags))
     failed = sorted(n for n, s in status.items() if s not in ("completed", "cached"))
     try:
         report = write_report(parent, out_dir)

@@ -7,7 +7,7 @@ import os
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "MLFLOW_ENABLE_TELEMETRY": "false"}
+               "MLFLOW_ENABLE_TELEMETRY": "false", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 # progress bars of every checkpoint load and save, and of every dataset split lm-eval reads:
@@ -56,9 +56,16 @@ def free_cores(sample_s: float = 0.3) -> int:
     return max(1, min(n, round(n - busy + 0.3)))
 
 
+# the CPUs a scheduler granted this process (set by a sweep's Ray cell from resources.num_cpus)
+GRANTED_CPUS_ENV = "IBTPO_GRANTED_CPUS"
+
+
 def set_threads(threads: int = 0) -> int:
+    """torch's thread count: ``threads``; else the CPUs a scheduler granted; else the free
+    cores."""
     import torch
 
-    n = threads or free_cores()
+    granted = int(float(os.environ.get(GRANTED_CPUS_ENV, "0")))
+    n = threads or granted or free_cores()
     torch.set_num_threads(n)
     return n

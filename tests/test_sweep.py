@@ -65,6 +65,8 @@ def test_a_variant_can_have_its_own_seeds(tmp_path):
     ({"grid": {"algo.tree.beta": [1.0]}, "concurrency": 2}, "needs executor: deployment"),
     ({"variants": [{"name": "a"}, {"name": "a"}]}, "variant names must be unique"),
     ({"variants": [{"name": "a"}], "seeds": []}, "seeds"),
+    ({"grid": {"seed": [1]}, "ray_address": "10.0.0.1:6379"}, "read with executor: ray only"),
+    ({"grid": {"seed": [1]}, "executor": "dask"}, "executor"),
 ])
 def test_bad_sweep_files_fail_with_the_fix(tmp_path, body, message):
     with pytest.raises(ValueError, match=message):
@@ -185,3 +187,43 @@ def test_deployment_executor_needs_a_registered_deployment(harness, tmp_path):
                              "concurrency": 2, "output_dir": str(tmp_path / "out")})
     with pytest.raises(ValueError, match="deployment 'train/not-deployed' not found"):
         sweep(path)
+
+
+def test_a_cell_asking_more_than_the_ray_cluster_has_is_named():
+    from configs.schema import load_config
+    from flows.sweep_ray import check_cluster_fits
+
+    small = load_config(SMOKE, ["resources.num_cpus=2"])
+    gpu = load_config(SMOKE, ["resources.num_gpus=0.5"])
+    check_cluster_fits({"a": small}, {"CPU": 2.0})  # exactly fits
+    with pytest.raises(ValueError, match=r"cell b asks for 0.5 GPU\(s\).*has 0 in all"):
+        check_cluster_fits({"a": small, "b": gpu}, {"CPU": 4.0})
+    with pytest.raises(ValueError, match=r"cell a asks for 2 CPU\(s\).*has 1 in all"):
+        check_cluster_fits({"a": small}, {"CPU": 1.0, "GPU": 8.0})
+
+
+def test_a_granted_cpu_count_sizes_torch_threads(monkeypatch):
+    import torch
+
+    from ibtpo_core.runtime import GRANTED_CPUS_ENV, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(GRANTED_CPUS_ENV, "3")
+        assert set_threads(0) == 3 and torch.get_num_threads() == 3
+        assert set_threads(1) == 1  # an explicit threads: wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_ray_address_where_no_head_listens_fails_at_once():
+    from flows.sweep_ray import check_ray_address
+    from ibtpo_core.runtime import free_port
+
+    port = free_port()
+    with pytest.raises(ValueError, match=rf"no Ray head answers at ray_address '127.0.0.1:{port}'"
+                                         rf".*ray start --head --port {port}"):
+        check_ray_address(f"127.0.0.1:{port}", timeout_s=2)
+    with pytest.raises(ValueError, match="is not host:port"):
+        check_ray_address("my-head")
+    check_ray_address(None)  # a local Ray for the sweep: nothing to check
