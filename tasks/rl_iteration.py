@@ -110,7 +110,7 @@ def update_policy(iteration: int, algo: AlgoConfig, policy: dict, scores: dict, 
         metrics: dict = {}
 
         def write(tmp: Path) -> None:
-            if algo.update.num_processes > 1:
+            if algo.update.num_processes * algo.update.nodes > 1:
                 metrics.update(launch_update(policy["path"], str(tmp), str(seqs_path), algo.loss,
                                              algo.update, ref_dir=ref["path"]))
                 (tmp / "update_metrics.json").unlink()

@@ -186,3 +186,33 @@ def test_uneven_shards_across_micro_batches_train_like_one_process(tiny_model_di
                                                deepspeed_config="configs/deepspeed/zero2.yaml"))
     assert two["num_tokens"] == one["num_tokens"] == 35
     assert_same_update(one, two, tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("node_launch", ["", "env IBTPO_NODE={host} bash -c"])
+def test_two_nodes_of_one_process_equal_one_node_of_two(tiny_model_dir, tmp_path, node_launch):
+    """Two torchrun agents on loopback, one rank each, joined by a c10d rendezvous (what two
+    machines do), take the same step as two ranks under one agent; with node_launch the agents
+    start through a command prefix, as over ssh or srun."""
+    from ibtpo_core.rl import save_sequences
+    from ibtpo_core.training.deepspeed_trainer import launch_update
+
+    save_sequences(sequences(tiny_model_dir), tmp_path / "seqs.json")
+    one = launch_update(tiny_model_dir, str(tmp_path / "one"), str(tmp_path / "seqs.json"),
+                        LossSpec(), UpdateSpec(lr=1e-3, num_processes=2))
+    two = launch_update(tiny_model_dir, str(tmp_path / "two"), str(tmp_path / "seqs.json"),
+                        LossSpec(), UpdateSpec(lr=1e-3, nodes=2, rdzv_port=0,
+                                               node_hosts=("127.0.0.1", "127.0.0.1"),
+                                               node_launch=node_launch))
+    assert two["world_size"] == one["world_size"] == 2  # the agents joined one group
+    assert two["num_tokens"] == one["num_tokens"] == 42
+    assert_same_update(one, two, tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"nodes": 2}, "needs node_hosts with 2 addresses"),
+    ({"nodes": 2, "node_hosts": ("a", "b"), "launcher": "deepspeed"}, "set launcher: torchrun"),
+    ({"node_launch": "ssh"}, "must name {host}"),
+])
+def test_bad_multi_node_settings_name_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UpdateSpec(**kwargs)

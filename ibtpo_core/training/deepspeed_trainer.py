@@ -71,10 +71,31 @@ class UpdateSpec:
     # optimizer steps per RL iteration, each on one slice of the batch (verl's PPO mini-batches):
     # from the second on, pi_theta != pi_old, so the clipping (and clip-higher) can bind
     mini_batches: int = 1
+    # multi-node: one torchrun agent per node, num_processes ranks each, joined by torchrun's
+    # c10d rendezvous at node_hosts[0]:rdzv_port. node_launch is the command that runs a shell
+    # string on {host}, the agent's command line appended as one argument ("ssh {host}",
+    # "srun --nodes=1 --ntasks=1 --nodelist={host} bash -c"); empty runs every agent on this
+    # machine (a loopback check). Nodes need the repository, its .venv and the
+    # run folder at the same paths (a shared filesystem).
+    nodes: int = 1
+    node_hosts: tuple[str, ...] = ()
+    node_launch: str = ""
+    rdzv_port: int = 29400  # 0: a free port of this machine (node_hosts[0] must be this machine)
 
     def __post_init__(self):
         if self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1 (got {self.num_processes})")
+        if self.nodes < 1:
+            raise ValueError(f"nodes must be >= 1 (got {self.nodes})")
+        if self.nodes > 1 and len(self.node_hosts) != self.nodes:
+            raise ValueError(f"nodes={self.nodes} needs node_hosts with {self.nodes} addresses "
+                             f"(the first hosts the rendezvous), got {list(self.node_hosts)}")
+        if self.nodes > 1 and self.launcher != "torchrun":
+            raise ValueError("multi-node updates join through torchrun's c10d rendezvous: set "
+                             "launcher: torchrun (the deepspeed launcher's hostfile is not used)")
+        if self.node_launch and "{host}" not in self.node_launch:
+            raise ValueError(f"node_launch {self.node_launch!r} must name {{host}}, e.g. "
+                             f"'ssh {{host}}' or 'srun --nodes=1 --ntasks=1 --nodelist={{host}}'")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         if self.micro_batch_size < 1:
@@ -238,6 +259,7 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
     save_policy(engine, optimizer, tok, out_dir, rank, sharded)
     sums["num_tokens"] = float(total_tokens)
     sums["num_sequences"] = float(len(seqs))
+    sums["world_size"] = float(world)  # ranks that took the step together
     if grad_norm is not None and not math.isnan(float(grad_norm)):
         sums["grad_norm"] = float(grad_norm)
     return sums
@@ -268,8 +290,9 @@ def save_policy(engine, optimizer, tok, out_dir: str, rank: int, sharded: bool) 
 
 def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, spec: UpdateSpec,
                   ref_dir: str | None = None) -> dict[str, float]:
-    """Run ``update_policy`` in ``spec.num_processes`` ranks through torchrun or the deepspeed
-    launcher (rank 0 saves and writes the metrics); returns the metrics."""
+    """Run ``update_policy`` in ``spec.num_processes`` ranks on each of ``spec.nodes`` nodes,
+    through torchrun or the deepspeed launcher (rank 0 saves and writes the metrics); returns
+    the metrics."""
     import dataclasses
     import json
     import subprocess
@@ -289,21 +312,51 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
     if ref_dir:
         args += ["--ref", ref_dir]
     n = str(spec.num_processes)
-    if spec.launcher == "torchrun":
-        cmd = [str(bindir / "torchrun"), "--nproc_per_node", n, "--master_addr", "127.0.0.1",
-               "--master_port", str(port)] + args
+    if spec.nodes > 1:
+        cmds = node_agent_commands(spec, bindir / "torchrun", args, out_dir)
+    elif spec.launcher == "torchrun":
+        cmds = [[str(bindir / "torchrun"), "--nproc_per_node", n, "--master_addr", "127.0.0.1",
+                 "--master_port", str(port)] + args]
     else:  # the deepspeed launcher; on CPU --num_gpus counts CPU ranks
-        cmd = [str(bindir / "deepspeed"), "--no_local_rank", "--num_gpus", n,
-               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module"] + args[1:]
+        cmds = [[str(bindir / "deepspeed"), "--no_local_rank", "--num_gpus", n,
+                 "--master_addr", "127.0.0.1", "--master_port", str(port), "--module"] + args[1:]]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    # tethered: a killed run takes its launcher and ranks with it
-    proc = tether.spawn(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # tethered: a killed run takes its launchers and ranks with it
+    procs = [tether.spawn(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) for c in cmds]
     try:
-        _, stderr = proc.communicate()
+        errs = [p.communicate()[1] for p in procs]
     finally:
-        tether.stop(proc)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the {spec.launcher} update with {n} processes failed "
-                           f"(exit {proc.returncode}):\n{stderr[-3000:]}")
+        for p in procs:
+            tether.stop(p)
+    failed = [(i, p.returncode, e) for i, (p, e) in enumerate(zip(procs, errs)) if p.returncode]
+    if failed:
+        i, code, stderr = failed[0]
+        where = f" on node {i} ({spec.node_hosts[i]})" if spec.nodes > 1 else ""
+        raise RuntimeError(f"the {spec.launcher} update with {spec.nodes} x {n} processes failed"
+                           f"{where} (exit {code}):\n{stderr[-3000:]}")
     return json.loads((Path(out_dir) / "update_metrics.json").read_text())
+
+
+def node_agent_commands(spec: UpdateSpec, torchrun: Path, args: list[str], out_dir: str
+                        ) -> list[list[str]]:
+    """One torchrun agent per node, all joining one c10d rendezvous at node_hosts[0]; each agent
+    started through ``node_launch`` on its host (or here, when it is empty)."""
+    import shlex
+
+    from ibtpo_core.artifacts import digest_json
+    from ibtpo_core.runtime import free_port
+
+    port = spec.rdzv_port or free_port()
+    run_id = digest_json([out_dir, port])[:16]  # one rendezvous per update
+    cmds = []
+    for host in spec.node_hosts:
+        agent = [str(torchrun), "--nnodes", str(spec.nodes), "--nproc_per_node",
+                 str(spec.num_processes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                 f"{spec.node_hosts[0]}:{port}", "--rdzv_id", run_id] + args
+        if spec.node_launch:  # the agent as one shell string, as ssh (or `bash -c`) takes it
+            cmds.append(shlex.split(spec.node_launch.format(host=host)) + [shlex.join(agent)])
+        else:
+            cmds.append(agent)
+    return cmds
