@@ -25,6 +25,7 @@ from ibtpo_core import stages
 from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
+from ibtpo_core.stages import StageRecord
 from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
 from pipeline import summaries, tracking
 from pipeline.stage_cache import code_version, inject_fault
@@ -74,7 +75,7 @@ def log_curve_point(run_id: str, step: int, result: dict, decoded: float, rl_wal
         "curve/n_eval": m["n_eval"], "curve/decoded_tokens": decoded, "curve/rl_wall_s": rl_wall})
 
 
-def external_model(path: str) -> dict:
+def external_model(path: str) -> StageRecord:
     """A checkpoint the run did not make (checked by preflight; a hub id resolves to its local
     snapshot): its path and content digest."""
     from ibtpo_core.models.hub import resolve_model_path
@@ -99,7 +100,7 @@ class Run:
 class RLProgress:
     """Running totals over the RL iterations done so far."""
 
-    policy: dict  # the latest checkpoint's stage record
+    policy: StageRecord  # the latest checkpoint
     decoded: float = 0.0  # decoded tokens
     rl_wall: float = 0.0  # seconds spent in RL stages, as first computed (cache hits add theirs)
     freed: int = 0  # bytes of optimizer state deleted by rl.keep_optimizer_states
@@ -173,7 +174,7 @@ def record_config(run: Run) -> None:
     tracking.log_artifact_once(run.mlflow_id, run.config_file)
 
 
-def prepare_inputs(run: Run) -> dict:
+def prepare_inputs(run: Run) -> StageRecord:
     """The data splits (shared between runs through the stage cache), logged as dataset inputs."""
     data = ensure(prepare_data, run.cfg.data, run.cfg.stage_cache_dir, code_version("prepare_data"))
     data_run = tracking.child_run(run.mlflow_id, "prepare_data")
@@ -184,7 +185,7 @@ def prepare_inputs(run: Run) -> dict:
     return data
 
 
-def starting_policy(run: Run, data: dict) -> dict:
+def starting_policy(run: Run, data: StageRecord) -> StageRecord:
     """The checkpoint RL starts from (and the KL reference): a given one, or the tiny model
     created here; warmed up on the task when the config asks."""
     cfg, shared = run.cfg, run.cfg.stage_cache_dir
@@ -201,13 +202,15 @@ def starting_policy(run: Run, data: dict) -> dict:
     return policy
 
 
-def evaluate(run: Run, checkpoint: dict, data: dict, n: int | None, label: str) -> dict:
+def evaluate(run: Run, checkpoint: StageRecord, data: StageRecord, n: int | None,
+             label: str) -> StageRecord:
     """Held-out accuracy of ``checkpoint`` on ``n`` problems of the evaluation split."""
     return ensure(evaluate_policy, run.cfg.eval.on(n), run.cfg.engine, checkpoint, data,
                   run.cfg.stage_cache_dir, code_version("evaluate_policy"), label=label)
 
 
-def rl_iteration(run: Run, k: int, rl: RLProgress, reference: dict, data: dict) -> dict:
+def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
+                 data: StageRecord) -> dict:
     """Iteration ``k``: sample trees with the current policy, score them, update the policy;
     logs the iteration's metrics and returns them."""
     cfg = run.cfg
@@ -233,7 +236,7 @@ def stage_seconds(metrics: dict) -> float:
                if key.startswith("timing_s/") and key != "timing_s/probe")
 
 
-def after_iteration(run: Run, done: int, rl: RLProgress, data: dict) -> None:
+def after_iteration(run: Run, done: int, rl: RLProgress, data: StageRecord) -> None:
     """The accuracy curve and the periodic benchmark, where ``done`` iterations call for them."""
     cfg = run.cfg
     if cfg.eval.every and done % cfg.eval.every == 0:
@@ -247,8 +250,8 @@ def after_iteration(run: Run, done: int, rl: RLProgress, data: dict) -> None:
         )
 
 
-def final_records(run: Run, before: dict, after: dict, policy: dict, data: dict,
-                  reference: dict) -> None:
+def final_records(run: Run, before: StageRecord, after: StageRecord, policy: StageRecord,
+                  data: StageRecord, reference: StageRecord) -> None:
     """Evaluations before/after, the final lm-eval benchmark, lineage, sample trees, plots."""
     cfg, parent = run.cfg, run.mlflow_id
     eval_run = tracking.child_run(parent, "evaluate")
@@ -266,7 +269,7 @@ def final_records(run: Run, before: dict, after: dict, policy: dict, data: dict,
     tracking.finish(parent)
 
 
-def write_result(run: Run, before: dict, after: dict, rl: RLProgress) -> dict:
+def write_result(run: Run, before: StageRecord, after: StageRecord, rl: RLProgress) -> dict:
     """result.json (what a sweep reads back) and the result artifact on the flow run's page."""
     cfg = run.cfg
     m_b, m_a = before["metrics"], after["metrics"]

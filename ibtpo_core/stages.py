@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypedDict
 
 from ibtpo_core.artifacts import atomic_dir, exclusive, read_manifest, write_manifest
 from ibtpo_core.registry import Registry
@@ -26,7 +26,17 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def _record(folder: Path, manifest: dict) -> dict:
+class StageRecord(TypedDict):
+    """What a stage returns and the next one takes (a plain dict on the wire, so Prefect's cache
+    and task runners carry it as is): the stage's output folder, the digest of its files (what
+    later stages are keyed on) and its metrics."""
+
+    path: str
+    digest: str
+    metrics: dict[str, float]
+
+
+def _record(folder: Path, manifest: dict) -> StageRecord:
     return {
         "path": str(folder),
         "digest": manifest["digest"],
@@ -34,7 +44,7 @@ def _record(folder: Path, manifest: dict) -> dict:
     }
 
 
-def publish(folder: Path, write, metrics: dict, **extra) -> dict:
+def publish(folder: Path, write, metrics: dict, **extra) -> StageRecord:
     """Write a stage's output atomically: ``write(tmp)`` fills a temporary folder, the manifest
     (file digests, ``metrics``, ``extra``) is written last, then the folder is renamed into
     place. Returns the stage's record."""
@@ -45,7 +55,7 @@ def publish(folder: Path, write, metrics: dict, **extra) -> dict:
     return _record(folder, manifest)
 
 
-def cached(folder: Path) -> dict | None:
+def cached(folder: Path) -> StageRecord | None:
     """The record of a finished, intact stage output in ``folder``; None if it must be (re)made."""
     manifest = read_manifest(folder)
     return None if manifest is None else _record(folder, manifest)

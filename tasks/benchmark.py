@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from prefect import task
 
 from ibtpo_core import stages
+from ibtpo_core.stages import StageRecord
 from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
 if TYPE_CHECKING:
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 
 @task(name="benchmark", task_run_name="benchmark",
       cache_policy=CACHE, persist_result=True)
-def benchmark(bench: BenchmarkConfig, policy: dict, data: dict, run_dir: str, code: str) -> dict:
+def benchmark(bench: BenchmarkConfig, policy: StageRecord, data: StageRecord, run_dir: str,
+              code: str) -> StageRecord:
     folder = stage_dir(run_dir, "bench", bench, policy["digest"], data["digest"], code)
     with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
         if hit:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from prefect import task
 
 from ibtpo_core import stages
+from ibtpo_core.stages import StageRecord
 from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
 if TYPE_CHECKING:
@@ -14,8 +15,8 @@ if TYPE_CHECKING:
 
 @task(name="evaluate_policy", task_run_name="evaluate_policy",
       cache_policy=CACHE, persist_result=True)
-def evaluate_policy(evaluation: EvalConfig, engine: EngineConfig, policy: dict, data: dict,
-                    run_dir: str, code: str) -> dict:
+def evaluate_policy(evaluation: EvalConfig, engine: EngineConfig, policy: StageRecord,
+                    data: StageRecord, run_dir: str, code: str) -> StageRecord:
     folder = stage_dir(run_dir, "eval", evaluation.stage_key(), engine, policy["digest"],
                        data["digest"], code)
     with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse

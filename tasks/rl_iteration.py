@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from prefect import task
 
 from ibtpo_core import stages
+from ibtpo_core.stages import StageRecord
 from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ def get_engine(engine: EngineConfig, model_path: str):
 @task(name="sample_trees", task_run_name="sample_trees[it {iteration}]",
       cache_policy=CACHE, persist_result=True)
 def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engine: EngineConfig,
-                 seed: int, policy: dict, data: dict, run_dir: str, code: str) -> dict:
+                 seed: int, policy: StageRecord, data: StageRecord, run_dir: str,
+                 code: str) -> StageRecord:
     from transformers import AutoTokenizer
 
     from ibtpo_core.data.tokenizer import step_end_token_ids
@@ -75,7 +77,8 @@ def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engin
 
 @task(name="estimate_scores", task_run_name="estimate_scores[it {iteration}]",
       cache_policy=CACHE, persist_result=True)
-def estimate_scores(iteration: int, algo: AlgoConfig, trees: dict, run_dir: str, code: str) -> dict:
+def estimate_scores(iteration: int, algo: AlgoConfig, trees: StageRecord, run_dir: str,
+                    code: str) -> StageRecord:
     from ibtpo_core.rl import load_trees, save_sequences, score_trees
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-scores", algo, trees["digest"], code)
@@ -94,8 +97,8 @@ def estimate_scores(iteration: int, algo: AlgoConfig, trees: dict, run_dir: str,
 
 @task(name="update_policy", task_run_name="update_policy[it {iteration}]",
       cache_policy=CACHE, persist_result=True)
-def update_policy(iteration: int, algo: AlgoConfig, policy: dict, scores: dict, ref: dict,
-                  run_dir: str, code: str) -> dict:
+def update_policy(iteration: int, algo: AlgoConfig, policy: StageRecord, scores: StageRecord,
+                  ref: StageRecord, run_dir: str, code: str) -> StageRecord:
     from ibtpo_core.rl import load_sequences
     from ibtpo_core.training.deepspeed_trainer import launch_update
     from ibtpo_core.training.deepspeed_trainer import update_policy as update

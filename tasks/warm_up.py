@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from prefect import task
 
 from ibtpo_core import stages
+from ibtpo_core.stages import StageRecord
 from pipeline.stage_cache import CACHE, inject_fault, stage_dir
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 @task(name="create_model", task_run_name="create_model",
       cache_policy=CACHE, persist_result=True)
-def create_model(model: ModelConfig, run_dir: str, code: str) -> dict:
+def create_model(model: ModelConfig, run_dir: str, code: str) -> StageRecord:
     folder = stage_dir(run_dir, "model", model, code)
     with stages.claim(folder) as hit:
         return hit or stages.create_model(model, folder)
@@ -23,8 +24,8 @@ def create_model(model: ModelConfig, run_dir: str, code: str) -> dict:
 
 @task(name="warm_up", task_run_name="warm_up",
       cache_policy=CACHE, persist_result=True)
-def warm_up(warmup: WarmupConfig, task_spec: CountdownSpec, model: dict, data: dict, run_dir: str,
-            code: str) -> dict:
+def warm_up(warmup: WarmupConfig, task_spec: CountdownSpec, model: StageRecord, data: StageRecord,
+            run_dir: str, code: str) -> StageRecord:
     from tqdm import tqdm
 
     folder = stage_dir(run_dir, "warmup", warmup, task_spec, model["digest"], data["digest"], code)
