@@ -160,18 +160,13 @@ def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, f
     """Accuracy, pass@k and distinct correct solutions of a checkpoint on a split."""
     from transformers import AutoTokenizer
 
-    from ibtpo_core.engines.base import build_engine
-    from ibtpo_core.engines.held import held_engine
+    from ibtpo_core.engines.held import stage_engine
     from ibtpo_core.evaluation import evaluate
 
     rows = read_jsonl(Path(data_dir) / f"{split}.jsonl")
     if eval_cfg.n is not None:
         rows = rows[: eval_cfg.n]
-    if engine_cfg.name == "hf":  # cheap to build: a fresh one, without a prefix store
-        engine = build_engine("hf", model_path=str(model_dir),
-                              **{**engine_cfg.kwargs(), "reuse_prefixes": False})
-    else:  # share the run's engine (one vLLM engine per process)
-        engine = held_engine(engine_cfg.name, str(model_dir), **engine_cfg.kwargs())
+    engine = stage_engine(engine_cfg.name, str(model_dir), **engine_cfg.kwargs())
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     metrics = evaluate(engine, tok, rows, eval_cfg.spec)
     return publish(

@@ -144,3 +144,19 @@ def test_one_engine_is_held_per_process_and_reloads_new_checkpoints():
                    ("build", "ckpt1", 2), ("reset",)]
     with pytest.raises(ValueError, match=r"engine 'fake_held' has no option\(s\) \['sizes'\]"):
         held.held_engine("fake_held", "ckpt0", sizes=3)
+
+
+def test_an_evaluation_builds_a_fresh_hf_engine_and_shares_a_once_per_process_one(
+        tiny_model_dir, monkeypatch):
+    """engines/held.stage_engine: the hf engine is cheap, so an evaluation gets a fresh one
+    without a prefix store; an engine built once per process (vLLM) is the held one."""
+    from ibtpo_core.engines import held
+    from ibtpo_core.engines.base import engine_class
+
+    fresh = held.stage_engine("hf", tiny_model_dir)
+    assert fresh is not held.stage_engine("hf", tiny_model_dir)  # a new one each time
+    assert fresh.reuse_prefixes is False
+    monkeypatch.setattr(engine_class("hf"), "one_per_process", True)
+    monkeypatch.setattr(held, "_HELD", {})
+    first = held.stage_engine("hf", tiny_model_dir)
+    assert held.stage_engine("hf", tiny_model_dir) is first

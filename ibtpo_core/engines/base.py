@@ -48,6 +48,12 @@ class Completion:
 class RolloutEngine(ABC):
     """Sample continuations; batched, seeded, reusing shared prefixes where the engine can."""
 
+    # costly to build (a vLLM engine holds GPU memory and compiled graphs): one per process,
+    # shared by every stage (engines/held.py); otherwise a stage may build its own
+    one_per_process: bool = False
+    # keyword arguments a stage that builds its own engine passes (e.g. no prefix store)
+    fresh_options: dict = {}
+
     @property
     @abstractmethod
     def max_context(self) -> int:
@@ -120,11 +126,16 @@ def validate_request(prefixes: list[list[int]], num_samples: int, temperature: f
                 f"shorten the prompt or lower max_new_tokens to {max(max_context - len(p), 0)}")
 
 
-def build_engine(name: str, **kwargs) -> RolloutEngine:
-    """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed)."""
+def engine_class(name: str) -> type[RolloutEngine]:
+    """The engine class registered as ``name``, its module imported on first use."""
     if name in ENGINE_MODULES and name not in ENGINES:
         importlib.import_module(ENGINE_MODULES[name])  # the module registers its engine
-    cls = ENGINES.get(name)
+    return ENGINES.get(name)
+
+
+def build_engine(name: str, **kwargs) -> RolloutEngine:
+    """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed)."""
+    cls = engine_class(name)
     import inspect
 
     accepted = inspect.signature(cls).parameters

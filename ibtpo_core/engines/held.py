@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ibtpo_core.engines.base import RolloutEngine, build_engine
+from ibtpo_core.engines.base import RolloutEngine, build_engine, engine_class
 
 _HELD: dict = {}
 
@@ -28,3 +28,12 @@ def held_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:
         _HELD["path"] = model_path
     engine.reset_prefix_cache()
     return engine
+
+
+def stage_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:
+    """An engine for one stage outside the RL loop (an evaluation): the process's held one for
+    engines built once per process (vLLM), else a fresh one with the engine's fresh options."""
+    cls = engine_class(name)
+    if cls.one_per_process:
+        return held_engine(name, model_path, **kwargs)
+    return build_engine(name, model_path=model_path, **{**kwargs, **cls.fresh_options})
