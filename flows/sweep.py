@@ -77,7 +77,7 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
     if spec.executor == "ray":
         from flows.sweep_ray import run_on_ray
 
-        status.update(run_on_ray(spec, todo, tags, configs) if todo else {})
+        status.update(run_on_ray(spec, todo, tags, configs))
     else:
         runner = run_inline if spec.executor == "inline" else run_on_pool
         status.update(runner(spec, todo, tags))

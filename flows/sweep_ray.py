@@ -95,6 +95,8 @@ def run_on_ray(spec: SweepSpec, cells: list[Cell], tags: dict[str, str],
 
     from flows.sweep import cell_tags
 
+    if not cells:  # every cell finished before: no Ray to start
+        return {}
     log = get_run_logger()
     status: dict[str, str] = {}
     queue, running = list(cells), {}

@@ -98,6 +98,5 @@ def preflight(cfg) -> None:
     if cfg.eval.split == "validation" and cfg.data.n_val == 0:
         raise ValueError("eval.split is validation but data.n_val is 0 (no validation split): "
                          "set data.n_val (e.g. --set data.n_val=200) or eval.split=test")
-    check_deepspeed(cfg.algo.update.deepspeed_config,
-                    cfg.algo.update.num_processes * cfg.algo.update.nodes)
+    check_deepspeed(cfg.algo.update.deepspeed_config, cfg.algo.update.world_size)
     check_benchmarks(cfg.benchmark)

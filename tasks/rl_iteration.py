@@ -113,7 +113,7 @@ def update_policy(iteration: int, algo: AlgoConfig, policy: StageRecord, scores:
         metrics: dict = {}
 
         def write(tmp: Path) -> None:
-            if algo.update.num_processes * algo.update.nodes > 1:
+            if algo.update.world_size > 1:
                 metrics.update(launch_update(policy["path"], str(tmp), str(seqs_path), algo.loss,
                                              algo.update, ref_dir=ref["path"]))
                 (tmp / "update_metrics.json").unlink()

@@ -27,6 +27,7 @@ def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @ENGINES.register("hf")
 class HFEngine(RolloutEngine):
     fresh_options = {"reuse_prefixes": False}  # cheap to build; a fresh one needs no prefix store
+
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32",
                  max_batch: int = 256, prefix_cache_tokens: int = 1_000_000,
                  reuse_prefixes: bool = True, trust_remote_code: bool = False):

@@ -30,6 +30,7 @@ def request_seed(seed: int, prefix_index: int) -> int:
 @ENGINES.register("vllm")
 class VLLMEngine(RolloutEngine):
     one_per_process = True
+
     def __init__(self, model_path: str, device: str = "cuda", dtype: str = "bfloat16",
                  max_batch: int = 256, prefix_cache_tokens: int = 0, reuse_prefixes: bool = True,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.5,

@@ -82,6 +82,11 @@ class UpdateSpec:
     node_launch: str = ""
     rdzv_port: int = 29400  # 0: a free port of this machine (node_hosts[0] must be this machine)
 
+    @property
+    def world_size(self) -> int:
+        """Ranks that take one update together: num_processes on each of the nodes."""
+        return self.num_processes * self.nodes
+
     def __post_init__(self):
         if self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1 (got {self.num_processes})")
