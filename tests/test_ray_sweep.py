@@ -123,7 +123,7 @@ def test_two_cells_run_at_once_and_a_killed_worker_is_retried(ray_head, tmp_path
         while time.monotonic() < deadline and len(both) < 2 and proc.poll() is None:
             both = _cell_workers(ray_head["tag"])
             time.sleep(0.5)
-        first_cell_s = time.monotonic() - t0
+        both_running_s = time.monotonic() - t0
         assert len(both) == 2, (tmp_path / "sweep.out").read_text()[-3000:]
         # kill the ibtpo cell's worker once the cell has finished an RL iteration
         done_it0 = tmp_path / "report" / "ibtpo" / "s0"
@@ -144,7 +144,7 @@ def test_two_cells_run_at_once_and_a_killed_worker_is_retried(ray_head, tmp_path
         out_f.close()
     out = (tmp_path / "sweep.out").read_text()
     assert rc == 0, out[-5000:]
-    print(f"ray sweep: first cell running after {first_cell_s:.1f} s, "
+    print(f"ray sweep: both cells running after {both_running_s:.1f} s, "
           f"all done after {time.monotonic() - t0:.1f} s")
     # the report holds both cells
     report = json.loads((tmp_path / "report" / "report.json").read_text())
