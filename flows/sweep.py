@@ -24,7 +24,7 @@ from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults
 from pipeline import summaries, tracking
-from pipeline.report import write_report
+from pipeline.report import report_cell_tag, write_report
 from pipeline.stage_cache import code_version
 
 
@@ -67,13 +67,18 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
     out_dir = spec.output_dir.replace("${name}", spec.name)
     tracking.set_tags(parent, {"ibtpo.report_dir": out_dir})
     tags = {"ibtpo.sweep_run_id": parent, "ibtpo.sweep": spec.name}
-    todo, status = [], {}
+    todo, status, reused = [], {}, {}
     for cell in chosen:
-        if finished_result(configs[cell.name]) is not None:
+        done = finished_result(configs[cell.name])
+        if done is not None:
             status[cell.name] = "cached"
+            reused[cell.index] = done.get("mlflow_run_id")
             log.info(f"cell {cell.name}: finished before (same config and code), skipped")
         else:
             todo.append(cell)
+    # a finished cell may belong to another sweep run (the file gained seeds or variants since):
+    # the report reads it through this tag (pipeline/report.py collect)
+    tracking.set_tags(parent, {report_cell_tag(i): rid for i, rid in reused.items() if rid})
     if spec.executor == "ray":
         from flows.sweep_ray import run_on_ray
 

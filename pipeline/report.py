@@ -114,19 +114,53 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
                    train_reward_final=sum(rewards) / len(rewards) if rewards else math.nan)
 
 
+REUSED_PREFIX = "ibtpo.cell_run."
+
+
+def report_cell_tag(cell_index: int) -> str:
+    """The sweep run's tag naming the training run of a cell that finished before this sweep run
+    (a cache hit made under another sweep run: the file gained seeds or variants since)."""
+    return f"{REUSED_PREFIX}{cell_index}"
+
+
+def _reused_runs(client: MlflowClient, sweep) -> dict[int, object]:
+    """The finished training runs the sweep run's ``report_cell_tag`` tags name, by cell index;
+    a run this store does not hold (the result came from another store) is left out."""
+    from mlflow.exceptions import MlflowException
+
+    found = {}
+    for key, run_id in sweep.data.tags.items():
+        if not key.startswith(REUSED_PREFIX):
+            continue
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            continue
+        if run.info.status == "FINISHED":
+            found[int(key.removeprefix(REUSED_PREFIX))] = run
+    return found
+
+
 def collect(sweep_run_id: str) -> list[CellRun]:
-    """The latest finished training run of every cell linked to the sweep run."""
+    """The latest finished training run of every cell of the sweep run: those it ran, and those
+    it found finished before (cache hits, possibly made under another sweep run)."""
     client = MlflowClient(tracking.tracking_uri())
     sweep = client.get_run(sweep_run_id)
     runs = client.search_runs([sweep.info.experiment_id],
                               f"tags.`ibtpo.sweep_run_id` = '{sweep_run_id}' and "
                               f"tags.`ibtpo.kind` = 'train' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"])
-    latest = {}
+    latest, order = {}, {}
     for run in runs:
         latest.setdefault(run.info.run_name, run)
+    for index, run in _reused_runs(client, sweep).items():
+        latest.setdefault(run.info.run_name, run)
+        order[run.info.run_id] = index  # its place in this sweep's file, not the old one's
     cells = [read_cell(client, r) for r in latest.values()]
-    return sorted((c for c in cells if c is not None), key=lambda c: (c.order, c.label, c.seed))
+    cells = [c for c in cells if c is not None]
+    for c in cells:
+        c.order = order.get(c.run_id, c.order)
+    return sorted(cells, key=lambda c: (c.order, c.label, c.seed))
 
 
 def _pass_key(metrics: dict) -> str | None:

@@ -96,13 +96,14 @@ def test_unknown_cell_selection_lists_the_cells(tmp_path):
         select_cells(cells, ["c"])
 
 
-def _smoke_sweep(state: Path, name: str) -> str:
+def _smoke_sweep(state: Path, name: str, grpo_seeds: list[int] | None = None) -> str:
+    grpo = {"name": "grpo", "set": {"algo.method": "grpo"}}
     return _write(state, {
         "name": name, "base": SMOKE,
         "set": {"threads": 1, "benchmark.enabled": False, "eval.every": 1,
                 "stage_cache_dir": str(state / "stages"), "tracking.sample_trees": 0},
         "variants": [{"name": "ibtpo", "set": {"algo.method": "ibtpo"}},
-                     {"name": "grpo", "set": {"algo.method": "grpo"}}],
+                     {**grpo, "seeds": grpo_seeds} if grpo_seeds else grpo],
         "seeds": [0, 1], "output_dir": str(state / "runs" / "${name}"),
         "report": {"baseline": "grpo"}}, f"{name}.yaml")
 
@@ -153,6 +154,17 @@ def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
     again = sweep(path)
     assert set(again["cells"].values()) == {"cached"}
     assert again["sweep_run_id"] == out["sweep_run_id"]
+
+    # the file gains a seed: a new sweep run, one new cell, and a report that still holds the
+    # four cells finished under the first sweep run (cache hits linked to that run)
+    monkeypatch.undo()
+    grown = sweep(_smoke_sweep(harness, "smoke", grpo_seeds=[0, 1, 2]))
+    assert grown["sweep_run_id"] != out["sweep_run_id"]
+    assert sorted(grown["cells"].values()) == ["cached"] * 4 + ["completed"]
+    table = json.loads((Path(grown["report"]).parent / "report.json").read_text())["methods"]
+    assert (table["ibtpo"]["n_seeds"], table["grpo"]["n_seeds"]) == (2, 3)
+    assert table["ibtpo"]["acc_mean"] == report["methods"]["ibtpo"]["acc_mean"]
+    assert list(table) == ["ibtpo", "grpo"]  # rows in the file's order
 
 
 def test_failed_cell_does_not_stop_the_others_and_reruns_alone(harness, monkeypatch):
