@@ -10,7 +10,9 @@ same path on every node (a shared filesystem, as the stage store needs; README "
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -72,6 +74,53 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
             f"ray_address: null to start a local Ray for the sweep") from None
 
 
+def use_local_ray_token(address: str | None) -> bool:
+    """Before joining a cluster by its address: turn Ray's token authentication on when
+    RAY_AUTH_MODE is unset and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token), the rule `ray start --head` applies on the head. Ray itself does this only
+    for a cluster it finds on its own, so without it a head started on this machine after any
+    local ray.init() (which writes ~/.ray/auth_token) refuses the sweep. A cluster without token
+    authentication accepts a driver that sends one. Returns whether token mode is on."""
+    if address in (None, "local", "auto"):
+        return False  # Ray decides for a local or auto-found cluster
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return False
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+@contextlib.contextmanager
+def joined_ray(address: str | None):
+    """prefect-ray's task runner on the cluster at ``address``; null: a Ray of our own
+    ("local"), never a cluster named by RAY_ADDRESS or by a stale /tmp/ray/ray_current_cluster
+    left by an earlier `ray start` (Ray would wait on it, then fail). A head that answers but
+    refuses us fails with what to check."""
+    from prefect_ray import RayTaskRunner
+
+    token = use_local_ray_token(address)
+    runner = RayTaskRunner(address=address or "local")
+    try:
+        runner.__enter__()
+    except ConnectionError as err:
+        if address in (None, "local"):
+            raise
+        raise ConnectionError(
+            f"{err}: the Ray head at ray_address {address!r} answers but refused this sweep. "
+            + ("A token was sent (RAY_AUTH_MODE=token): it must be the head's, from "
+               "`ray get-auth-token` on the head, in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
+               "RAY_AUTH_TOKEN here" if token else
+               "If the head uses token authentication, put its token (`ray get-auth-token` on "
+               "the head) in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN here")
+            + "; check too that both sides run the same Ray version") from None
+    try:
+        yield runner
+    finally:
+        runner.__exit__(*sys.exc_info())
+
+
 def check_cluster_fits(configs: dict[str, ExperimentConfig], total: dict[str, float]) -> None:
     """Fail before any cell starts when a cell asks for more than the whole cluster has (Ray
     would leave it pending for ever)."""
@@ -90,7 +139,6 @@ def run_on_ray(spec: SweepSpec, cells: list[Cell], tags: dict[str, str],
     """Each cell as a Ray task, at most ``spec.concurrency`` in flight; returns each cell's
     final state (completed, failed, crashed)."""
     import ray
-    from prefect_ray import RayTaskRunner
     from prefect_ray.context import remote_options
 
     from flows.sweep import cell_tags
@@ -100,7 +148,7 @@ def run_on_ray(spec: SweepSpec, cells: list[Cell], tags: dict[str, str],
     log = get_run_logger()
     status: dict[str, str] = {}
     queue, running = list(cells), {}
-    with RayTaskRunner(address=spec.ray_address) as runner:
+    with joined_ray(spec.ray_address) as runner:
         check_cluster_fits({c.name: configs[c.name] for c in cells}, ray.cluster_resources())
         while queue or running:
             while queue and len(running) < spec.concurrency:

@@ -29,10 +29,18 @@ SMOKE = str(ROOT / "configs" / "experiments" / "tiny_smoke.yaml")
 BIN = Path(sys.executable).parent
 
 
+def _token(path: Path) -> str:
+    """A Ray auth token file, as `ray get-auth-token --generate` writes ~/.ray/auth_token."""
+    path.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    return str(path)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with 2 CPUs, started as a user would; every process it (and its
-    workers) started is killed afterwards, found by the test's tag."""
+    workers) started is killed afterwards, found by the test's tag. A token is at hand, as on
+    any machine where a local ray.init() ran (it writes ~/.ray/auth_token): `ray start` then
+    turns token authentication on, and the sweep must send the token."""
     from ibtpo_core.runtime import free_port
 
     tag = uuid.uuid4().hex
@@ -41,11 +49,12 @@ def ray_head(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     # RAY_DEDUP_LOGS=0: the sweep's output shows each worker's lines (the test counts them)
     env = {**os.environ, "IBTPO_TEST_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DEDUP_LOGS": "0",
+           "RAY_DEDUP_LOGS": "0", "RAY_AUTH_TOKEN_PATH": _token(tmp_path / "auth_token"),
            "PREFECT_HOME": str(tmp_path / "prefect"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    env.pop("PREFECT_API_URL", None)
+    for key in ("PREFECT_API_URL", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
     t0 = time.monotonic()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
                     "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
@@ -180,3 +189,53 @@ def test_a_cell_asking_more_than_the_cluster_has_fails_before_any_work(ray_head,
     assert "asks for 1 GPU(s) (resources.num_gpus) but the Ray cluster has 0" in res.stderr + \
         res.stdout
     assert not (tmp_path / "runs").exists()  # no cell started
+
+
+def test_a_head_that_refuses_the_token_fails_naming_the_fix(ray_head, tmp_path):
+    """A sweep holding another token than the head's fails, saying where the token goes."""
+    sweep_file = _sweep_file(tmp_path, ray_head["address"])
+    env = {**ray_head["env"], "RAY_AUTH_TOKEN_PATH": _token(tmp_path / "other_token")}
+    res = subprocess.run([str(BIN / "ibtpo"), "sweep", str(sweep_file)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    out = res.stderr + res.stdout
+    assert f"the Ray head at ray_address '{ray_head['address']}' answers but refused" in out, \
+        out[-3000:]
+    assert "`ray get-auth-token` on the head" in out
+    assert not (tmp_path / "runs").exists()  # no cell started
+
+
+def test_a_sweep_without_ray_address_starts_a_ray_of_its_own(tmp_path):
+    """``ray_address: null`` is a local Ray for this sweep, even where RAY_ADDRESS (or a stale
+    /tmp/ray/ray_current_cluster from an earlier `ray start`) names a cluster that is gone: Ray
+    alone would wait on it and fail."""
+    from ibtpo_core.runtime import free_port
+
+    sweep_file = _sweep_file(tmp_path, None, variants=[{"name": "grpo",
+                                                         "set": {"algo.method": "grpo"}}])
+    body = yaml.safe_load(sweep_file.read_text())
+    body["set"]["rl.iterations"] = 2
+    sweep_file.write_text(yaml.safe_dump(body))
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "IBTPO_TEST_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ADDRESS": f"127.0.0.1:{free_port()}",  # nothing listens there
+           # a token of the test's own, so that Ray writes none to ~/.ray/auth_token
+           "RAY_AUTH_TOKEN_PATH": _token(tmp_path / "auth_token"),
+           "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    env.pop("PREFECT_API_URL", None)
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run([str(BIN / "ibtpo"), "sweep", str(sweep_file)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        family = {p for q in processes(tag) for p in [q, *_children(q)]}
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["methods"]["grpo"]["n_seeds"] == 1
+    print(f"sweep on a local Ray: {time.monotonic() - t0:.1f} s; "
+          f"{len(family)} processes left at the end, killed")
