@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from ibtpo_core.stats import interp, mean_se, welch_diff
+from ibtpo_core.stats import interp, mean_se, paired_diff, welch_diff
 from pipeline import tracking
 
 PER_ITERATION = {
@@ -219,6 +219,9 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
             row[name] = mean_se([c.per_iteration.get(name, math.nan) for c in group])[0]
         if base is not None:
             row[f"diff_vs_{baseline}"] = welch_diff(accs, [c.final["accuracy"] for c in base])
+            row[f"paired_diff_vs_{baseline}"] = paired_diff(
+                {c.seed: c.final["accuracy"] for c in group},
+                {c.seed: c.final["accuracy"] for c in base})
         methods[lab] = row
     if base is not None:
         ref = methods[baseline]["unique_leaves_per_budget"]
@@ -238,6 +241,15 @@ def _f(x: float, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _diff_cell(d: dict | None) -> str:
+    """``+1.9 pts [-1.5, +5.3]`` (a paired one adds its number of seed pairs), ``-`` for none."""
+    if d is None:
+        return "-"
+    low, high = _f(100 * d["ci95_low"], "+.1f"), _f(100 * d["ci95_high"], "+.1f")
+    pairs = f" ({d['n_pairs']} pairs)" if "n_pairs" in d else ""
+    return f"{100 * d['mean']:+.1f} pts [{low}, {high}]{pairs}"
+
+
 def markdown(summary: dict, title: str) -> str:
     b, pk = summary["baseline"], summary["pass_key"]
     tok, wall = summary["equal_tokens"], summary["equal_wall_s"]
@@ -246,6 +258,7 @@ def markdown(summary: dict, title: str) -> str:
         "seeds",
         "accuracy",
         f"diff vs {b} [95% CI]" if b else "diff",
+        "paired diff [95% CI]",
         f"acc @ {tok:,.0f} tokens",
         f"acc @ {wall:.0f} s RL",
         f"{pk} before -> after",
@@ -261,7 +274,9 @@ def markdown(summary: dict, title: str) -> str:
     ]
     lines = [f"# {title}", "",
              "Accuracy: held-out test split after RL, mean +- SE over seeds. The difference to "
-             f"{b or 'the baseline'} has a Welch 95% interval over seeds. Equal-token and "
+             f"{b or 'the baseline'} has a Welch 95% interval over seeds; the paired one is "
+             "over the seeds both ran (same seed: same warm-up, prompts and evaluation draws), "
+             "narrower when a seed moves both methods alike. Equal-token and "
              "equal-time accuracies are read off each run's accuracy curve (a subset of the test "
              "split, every few iterations) at the smallest total that every run reached. "
              "Identical siblings: the share of branches whose first step a sibling already had "
@@ -271,14 +286,10 @@ def markdown(summary: dict, title: str) -> str:
              f"{_f(summary.get('ceiling_unique_ratio', math.nan), '.2f')}x.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lab, r in summary["methods"].items():
-        d = r.get(f"diff_vs_{b}") if b else None
-        if d is None or lab == b:
-            diff = "-"
-        else:
-            low, high = _f(100 * d["ci95_low"], "+.1f"), _f(100 * d["ci95_high"], "+.1f")
-            diff = f"{100 * d['mean']:+.1f} pts [{low}, {high}]"
+        diff, paired = (_diff_cell(r.get(f"{kind}diff_vs_{b}") if b and lab != b else None)
+                        for kind in ("", "paired_"))
         lines.append("| " + " | ".join([
-            lab, str(r["n_seeds"]), f"{_f(r['acc_mean'])} +- {_f(r['acc_se'])}", diff,
+            lab, str(r["n_seeds"]), f"{_f(r['acc_mean'])} +- {_f(r['acc_se'])}", diff, paired,
             _f(r["acc_at_equal_tokens"]), _f(r["acc_at_equal_wall"]),
             f"{_f(r[f'{pk}_before'])} -> {_f(r[pk])}",
             f"{_f(r['distinct_correct_before'], '.2f')} -> {_f(r['distinct_correct'], '.2f')}",

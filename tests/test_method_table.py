@@ -26,7 +26,9 @@ def test_budget_row_keeps_the_named_fields():
     summary = {"pass_key": "pass_at_8", "baseline": "grpo", "methods": {
         "ibtpo": _row(0.30, 1000.0, 1.2, unique_leaves_vs_grpo=1.2,
                       diff_vs_grpo={"mean": 0.05, "ci95_low": 0.01, "ci95_high": 0.09, "df": 7.0,
-                                    "mde": 0.04}),
+                                    "mde": 0.04},
+                      paired_diff_vs_grpo={"mean": 0.05, "ci95_low": 0.03, "ci95_high": 0.07,
+                                           "mde": 0.02, "n_pairs": 5}),
         "grpo": _row(0.25, 990.0, 1.0, unique_leaves_vs_grpo=1.0,
                      diff_vs_grpo={"mean": 0.0, "ci95_low": -0.03, "ci95_high": 0.03, "mde": 0.04}),
     }}
@@ -36,7 +38,12 @@ def test_budget_row_keeps_the_named_fields():
     assert ib["diff_vs_grpo"] == {"mean": 0.05, "ci95_low": 0.01, "ci95_high": 0.09, "mde": 0.04}
     assert ib["unique_vs_grpo"] == 1.2 and ib["pass_at_8_before"] == 0.5
     assert ib["pass_at_8_after"] == 0.6 and ib["train_reward_final"] == 0.32
-    assert set(ib) == {"acc_mean", "acc_se", "n_seeds", "diff_vs_grpo", "unique_vs_grpo",
+    assert ib["paired_diff_vs_grpo"] == {"mean": 0.05, "ci95_low": 0.03, "ci95_high": 0.07,
+                                         "mde": 0.02, "n_pairs": 5}
+    # a report without a paired interval (one written before it existed) gives nan, not an error
+    assert math.isnan(row["methods"]["grpo"]["paired_diff_vs_grpo"]["mean"])
+    assert set(ib) == {"acc_mean", "acc_se", "n_seeds", "diff_vs_grpo", "paired_diff_vs_grpo",
+                       "unique_vs_grpo",
                        "unique_leaves_per_budget", "pass_at_8_before", "pass_at_8_after",
                        "eff_rate", "train_reward_final"}
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ibtpo_core.stats import interp, mean_se, welch_diff
+from ibtpo_core.stats import interp, mean_se, paired_diff, welch_diff
 from pipeline.report import CellRun, markdown, summarize
 
 
@@ -40,6 +40,25 @@ def test_welch_interval_hand_worked():
     assert one["mean"] == pytest.approx(0.15) and math.isnan(one["ci95_low"])
     flat = welch_diff([0.3, 0.3], [0.1, 0.1])
     assert flat["ci95_low"] == flat["ci95_high"] == pytest.approx(0.2) and flat["mde"] == 0.0
+
+
+def test_paired_interval_hand_worked():
+    # shared seeds 0, 1, 2 (seed 3 has no partner): differences 0.02, 0.01, 0.04, mean 0.023333;
+    # deviations -0.003333, -0.013333, +0.016667, squares sum 4.6667e-4, var 2.3333e-4,
+    # SE = sqrt(2.3333e-4 / 3) = 0.0088192; t_0.975(2) = 4.3027 -> half 0.037946;
+    # mde = (4.3027 + t_0.8(2) = 1.0607) * 0.0088192 = 0.047300
+    d = paired_diff({0: 0.30, 1: 0.25, 2: 0.20}, {0: 0.28, 1: 0.24, 2: 0.16, 3: 0.5})
+    assert d["n_pairs"] == 3 and d["mean"] == pytest.approx(0.023333, abs=1e-6)
+    assert d["ci95_low"] == pytest.approx(0.023333 - 0.037946, abs=1e-5)
+    assert d["ci95_high"] == pytest.approx(0.023333 + 0.037946, abs=1e-5)
+    assert d["mde"] == pytest.approx(0.047300, abs=1e-5)
+    # the same numbers unpaired: Welch's interval is wider (the seed effect is shared)
+    w = welch_diff([0.30, 0.25, 0.20], [0.28, 0.24, 0.16])
+    assert w["ci95_high"] - w["ci95_low"] > 2 * (d["ci95_high"] - d["ci95_low"])
+    one = paired_diff({0: 0.3, 1: 0.2}, {1: 0.1})
+    assert one["n_pairs"] == 1 and one["mean"] == pytest.approx(0.1) and math.isnan(one["mde"])
+    same = paired_diff({0: 0.5, 1: 0.75}, {0: 0.25, 1: 0.5})
+    assert same["ci95_low"] == same["ci95_high"] == 0.25 and same["mde"] == 0.0
 
 
 def test_interp():
@@ -80,7 +99,12 @@ def test_summarize_per_method():
     assert ib["acc_at_equal_wall"] == pytest.approx((0.25 + 0.2 + 0.12 * 20 / 44) / 2)
     assert gr["wall_s"] == pytest.approx(21.0) and gr["pass_at_8_before"] == pytest.approx(0.7)
     table = markdown(s, "t")
+    # paired over seeds 0, 1: differences 0.04, 0.04 (no spread): a zero-width interval
+    assert ib["paired_diff_vs_grpo"]["n_pairs"] == 2
+    assert ib["paired_diff_vs_grpo"]["mean"] == pytest.approx(0.04)
+    assert ib["paired_diff_vs_grpo"]["ci95_high"] - ib["paired_diff_vs_grpo"]["ci95_low"] < 1e-9
     assert "| ibtpo | 2 | 0.310 +- 0.010 | +4.0 pts [" in table
+    assert "| +4.0 pts [+4.0, +4.0] (2 pairs) |" in table
     assert "| grpo | 2 |" in table and "2.00x" in table
 
 
