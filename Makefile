@@ -80,15 +80,16 @@ test-vllm: $(VLLM_STAMP)
 	    tests/test_vllm_engine.py tests/test_vllm_lm_eval.py
 
 # Speed benchmarks first, then the equal-budget table on the deep task at two budgets
-# (configs/sweeps/deep_table*.yaml), whose JSON line ends the output.
+# (configs/sweeps/deep_table*.yaml) and IB-TPO against GRPO at two more depths
+# (deep_depth5/7.yaml), whose JSON line ends the output.
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py --json bench/results/rollout.json
 	$(BIN)/python bench/tree_score.py --json bench/results/tree_score.json
 	$(BIN)/python bench/method_table.py --json bench/results/method_table.json
 
-# the same table with ibtpo and grpo only, 2 seeds, the default budget
+# the same table with ibtpo and grpo only, 2 seeds, the default budget, one depth
 bench-quick: $(STAMP)
-	$(BIN)/python bench/method_table.py --sweep configs/sweeps/deep_table_quick.yaml \
+	$(BIN)/python bench/method_table.py --sweep configs/sweeps/deep_table_quick.yaml --no-depth \
 	    --json bench/results/method_table_quick.json --plot bench/results/method_table_quick.png
 
 bench-table: $(STAMP)
