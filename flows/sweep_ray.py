@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -74,6 +73,11 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
             f"ray_address: null to start a local Ray for the sweep") from None
 
 
+def _named(address: str | None) -> bool:
+    """Whether ``address`` names a cluster to join (not a local Ray, not one Ray finds itself)."""
+    return address not in (None, "local", "auto")
+
+
 def use_local_ray_token(address: str | None) -> bool:
     """Before joining a cluster by its address: turn Ray's token authentication on when
     RAY_AUTH_MODE is unset and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
@@ -81,7 +85,7 @@ def use_local_ray_token(address: str | None) -> bool:
     for a cluster it finds on its own, so without it a head started on this machine after any
     local ray.init() (which writes ~/.ray/auth_token) refuses the sweep. A cluster without token
     authentication accepts a driver that sends one. Returns whether token mode is on."""
-    if address in (None, "local", "auto"):
+    if not _named(address):
         return False  # Ray decides for a local or auto-found cluster
     try:
         from ray._private.authentication.authentication_token_setup import (
@@ -96,29 +100,26 @@ def use_local_ray_token(address: str | None) -> bool:
 def joined_ray(address: str | None):
     """prefect-ray's task runner on the cluster at ``address``; null: a Ray of our own
     ("local"), never a cluster named by RAY_ADDRESS or by a stale /tmp/ray/ray_current_cluster
-    left by an earlier `ray start` (Ray would wait on it, then fail). A head that answers but
-    refuses us fails with what to check."""
+    left by an earlier `ray start` (Ray would wait on it, then fail). A named head that answers
+    but refuses us fails with what to check."""
     from prefect_ray import RayTaskRunner
 
     token = use_local_ray_token(address)
-    runner = RayTaskRunner(address=address or "local")
-    try:
-        runner.__enter__()
-    except ConnectionError as err:
-        if address in (None, "local"):
-            raise
-        raise ConnectionError(
-            f"{err}: the Ray head at ray_address {address!r} answers but refused this sweep. "
-            + ("A token was sent (RAY_AUTH_MODE=token): it must be the head's, from "
-               "`ray get-auth-token` on the head, in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
-               "RAY_AUTH_TOKEN here" if token else
-               "If the head uses token authentication, put its token (`ray get-auth-token` on "
-               "the head) in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN here")
-            + "; check too that both sides run the same Ray version") from None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            runner = stack.enter_context(RayTaskRunner(address=address or "local"))
+        except ConnectionError as err:
+            if not _named(address):
+                raise
+            where = ("the head's token (`ray get-auth-token` on the head) in ~/.ray/auth_token, "
+                     "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN here")
+            raise ConnectionError(
+                f"{err}: the Ray head at ray_address {address!r} answers but refused this "
+                "sweep. "
+                + (f"A token was sent (RAY_AUTH_MODE=token): it must be {where}" if token else
+                   f"If the head uses token authentication, put {where}")
+                + "; check too that both sides run the same Ray version") from None
         yield runner
-    finally:
-        runner.__exit__(*sys.exc_info())
 
 
 def check_cluster_fits(configs: dict[str, ExperimentConfig], total: dict[str, float]) -> None:
