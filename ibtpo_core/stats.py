@@ -21,6 +21,19 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
+def _t_interval(mean: float, se: float, df: float, level: float) -> dict[str, float]:
+    """``mean`` +- the t quantile at ``df`` times ``se``, and the minimum detectable effect: the
+    smallest true difference this ``se`` would find with 80% power at this level. A zero ``se``
+    gives a zero-width interval and an mde of 0."""
+    from scipy.stats import t as student_t
+
+    if se == 0:
+        return {"mean": mean, "ci95_low": mean, "ci95_high": mean, "mde": 0.0}
+    q = student_t.ppf(0.5 + level / 2, df)
+    return {"mean": mean, "ci95_low": mean - q * se, "ci95_high": mean + q * se,
+            "mde": (q + student_t.ppf(0.8, df)) * se}
+
+
 def welch_diff(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
     """mean(a) - mean(b) with Welch's t interval (unequal variances, Welch-Satterthwaite df).
 
@@ -29,8 +42,6 @@ def welch_diff(a: list[float], b: list[float], level: float = 0.95) -> dict[str,
     bounds otherwise, and a zero-width interval when
     both sides have no spread.
     """
-    from scipy.stats import t as student_t
-
     ma, sa = mean_se(a)
     mb, sb = mean_se(b)
     diff = ma - mb
@@ -39,12 +50,9 @@ def welch_diff(a: list[float], b: list[float], level: float = 0.95) -> dict[str,
                 "mde": math.nan}
     se2 = sa ** 2 + sb ** 2
     if se2 == 0:
-        return {"mean": diff, "ci95_low": diff, "ci95_high": diff, "df": math.inf, "mde": 0.0}
+        return {**_t_interval(diff, 0.0, math.inf, level), "df": math.inf}
     df = se2 ** 2 / (sa ** 4 / (len(a) - 1) + sb ** 4 / (len(b) - 1))
-    half = student_t.ppf(0.5 + level / 2, df) * math.sqrt(se2)
-    # the smallest true difference this many seeds would find with 80% power at this level
-    mde = (student_t.ppf(0.5 + level / 2, df) + student_t.ppf(0.8, df)) * math.sqrt(se2)
-    return {"mean": diff, "ci95_low": diff - half, "ci95_high": diff + half, "df": df, "mde": mde}
+    return {**_t_interval(diff, math.sqrt(se2), df, level), "df": df}
 
 
 def paired_diff(a: dict[int, float], b: dict[int, float], level: float = 0.95
@@ -56,22 +64,13 @@ def paired_diff(a: dict[int, float], b: dict[int, float], level: float = 0.95
     than Welch's when the two methods' accuracies move together over seeds. ``n_pairs``: the
     shared seeds; ``mde`` as in :func:`welch_diff`. Needs two shared seeds; nan bounds otherwise.
     """
-    from scipy.stats import t as student_t
-
-    shared = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in shared]
+    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
     if len(diffs) < 2:
         mean = diffs[0] if diffs else math.nan
         return {"mean": mean, "ci95_low": math.nan, "ci95_high": math.nan, "n_pairs": len(diffs),
                 "mde": math.nan}
     mean, se = mean_se(diffs)
-    if se == 0:
-        return {"mean": mean, "ci95_low": mean, "ci95_high": mean, "n_pairs": len(diffs),
-                "mde": 0.0}
-    df = len(diffs) - 1
-    q = student_t.ppf(0.5 + level / 2, df)
-    return {"mean": mean, "ci95_low": mean - q * se, "ci95_high": mean + q * se,
-            "n_pairs": len(diffs), "mde": (q + student_t.ppf(0.8, df)) * se}
+    return {**_t_interval(mean, se, len(diffs) - 1, level), "n_pairs": len(diffs)}
 
 
 def interp(xs: list[float], ys: list[float], x: float) -> float:
