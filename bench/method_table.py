@@ -54,19 +54,25 @@ def _clean(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def _diffs(row: dict, base: str) -> dict:
+    """A report row's differences to ``base`` (Welch's and the paired one), nan where absent
+    (a report written before the paired interval existed)."""
+    d = row.get(f"diff_vs_{base}") or {}
+    pd = row.get(f"paired_diff_vs_{base}") or {}
+    return {f"diff_vs_{base}": {k: d.get(k, math.nan) for k in DIFF_KEYS},
+            f"paired_diff_vs_{base}": {k: pd.get(k, math.nan) for k in PAIRED_KEYS}}
+
+
 def budget_row(summary: dict) -> dict:
     """One budget's entry of the JSON line from a sweep's report.json."""
     pk, base = summary["pass_key"], summary["baseline"]
     methods = {}
     for name, r in summary["methods"].items():
-        d = r.get(f"diff_vs_{base}") or {}
-        pd = r.get(f"paired_diff_vs_{base}") or {}
         methods[name] = {
             "acc_mean": r["acc_mean"],
             "acc_se": r["acc_se"],
             "n_seeds": r["n_seeds"],
-            f"diff_vs_{base}": {k: d.get(k, math.nan) for k in DIFF_KEYS},
-            f"paired_diff_vs_{base}": {k: pd.get(k, math.nan) for k in PAIRED_KEYS},
+            **_diffs(r, base),
             f"unique_vs_{base}": r.get(f"unique_leaves_vs_{base}", math.nan),
             "unique_leaves_per_budget": r["unique_leaves_per_budget"],
             f"{pk}_before": r[f"{pk}_before"],
@@ -81,19 +87,15 @@ def budget_row(summary: dict) -> dict:
 def depth_row(summary: dict, steps: int) -> dict:
     """One depth's entry: IB-TPO minus GRPO on a sweep of that depth (steps per answer)."""
     base = summary["baseline"]
-    treated = summary["methods"].get(TREATED, {})
-    d = treated.get(f"diff_vs_{base}") or {}
-    pd = treated.get(f"paired_diff_vs_{base}") or {}
+    ref = summary["methods"].get(base, {})
     return {
         "steps": steps,
-        "decoded_tokens": summary["methods"].get(base, {}).get("decoded_tokens", math.nan),
-        "warmup_accuracy": summary["methods"].get(base, {}).get("acc_before", math.nan),
-        "ceiling_unique_ratio": summary["methods"].get(base, {}).get("ceiling_unique_ratio",
-                                                                     math.nan),
+        "decoded_tokens": ref.get("decoded_tokens", math.nan),
+        "warmup_accuracy": ref.get("acc_before", math.nan),
+        "ceiling_unique_ratio": ref.get("ceiling_unique_ratio", math.nan),
         "acc": {n: {"mean": r["acc_mean"], "se": r["acc_se"], "n_seeds": r["n_seeds"]}
                 for n, r in summary["methods"].items()},
-        f"diff_vs_{base}": {k: d.get(k, math.nan) for k in DIFF_KEYS},
-        f"paired_diff_vs_{base}": {k: pd.get(k, math.nan) for k in PAIRED_KEYS},
+        **_diffs(summary["methods"].get(TREATED, {}), base),
     }
 
 
