@@ -35,6 +35,21 @@ def _token(path: Path) -> str:
     return str(path)
 
 
+def _env(tmp_path: Path, tag: str, **extra: str) -> dict[str, str]:
+    """The environment of a test's Ray and sweep processes: tagged (so every process they start
+    is found and killed), their own Prefect home and MLflow store, a Ray token of the test's own
+    (so nothing reads or writes ~/.ray/auth_token), no Prefect server or Ray auth settings
+    inherited from the caller."""
+    env = {**os.environ, "IBTPO_TEST_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_TOKEN_PATH": _token(tmp_path / "auth_token"),
+           "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", **extra}
+    for key in ("PREFECT_API_URL", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    return env
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with 2 CPUs, started as a user would; every process it (and its
@@ -48,13 +63,7 @@ def ray_head(tmp_path):
     # Ray's sockets live under its temp dir, whose path must stay short (a unix socket's limit)
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     # RAY_DEDUP_LOGS=0: the sweep's output shows each worker's lines (the test counts them)
-    env = {**os.environ, "IBTPO_TEST_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DEDUP_LOGS": "0", "RAY_AUTH_TOKEN_PATH": _token(tmp_path / "auth_token"),
-           "PREFECT_HOME": str(tmp_path / "prefect"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    for key in ("PREFECT_API_URL", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        env.pop(key, None)
+    env = _env(tmp_path, tag, RAY_DEDUP_LOGS="0")
     t0 = time.monotonic()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
                     "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
@@ -217,14 +226,7 @@ def test_a_sweep_without_ray_address_starts_a_ray_of_its_own(tmp_path):
     body["set"]["rl.iterations"] = 2
     sweep_file.write_text(yaml.safe_dump(body))
     tag = uuid.uuid4().hex
-    env = {**os.environ, "IBTPO_TEST_TAG": tag, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ADDRESS": f"127.0.0.1:{free_port()}",  # nothing listens there
-           # a token of the test's own, so that Ray writes none to ~/.ray/auth_token
-           "RAY_AUTH_TOKEN_PATH": _token(tmp_path / "auth_token"),
-           "PREFECT_HOME": str(tmp_path / "prefect"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    env.pop("PREFECT_API_URL", None)
+    env = _env(tmp_path, tag, RAY_ADDRESS=f"127.0.0.1:{free_port()}")  # nothing listens there
     t0 = time.monotonic()
     try:
         res = subprocess.run([str(BIN / "ibtpo"), "sweep", str(sweep_file)], cwd=tmp_path,
