@@ -18,11 +18,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from configs.schema import ExperimentConfig
 from configs.sweep import Cell, SweepSpec, check_cells, expand, load_sweep
-from flows.train import finished_result, train
+from flows.train import finished_result, shared_stages, train
 from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
-from ibtpo_core.runtime import set_offline_defaults
+from ibtpo_core.runtime import set_offline_defaults, set_threads
 from pipeline import summaries, tracking
 from pipeline.report import report_cell_tag, write_report
 from pipeline.stage_cache import code_version
@@ -82,6 +83,8 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
     if spec.executor == "ray":
         from flows.sweep_ray import run_on_ray
 
+        if spec.ray_address is None and spec.concurrency > 1:
+            run_shared_stages([configs[c.name] for c in todo])
         status.update(run_on_ray(spec, todo, tags, configs))
     else:
         runner = run_inline if spec.executor == "inline" else run_on_pool
@@ -100,6 +103,30 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
                            f"The others finished and are in the report {report}. Rerun a failed "
                            f"cell alone with `{rerun}` (finished cells are cache hits).")
     return summary
+
+
+def shared_inputs(cfg: ExperimentConfig) -> str:
+    """What the stages before RL read (``flows.train.shared_stages``): cells equal in it share
+    their data, model, warm-up and evaluation before RL."""
+    return digest_json([cfg.data.model_dump(), cfg.model.model_dump(), cfg.warmup.model_dump(),
+                        cfg.eval.model_dump(), cfg.engine.model_dump(), cfg.rl.iterations > 0,
+                        cfg.stage_cache_dir])
+
+
+def run_shared_stages(configs: list[ExperimentConfig]) -> None:
+    """The stages before RL, once per distinct set of inputs among ``configs``, in this process
+    with every free core, before cells run several at a time on this machine. Otherwise the
+    first cell computes them with its share of the cores (one thread for ``num_cpus: 1``) while
+    the others hold theirs and wait on the stage's lock."""
+    distinct = {shared_inputs(cfg): cfg for cfg in configs}
+    if not distinct:
+        return
+    threads = set_threads(0)
+    get_run_logger().info(f"the stages before RL that the cells share ({len(distinct)} set(s): "
+                          f"data, model, warm-up, evaluation before RL), here with {threads} "
+                          f"threads before the cells start")
+    for cfg in distinct.values():
+        shared_stages(cfg)
 
 
 def check_deployment(name: str) -> None:

@@ -132,10 +132,10 @@ def train_steps(run: Run) -> dict:
     record_config(run)
     data = prepare_inputs(run)
     start = starting_policy(run, data)
-    before = evaluate(run, start, data, cfg.eval.n, "before")
+    before = evaluate(cfg, start, data, cfg.eval.n, "before")
     if cfg.eval.every and cfg.rl.iterations:  # the accuracy curve: every k iterations
         log_curve_point(
-            run.mlflow_id, 0, evaluate(run, start, data, cfg.eval.every_n, "curve it 0"), 0.0, 0.0
+            run.mlflow_id, 0, evaluate(cfg, start, data, cfg.eval.every_n, "curve it 0"), 0.0, 0.0
         )
     rl = RLProgress(policy=start)
     bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
@@ -149,7 +149,7 @@ def train_steps(run: Run) -> dict:
     if rl.freed:  # one line, not one an iteration
         get_run_logger().info(f"deleted {rl.freed / 2**20:.0f} MiB of older optimizer states "
                               f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
-    after = evaluate(run, rl.policy, data, cfg.eval.n, "after") if cfg.rl.iterations else before
+    after = evaluate(cfg, rl.policy, data, cfg.eval.n, "after") if cfg.rl.iterations else before
     final_records(run, before, after, rl.policy, data, start)
     return write_result(run, before, after, rl)
 
@@ -174,9 +174,14 @@ def record_config(run: Run) -> None:
     tracking.log_artifact_once(run.mlflow_id, run.config_file)
 
 
+def input_data(cfg: ExperimentConfig) -> StageRecord:
+    """The data splits, shared between runs through the stage cache."""
+    return ensure(prepare_data, cfg.data, cfg.stage_cache_dir, code_version("prepare_data"))
+
+
 def prepare_inputs(run: Run) -> StageRecord:
-    """The data splits (shared between runs through the stage cache), logged as dataset inputs."""
-    data = ensure(prepare_data, run.cfg.data, run.cfg.stage_cache_dir, code_version("prepare_data"))
+    """The data splits (``input_data``), logged as the run's dataset inputs."""
+    data = input_data(run.cfg)
     data_run = tracking.child_run(run.mlflow_id, "prepare_data")
     for split, ctx in (("train", "training"), ("test", "evaluation")):
         tracking.log_dataset(data_run, str(Path(data["path"]) / f"{split}.jsonl"), split,
@@ -185,10 +190,10 @@ def prepare_inputs(run: Run) -> StageRecord:
     return data
 
 
-def starting_policy(run: Run, data: StageRecord) -> StageRecord:
+def start_policy(cfg: ExperimentConfig, data: StageRecord) -> StageRecord:
     """The checkpoint RL starts from (and the KL reference): a given one, or the tiny model
     created here; warmed up on the task when the config asks."""
-    cfg, shared = run.cfg, run.cfg.stage_cache_dir
+    shared = cfg.stage_cache_dir
     if cfg.model.path is None:
         policy = ensure(create_model, cfg.model, shared, code_version("create_model"))
     else:
@@ -196,17 +201,35 @@ def starting_policy(run: Run, data: StageRecord) -> StageRecord:
     if cfg.warmup.enabled:
         policy = ensure(warm_up, cfg.warmup, cfg.data.countdown, policy, data, shared,
                         code_version("warm_up"))
+    return policy
+
+
+def starting_policy(run: Run, data: StageRecord) -> StageRecord:
+    """``start_policy``, with the warm-up's metrics logged on the run."""
+    policy = start_policy(run.cfg, data)
+    if run.cfg.warmup.enabled:
         tracking.log_metrics_once(
             tracking.child_run(run.mlflow_id, "warm_up"), 0, policy["metrics"]
         )
     return policy
 
 
-def evaluate(run: Run, checkpoint: StageRecord, data: StageRecord, n: int | None,
+def evaluate(cfg: ExperimentConfig, checkpoint: StageRecord, data: StageRecord, n: int | None,
              label: str) -> StageRecord:
     """Held-out accuracy of ``checkpoint`` on ``n`` problems of the evaluation split."""
-    return ensure(evaluate_policy, run.cfg.eval.on(n), run.cfg.engine, checkpoint, data,
-                  run.cfg.stage_cache_dir, code_version("evaluate_policy"), label=label)
+    return ensure(evaluate_policy, cfg.eval.on(n), cfg.engine, checkpoint, data,
+                  cfg.stage_cache_dir, code_version("evaluate_policy"), label=label)
+
+
+def shared_stages(cfg: ExperimentConfig) -> None:
+    """The stages before RL, which every method and seed on the same task, model and warm-up
+    share: data, model, warm-up, the evaluation before RL and the curve's first point; computed
+    here (or found in the stage cache) without an MLflow run. Each run still logs them."""
+    data = input_data(cfg)
+    start = start_policy(cfg, data)
+    evaluate(cfg, start, data, cfg.eval.n, "before")
+    if cfg.eval.every and cfg.rl.iterations:
+        evaluate(cfg, start, data, cfg.eval.every_n, "curve it 0")
 
 
 def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
@@ -240,7 +263,7 @@ def after_iteration(run: Run, done: int, rl: RLProgress, data: StageRecord) -> N
     """The accuracy curve and the periodic benchmark, where ``done`` iterations call for them."""
     cfg = run.cfg
     if cfg.eval.every and done % cfg.eval.every == 0:
-        point = evaluate(run, rl.policy, data, cfg.eval.every_n, f"curve it {done}")
+        point = evaluate(cfg, rl.policy, data, cfg.eval.every_n, f"curve it {done}")
         log_curve_point(run.mlflow_id, done, point, rl.decoded, rl.rl_wall)
     if cfg.benchmark.enabled and cfg.benchmark.every and done % cfg.benchmark.every == 0:
         b = ensure(benchmark, cfg.benchmark, rl.policy, data, cfg.stage_cache_dir,

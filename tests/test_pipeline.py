@@ -130,6 +130,39 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
     assert _history(first["mlflow_run_id"], "iteration") == [0, 1]  # logged once each
 
 
+def test_shared_stages_leave_the_run_nothing_to_compute_before_rl(harness, monkeypatch):
+    """What a sweep computes once before its cells run side by side (flows.train.shared_stages)
+    is what each run then reads: data, model, warm-up, the evaluation before RL and the curve's
+    first point; the run computes only its RL and the evaluations of its RL checkpoints."""
+    import ibtpo_core.stages
+    from configs.schema import load_config
+    from flows.train import shared_stages, train
+
+    state = harness / "shared"
+    extra = ["eval.every=1", "benchmark.enabled=false"]
+    shared_stages(load_config(SMOKE, [f"stage_cache_dir={state / 'stages'}", "threads=1", *extra]))
+    starts = {p.name for p in (state / "stages").iterdir() if p.name.startswith("warmup-")}
+    assert len(starts) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("a stage before RL ran again in the run")
+
+    for name in ("prepare_data", "warm_up", "create_model"):
+        monkeypatch.setattr(ibtpo_core.stages, name, boom)
+    evaluate, evaluated = ibtpo_core.stages.evaluate_checkpoint, []
+
+    def counted(policy_path, *a, **k):
+        evaluated.append(Path(policy_path).name)
+        return evaluate(policy_path, *a, **k)
+
+    monkeypatch.setattr(ibtpo_core.stages, "evaluate_checkpoint", counted)
+    out = train(SMOKE, [f"output_dir={state / 'runs'}", f"stage_cache_dir={state / 'stages'}",
+                        "threads=1", *extra])
+    assert out["accuracy_before"] >= 0
+    # curve points after iterations 1 and 2 (250 problems), then the final one (all 16)
+    assert len(evaluated) == 3 and not set(evaluated) & starts, evaluated
+
+
 def test_failed_iteration_resumes_there_and_logs_once(harness, monkeypatch):
     import ibtpo_core.rl
 

@@ -239,5 +239,7 @@ def test_a_sweep_without_ray_address_starts_a_ray_of_its_own(tmp_path):
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["methods"]["grpo"]["n_seeds"] == 1
+    # cells side by side on this machine: the stages they share ran first, in the sweep's process
+    assert "the stages before RL that the cells share (1 set(s)" in res.stdout + res.stderr
     print(f"sweep on a local Ray: {time.monotonic() - t0:.1f} s; "
           f"{len(family)} processes left at the end, killed")
