@@ -146,6 +146,7 @@ def sweep_summary(path: str, report_only: bool) -> tuple[dict, float]:
     report; print the report. Returns the report's summary and the wall time."""
     from configs.sweep import load_sweep
     from flows.sweep import sweep
+    from ibtpo_core.servers import prefect_api
 
     t0 = time.time()
     if report_only:
@@ -153,7 +154,8 @@ def sweep_summary(path: str, report_only: bool) -> tuple[dict, float]:
         report = Path(sw.output_dir.replace("${name}", sw.name)) / "report.md"
         cells = "(report only)"
     else:
-        out = sweep(path)
+        with prefect_api():  # as `ibtpo sweep`: one Prefect server for the cells' Ray workers too
+            out = sweep(path)
         report, cells = Path(out["report"]), out["cells"]
     print(report.read_text())
     print(f"{path}: {(time.time() - t0) / 60:.1f} min, cells: {cells}")
@@ -183,6 +185,11 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: read each sweep's last report.json (cells may be missing)")
     args = ap.parse_args()
+    from ibtpo_core.runtime import set_offline_defaults
+    from ibtpo_core.servers import use_local_prefect_home
+
+    set_offline_defaults()
+    use_local_prefect_home()  # before Prefect is imported, as the `ibtpo` command does
 
     from configs.schema import load_config
     from configs.sweep import load_sweep
