@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 
 from configs.schema import ExperimentConfig
 from configs.sweep import Cell, SweepSpec, check_cells, expand, load_sweep
-from flows.train import finished_result, shared_stages, train
+from flows.train import before_rl, finished_result, train
 from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults, set_threads
@@ -106,7 +106,7 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
 
 
 def shared_inputs(cfg: ExperimentConfig) -> str:
-    """What the stages before RL read (``flows.train.shared_stages``): cells equal in it share
+    """What the stages before RL read (``flows.train.before_rl``): cells equal in it share
     their data, model, warm-up and evaluation before RL."""
     return digest_json([cfg.data.model_dump(), cfg.model.model_dump(), cfg.warmup.model_dump(),
                         cfg.eval.model_dump(), cfg.engine.model_dump(), cfg.rl.iterations > 0,
@@ -126,7 +126,7 @@ def run_shared_stages(configs: list[ExperimentConfig]) -> None:
                           f"data, model, warm-up, evaluation before RL), here with {threads} "
                           f"threads before the cells start")
     for cfg in distinct.values():
-        shared_stages(cfg)
+        before_rl(cfg)
 
 
 def check_deployment(name: str) -> None:

@@ -130,13 +130,9 @@ def train(
 def train_steps(run: Run) -> dict:
     cfg = run.cfg
     record_config(run)
-    data = prepare_inputs(run)
-    start = starting_policy(run, data)
-    before = evaluate(cfg, start, data, cfg.eval.n, "before")
-    if cfg.eval.every and cfg.rl.iterations:  # the accuracy curve: every k iterations
-        log_curve_point(
-            run.mlflow_id, 0, evaluate(cfg, start, data, cfg.eval.every_n, "curve it 0"), 0.0, 0.0
-        )
+    inputs = before_rl(cfg)
+    log_before_rl(run, inputs)
+    data, start, before = inputs.data, inputs.start, inputs.before
     rl = RLProgress(policy=start)
     bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
     for k in range(cfg.rl.iterations):
@@ -174,44 +170,50 @@ def record_config(run: Run) -> None:
     tracking.log_artifact_once(run.mlflow_id, run.config_file)
 
 
-def input_data(cfg: ExperimentConfig) -> StageRecord:
-    """The data splits, shared between runs through the stage cache."""
-    return ensure(prepare_data, cfg.data, cfg.stage_cache_dir, code_version("prepare_data"))
+@dataclass
+class BeforeRL:
+    """The stages before RL (``before_rl``)."""
+
+    data: StageRecord  # the data splits
+    start: StageRecord  # the checkpoint RL starts from, and the KL reference
+    before: StageRecord  # its evaluation
+    curve0: StageRecord | None  # the accuracy curve's first point, where the config asks for one
 
 
-def prepare_inputs(run: Run) -> StageRecord:
-    """The data splits (``input_data``), logged as the run's dataset inputs."""
-    data = input_data(run.cfg)
+def before_rl(cfg: ExperimentConfig) -> BeforeRL:
+    """Data, model, warm-up (when the config asks), the evaluation before RL and the curve's
+    first point: stages every method and seed on the same task, model and warm-up share through
+    the stage cache. No MLflow run here, so a sweep can compute them once before its cells."""
+    shared = cfg.stage_cache_dir
+    data = ensure(prepare_data, cfg.data, shared, code_version("prepare_data"))
+    if cfg.model.path is None:
+        start = ensure(create_model, cfg.model, shared, code_version("create_model"))
+    else:
+        start = external_model(cfg.model.path)
+    if cfg.warmup.enabled:
+        start = ensure(warm_up, cfg.warmup, cfg.data.countdown, start, data, shared,
+                       code_version("warm_up"))
+    before = evaluate(cfg, start, data, cfg.eval.n, "before")
+    curve0 = None
+    if cfg.eval.every and cfg.rl.iterations:  # the accuracy curve: every k iterations
+        curve0 = evaluate(cfg, start, data, cfg.eval.every_n, "curve it 0")
+    return BeforeRL(data, start, before, curve0)
+
+
+def log_before_rl(run: Run, inputs: BeforeRL) -> None:
+    """The data splits as the run's dataset inputs, the warm-up's metrics, the curve's first
+    point."""
     data_run = tracking.child_run(run.mlflow_id, "prepare_data")
     for split, ctx in (("train", "training"), ("test", "evaluation")):
-        tracking.log_dataset(data_run, str(Path(data["path"]) / f"{split}.jsonl"), split,
-                             data["digest"], ctx)
-    tracking.log_metrics_once(data_run, 0, data["metrics"])
-    return data
-
-
-def start_policy(cfg: ExperimentConfig, data: StageRecord) -> StageRecord:
-    """The checkpoint RL starts from (and the KL reference): a given one, or the tiny model
-    created here; warmed up on the task when the config asks."""
-    shared = cfg.stage_cache_dir
-    if cfg.model.path is None:
-        policy = ensure(create_model, cfg.model, shared, code_version("create_model"))
-    else:
-        policy = external_model(cfg.model.path)
-    if cfg.warmup.enabled:
-        policy = ensure(warm_up, cfg.warmup, cfg.data.countdown, policy, data, shared,
-                        code_version("warm_up"))
-    return policy
-
-
-def starting_policy(run: Run, data: StageRecord) -> StageRecord:
-    """``start_policy``, with the warm-up's metrics logged on the run."""
-    policy = start_policy(run.cfg, data)
+        tracking.log_dataset(data_run, str(Path(inputs.data["path"]) / f"{split}.jsonl"), split,
+                             inputs.data["digest"], ctx)
+    tracking.log_metrics_once(data_run, 0, inputs.data["metrics"])
     if run.cfg.warmup.enabled:
         tracking.log_metrics_once(
-            tracking.child_run(run.mlflow_id, "warm_up"), 0, policy["metrics"]
+            tracking.child_run(run.mlflow_id, "warm_up"), 0, inputs.start["metrics"]
         )
-    return policy
+    if inputs.curve0 is not None:
+        log_curve_point(run.mlflow_id, 0, inputs.curve0, 0.0, 0.0)
 
 
 def evaluate(cfg: ExperimentConfig, checkpoint: StageRecord, data: StageRecord, n: int | None,
@@ -219,17 +221,6 @@ def evaluate(cfg: ExperimentConfig, checkpoint: StageRecord, data: StageRecord, 
     """Held-out accuracy of ``checkpoint`` on ``n`` problems of the evaluation split."""
     return ensure(evaluate_policy, cfg.eval.on(n), cfg.engine, checkpoint, data,
                   cfg.stage_cache_dir, code_version("evaluate_policy"), label=label)
-
-
-def shared_stages(cfg: ExperimentConfig) -> None:
-    """The stages before RL, which every method and seed on the same task, model and warm-up
-    share: data, model, warm-up, the evaluation before RL and the curve's first point; computed
-    here (or found in the stage cache) without an MLflow run. Each run still logs them."""
-    data = input_data(cfg)
-    start = start_policy(cfg, data)
-    evaluate(cfg, start, data, cfg.eval.n, "before")
-    if cfg.eval.every and cfg.rl.iterations:
-        evaluate(cfg, start, data, cfg.eval.every_n, "curve it 0")
 
 
 def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,

@@ -130,17 +130,17 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
     assert _history(first["mlflow_run_id"], "iteration") == [0, 1]  # logged once each
 
 
-def test_shared_stages_leave_the_run_nothing_to_compute_before_rl(harness, monkeypatch):
-    """What a sweep computes once before its cells run side by side (flows.train.shared_stages)
+def test_stages_before_rl_computed_first_leave_the_run_nothing_to_compute(harness, monkeypatch):
+    """What a sweep computes once before its cells run side by side (flows.train.before_rl)
     is what each run then reads: data, model, warm-up, the evaluation before RL and the curve's
     first point; the run computes only its RL and the evaluations of its RL checkpoints."""
     import ibtpo_core.stages
     from configs.schema import load_config
-    from flows.train import shared_stages, train
+    from flows.train import before_rl, train
 
     state = harness / "shared"
     extra = ["eval.every=1", "benchmark.enabled=false"]
-    shared_stages(load_config(SMOKE, [f"stage_cache_dir={state / 'stages'}", "threads=1", *extra]))
+    before_rl(load_config(SMOKE, [f"stage_cache_dir={state / 'stages'}", "threads=1", *extra]))
     starts = {p.name for p in (state / "stages").iterdir() if p.name.startswith("warmup-")}
     assert len(starts) == 1
 
