@@ -1,5 +1,6 @@
 """One DeepSpeed update step changes every trainable parameter and equals a plain torch step."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,45 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tiny_model_dir, tmp_path
 def test_bad_multi_node_settings_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UpdateSpec(**kwargs)
+
+
+PORT_RACE = """
+import os, socket, sys
+import torch
+import ibtpo_core.runtime as runtime
+from ibtpo_core.training import deepspeed_trainer as dt
+
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()  # another process got the port between our choosing and binding it
+real, picks = runtime.free_port, []
+def free_port(host="127.0.0.1"):
+    picks.append(taken.getsockname()[1] if not picks else real(host))
+    return picks[-1]
+runtime.free_port = free_port
+if sys.argv[1] == "launcher":  # a launcher's port: its error is the launcher's to fix
+    os.environ["MASTER_PORT"] = str(taken.getsockname()[1])
+dt._ensure_dist_env()
+try:
+    dt.init_process_group()
+except torch.distributed.DistNetworkError as err:
+    print("RAISED", "EADDRINUSE" in str(err))
+    sys.exit(0)
+print("INIT", torch.distributed.is_initialized(), os.environ["MASTER_PORT"] != str(picks[0]),
+      len(picks))
+"""
+
+
+@pytest.mark.parametrize("who, expected", [("self", "INIT True True 2"),
+                                           ("launcher", "RAISED True")])
+def test_a_port_taken_before_the_bind_is_chosen_again_only_when_ours(tmp_path, who, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK",
+                                                            "WORLD_SIZE", "LOCAL_RANK")}
+    res = subprocess.run([sys.executable, "-c", PORT_RACE, who], capture_output=True, text=True,
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
+                         timeout=300)
+    assert res.stdout.strip().splitlines()[-1:] == [expected], res.stdout + res.stderr[-3000:]

@@ -152,6 +152,7 @@ def _ensure_dist_env() -> int:
     set_accelerator_default()
     if "MASTER_PORT" not in os.environ:  # no launcher: a free local port
         os.environ["MASTER_PORT"] = str(free_port())
+        os.environ[OWN_PORT_ENV] = os.environ["MASTER_PORT"]
     for k, v in (
         ("MASTER_ADDR", "127.0.0.1"),
         ("RANK", "0"),
@@ -160,6 +161,30 @@ def _ensure_dist_env() -> int:
     ):
         os.environ.setdefault(k, v)
     return int(os.environ["WORLD_SIZE"])
+
+
+OWN_PORT_ENV = "IBTPO_OWN_MASTER_PORT"  # the MASTER_PORT this process chose (no launcher)
+
+
+def init_process_group(attempts: int = 3) -> None:
+    """torch.distributed through DeepSpeed. A port this process chose itself can be taken by
+    another process between choosing and binding (any outgoing connection may get it; two runs
+    side by side on one machine made it happen): choose another and try again. A launcher's
+    port is the launcher's to fix, so its error stands."""
+    import deepspeed
+
+    from ibtpo_core.runtime import free_port
+
+    backend = "gloo" if not torch.cuda.is_available() else "nccl"
+    for attempt in range(attempts):
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            return
+        except torch.distributed.DistNetworkError as err:
+            own = os.environ.get(OWN_PORT_ENV) == os.environ.get("MASTER_PORT")
+            if not own or "EADDRINUSE" not in str(err) or attempt == attempts - 1:
+                raise
+            os.environ["MASTER_PORT"] = os.environ[OWN_PORT_ENV] = str(free_port())
 
 
 def rank_micro_batches(mini: list, rank: int, world: int, size: int) -> list[tuple[list, float]]:
@@ -194,8 +219,7 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
     if not torch.cuda.is_available():
         prepare_comm_op(world)  # one rank builds nothing; a killed build's lock is cleared
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
-                                   verbose=False)
+        init_process_group()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
