@@ -167,10 +167,10 @@ OWN_PORT_ENV = "IBTPO_OWN_MASTER_PORT"  # the MASTER_PORT this process chose (no
 
 
 def init_process_group(attempts: int = 3) -> None:
-    """torch.distributed through DeepSpeed. A port this process chose itself can be taken by
-    another process between choosing and binding (any outgoing connection may get it; two runs
-    side by side on one machine made it happen): choose another and try again. A launcher's
-    port is the launcher's to fix, so its error stands."""
+    """torch.distributed through DeepSpeed. A port chosen by this process (or by the process
+    that started it, whose MASTER_PORT it inherits while that parent's process group still holds
+    the port) can be in use at the bind, as can one another process took in between: choose
+    another and try again. A launcher's port is the launcher's to fix, so its error stands."""
     import deepspeed
 
     from ibtpo_core.runtime import free_port
