@@ -23,6 +23,10 @@ from ibtpo_core.runtime import GRANTED_CPUS_ENV
 # Ray re-runs a task whose worker died once; a failure inside the run is not retried (the same
 # code on the same inputs fails the same way)
 WORKER_DEATH_RETRIES = 1
+# one cell per worker process: what a cell held goes back to the OS when it ends, instead of
+# staying with a worker that the next cell reuses (a SmolLM2 cell on CPU reached 9.8 GB; a
+# worker that had run a second one held 10.4 GB, and Ray's memory monitor killed it)
+CELLS_PER_WORKER = 1
 
 
 @task(name="sweep-cell", persist_result=False)
@@ -156,7 +160,8 @@ def run_on_ray(spec: SweepSpec, cells: list[Cell], tags: dict[str, str],
                 cell = queue.pop(0)
                 res = configs[cell.name].resources
                 with remote_options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                    max_retries=WORKER_DEATH_RETRIES):
+                                    max_retries=WORKER_DEATH_RETRIES,
+                                    max_calls=CELLS_PER_WORKER):
                     # named after the cell: its Prefect task run, its Ray task and the worker's
                     # process title (ray::cell:<name>) say which cell it is
                     future = runner.submit(run_cell.with_options(name=f"cell:{cell.name}"), {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -217,11 +218,13 @@ def test_a_head_that_refuses_the_token_fails_naming_the_fix(ray_head, tmp_path):
 def test_a_sweep_without_ray_address_starts_a_ray_of_its_own(tmp_path):
     """``ray_address: null`` is a local Ray for this sweep, even where RAY_ADDRESS (or a stale
     /tmp/ray/ray_current_cluster from an earlier `ray start`) names a cluster that is gone: Ray
-    alone would wait on it and fail."""
+    alone would wait on it and fail. Three cells, two at a time: each in a worker process of its
+    own (the third does not inherit a finished cell's memory)."""
     from ibtpo_core.runtime import free_port
 
     sweep_file = _sweep_file(tmp_path, None, variants=[{"name": "grpo",
-                                                         "set": {"algo.method": "grpo"}}])
+                                                         "set": {"algo.method": "grpo"}}],
+                             seeds=[0, 1, 2])
     body = yaml.safe_load(sweep_file.read_text())
     body["set"]["rl.iterations"] = 2
     sweep_file.write_text(yaml.safe_dump(body))
@@ -238,8 +241,11 @@ def test_a_sweep_without_ray_address_starts_a_ray_of_its_own(tmp_path):
                 p.kill()
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["methods"]["grpo"]["n_seeds"] == 1
+    assert report["methods"]["grpo"]["n_seeds"] == 3
     # cells side by side on this machine: the stages they share ran first, in the sweep's process
     assert "the stages before RL that the cells share (1 set(s)" in res.stdout + res.stderr
+    # Ray prefixes a worker's forwarded lines with its task and pid
+    pids = dict(re.findall(r"\(cell:raysweep\.grpo\.(s\d) pid=(\d+)\)", res.stdout + res.stderr))
+    assert len(pids) == 3 and len(set(pids.values())) == 3, pids
     print(f"sweep on a local Ray: {time.monotonic() - t0:.1f} s; "
           f"{len(family)} processes left at the end, killed")
