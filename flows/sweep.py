@@ -4,8 +4,9 @@ the comparison report.
 Cells run as subflows of this flow, one at a time in this process (``executor: inline``), as
 runs of the train deployment on a work pool, up to ``concurrency`` in flight
 (``executor: deployment``: a process pool here, any Prefect worker type on a cluster), or as
-Ray tasks on a Ray cluster with each cell's resources (``executor: ray``, flows/sweep_ray.py). Every
-cell's config is validated before the first starts. A cell that finished before (same config,
+Ray tasks on a Ray cluster with each cell's resources (``executor: ray``, flows/sweep_ray.py; on
+a Ray of the sweep's own with ``concurrency`` above 1, the stages the cells share run first, in
+this process with every free core). Every cell's config is validated before the first starts. A cell that finished before (same config,
 same code) is a cache hit; a failed cell does not stop the others; the sweep then fails naming
 the failed cells and the command that reruns one alone. One MLflow run per sweep; each cell's
 training run carries its id in the tag ``ibtpo.sweep_run_id``.
@@ -84,7 +85,11 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
         from flows.sweep_ray import run_on_ray
 
         if spec.ray_address is None and spec.concurrency > 1:
-            run_shared_stages([configs[c.name] for c in todo])
+            try:
+                run_shared_stages([configs[c.name] for c in todo])
+            except BaseException:  # no cell started; a rerun continues from the cached stages
+                tracking.finish(parent, "FAILED")
+                raise
         status.update(run_on_ray(spec, todo, tags, configs))
     else:
         runner = run_inline if spec.executor == "inline" else run_on_pool
