@@ -8,8 +8,9 @@ Ray tasks on a Ray cluster with each cell's resources (``executor: ray``, flows/
 a Ray of the sweep's own with ``concurrency`` above 1, the stages the cells share run first, in
 this process with every free core). Every cell's config is validated before the first starts.
 A cell that finished before (same config, same code) is a cache hit; a failed cell does not stop
-the others; the sweep then fails naming the failed cells and the command that reruns one alone. One MLflow run per sweep; each cell's
-training run carries its id in the tag ``ibtpo.sweep_run_id``.
+the others; the sweep then fails naming the failed cells and the command that reruns one alone.
+One MLflow run per sweep; each cell's training run carries its id in the tag
+``ibtpo.sweep_run_id``.
 """
 from __future__ import annotations
 
