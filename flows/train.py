@@ -36,6 +36,17 @@ from tasks.rl_iteration import estimate_scores, sample_trees, update_policy
 from tasks.warm_up import create_model, warm_up
 
 
+def _logger():
+    """The flow run's logger; outside a flow run (``before_rl`` called on its own), Prefect's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("ibtpo")
+
+
 def ensure(task, *args, iteration: int = -1, label: str | None = None):
     """Run (or fetch from cache) a stage; if its cached output was altered or deleted on disk,
     recompute it instead of trusting it. ``label`` names the task run in the Prefect UI
@@ -44,7 +55,7 @@ def ensure(task, *args, iteration: int = -1, label: str | None = None):
         task = task.with_options(task_run_name=f"{task.name}[{label}]")
     rec = task(*args)
     if stages.cached(Path(rec["path"])) is None:
-        get_run_logger().warning(
+        _logger().warning(
             f"{task.name}: cached output {rec['path']} is missing or corrupted; recomputing"
         )
         rec = task.with_options(refresh_cache=True)(*args)
