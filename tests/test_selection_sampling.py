@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ibtpo_core.algo.ib_score import Forest, compute_stats
-from ibtpo_core.algo.sampling import TreeSpec, sample
-from ibtpo_core.algo.selection import candidate_mask, select_nodes
+from ibtpo_core.algo.sampling import TreeSpec, sample, within_budget
+from ibtpo_core.algo.selection import candidate_mask, rank_candidates, select_nodes
 from ibtpo_core.algo.tree import Tree
 from ibtpo_core.engines.base import Completion, RolloutEngine, StopConditions
 
@@ -52,17 +52,18 @@ def test_select_by_each_rule():
     f = Forest.from_trees([tree_for_selection()])
     s = compute_stats(f)
     g = torch.Generator().manual_seed(0)
+    cand = candidate_mask(f, s, 3, 8)
     # H(1) = mean(0.2, 0.4) = 0.3, I(1) = ln 2 -> IB 0.993;  H(2) = 2.0, I(2) = 0 -> IB 2.0
     # H(0) = mean(0.1, 0.1) = 0.1, I(0) = w(2/3)(0.5/(2/3))ln(0.75)+(1/3)(1.5)ln 1.5 -> small
     def pick(by, k=1):
-        return select_nodes(f, s, [k], by, "greedy", 1.0, 3, 8, g)
+        return select_nodes(f, s, cand, [k], by, "greedy", 1.0, g)
 
     assert pick("ib") == [2]
     assert pick("entropy") == [2]
     assert pick("relevance") == [1]
     assert pick("ib", k=2) == [1, 2]
     assert len(pick("random", k=2)) == 2
-    many = {tuple(select_nodes(f, s, [1], "ib", "softmax", 100.0, 3, 8, g)) for _ in range(50)}
+    many = {tuple(select_nodes(f, s, cand, [1], "ib", "softmax", 100.0, g)) for _ in range(50)}
     assert len(many) > 1  # a hot softmax explores
     with pytest.raises(ValueError, match="Valid names: entropy, ib, random, relevance"):
         pick("ibb")
@@ -276,6 +277,15 @@ def test_min_branch_entropy_drops_forced_steps_from_the_candidates():
         False,
         False,
     ]
+    # selection ranks only the candidates it is given: by relevance node 1 (I = ln 2) leads,
+    # then the root (I = 0.059), then node 2 (I = 0); without node 1, the root leads
+    g = torch.Generator().manual_seed(0)
+    assert rank_candidates(f, s, candidate_mask(f, s, 3, 8), "relevance", "greedy", 1.0, g) == [
+        [1, 0, 2]
+    ]
+    forced_out = candidate_mask(f, s, 3, 8, min_branch_entropy=0.5)
+    assert rank_candidates(f, s, forced_out, "relevance", "greedy", 1.0, g) == [[0, 2]]
+    assert select_nodes(f, s, forced_out, [1], "relevance", "greedy", 1.0, g) == [0]
     # surprisal: -log pi_old of each child's first token (all -0.1 here): 0.1 < 0.5 everywhere
     assert candidate_mask(f, s, 3, 8, 0.5, "surprisal").tolist() == [
         True,
@@ -296,3 +306,46 @@ def test_min_branch_entropy_drops_forced_steps_from_the_candidates():
 def test_bad_tree_specs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TreeSpec(**kwargs)
+
+
+def test_forced_steps_are_never_branched_in_the_sampler():
+    """The scripted policy's first tokens all have entropy 1.0: with min_branch_entropy 1.5 only
+    the root may grow, so every branch, drawn at random among the candidates, is at the root
+    (the candidates the picks are sized by are the ones they are drawn from)."""
+    stop = StopConditions((EOS,), (NL,))
+    spec = TreeSpec(G=8, min_branch_entropy=1.5, select_by="random")
+    r = sample("ibtree", ScriptedEngine(), [[100 + k] for k in range(4)], spec, score_even, stop,
+               32, 1.0, 0)
+    picks = [node for t in r.trees for _round, node in t.meta["picks"]]
+    assert picks and set(picks) == {0}
+    assert r.metrics["tree/leaves_per_budget"] == pytest.approx(1.0)
+
+
+def test_within_budget_rounds_to_the_nearest_pick_in_rank_order():
+    """Picks in rank order while at most half of the next one falls beyond the round's share
+    (remaining / rounds left); the first whenever half of it fits in all that is left."""
+    cost = {10: 10.0, 11: 10.0, 12: 10.0, 13: 30.0, 14: 2.0}
+    order = [10, 11, 12]
+    # last round, 24 left: 10 (5 <= 24), 11 (10 + 5 <= 24), not 12 (20 + 5 > 24)
+    assert within_budget(order, cost, 24.0, 1) == [10, 11]
+    # 25 left: 12 too (20 + 5 <= 25): 30 tokens, over by half a pick
+    assert within_budget(order, cost, 25.0, 1) == [10, 11, 12]
+    # two rounds left, 24 tokens: a share of 12 holds one pick (10 + 5 > 12)
+    assert within_budget(order, cost, 24.0, 2) == [10]
+    # 4 left over 3 rounds: half a pick (5) does not fit, so none; 6 left: one
+    assert within_budget(order, cost, 4.0, 3) == []
+    assert within_budget(order, cost, 6.0, 3) == [10]
+    # the best candidate is expensive: taken (15 <= 20), and nothing cheaper after it
+    assert within_budget([13, 14], cost, 20.0, 1) == [13]
+    assert within_budget([13, 14], cost, 14.0, 1) == []
+
+
+@pytest.mark.parametrize("engine", [ScriptedEngine, RepetitiveEngine])
+def test_trees_end_within_half_a_pick_of_their_budget(engine):
+    """Continuation lengths are exact here (7 - 2 x depth tokens), so every tree ends within half
+    its costliest pick (a root sample, 7 tokens) of its 56-token budget, over or under."""
+    stop = StopConditions((EOS,), (NL,))
+    r = sample("ibtree", engine(), [[100 + k] for k in range(16)], TreeSpec(G=8), score_even,
+               stop, 32, 1.0, 0)
+    assert r.metrics["tree/budget_tokens"] == 56
+    assert all(abs(t.meta["decoded_tokens"] - 56) <= 3.5 for t in r.trees)

@@ -5,11 +5,12 @@
     iteration 1: M independent responses per prompt, cut into steps, inserted, verified
     iterations 2..C, while a tree's decoded tokens < its budget:
         recompute n, c, V, H, I, IB bottom-up (all trees at once)
-        each tree picks N_c candidates by select_by / select (see ``selection``)
-        one continuation per pick from the prefix ending at that node, to the end; cut, attach,
-        verify. N_c is sized so the rest of the budget is spent over the remaining iterations:
-        N_c = round(remaining / (iterations left * expected continuation length)), >= 1.
-        Candidates exclude final steps and, with min_branch_entropy, forced steps.
+        each tree ranks its candidates by select_by / select (see ``selection``) and takes
+        them best first while their expected continuation tokens (mean below each node) stay
+        within remaining / iterations left, to the nearest pick (``within_budget``; N_c, when
+        set, takes a fixed number instead); one continuation per pick from the prefix ending
+        at that node, to the end; cut, attach, verify. Candidates exclude final steps and,
+        with min_branch_entropy, forced steps.
     then (fill_budget) what a tree has left of its budget -- no candidate was left (one-step
     answers, a root at B_root) or the last round rounded down -- goes to independent samples
     from the root, so leaves per budget stay near 1.0 or above and every method decodes the
@@ -31,7 +32,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from ibtpo_core.algo.ib_score import Forest, compute_stats
-from ibtpo_core.algo.selection import PICK, SELECT_BY, candidate_mask, select_nodes
+from ibtpo_core.algo.selection import PICK, SELECT_BY, candidate_mask, rank_candidates
 from ibtpo_core.algo.tree import StepSpec, Tree, split_steps
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 from ibtpo_core.registry import Registry
@@ -149,21 +150,16 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                               spec.entropy_estimator)
         if spec.ib_form == "zscore":  # z over this iteration's candidates
             stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand)
-        est = _expected_continuation(f, trees, cand)
-        k = []
-        for t in range(len(trees)):
-            n_cand = int(cand[f.tree == t].sum())
-            if remaining[t] <= 0 or n_cand == 0:
-                k.append(0)
-            elif spec.N_c is not None:
-                k.append(min(spec.N_c, n_cand))
-            else:  # spread the rest over the rounds left; the last round rounds to the
-                # nearest whole pick (possibly none), so trees end near the budget, not over it
-                left = spec.C - it + 1
-                want = round(remaining[t] / (left * max(est[t], 1.0)))
-                k.append(min(n_cand, max(1, want) if left > 1 else want))
-        rows = select_nodes(f, stats, k, spec.select_by, spec.select, spec.select_temperature,
-                            spec.B_max, spec.root_branch_limit, gen)
+        cost = _expected_continuation(f, trees, cand)
+        ranked = rank_candidates(f, stats, cand, spec.select_by, spec.select,
+                                 spec.select_temperature, gen)
+        rows = sorted(
+            r
+            for order, rem in zip(ranked, remaining)
+            if rem > 0
+            for r in (order[:spec.N_c] if spec.N_c is not None
+                      else within_budget(order, cost, rem, spec.C - it + 1))
+        )
         if not rows:
             break
         iterations = it
@@ -187,6 +183,8 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
             )
     fills = _fill_budget(engine, trees, used, budget, mean_len, score_fn, stop, max_new_tokens,
                          temperature, seed + 7919, step_ids, spec.steps) if spec.fill_budget else 0
+    for t, u in enumerate(used):
+        trees[t].meta["decoded_tokens"] = u
     metrics = tree_metrics(trees, used, budget, mean_len, iterations, spec.beta, spec.ib_form,
                            spec.entropy_estimator)
     metrics["tree/identical_sibling_frac"] = identical / branched if branched else 0.0
@@ -293,23 +291,41 @@ def _branch(engine, trees, picks, spec: TreeSpec, stop, max_new_tokens, temperat
     return out
 
 
-def _expected_continuation(f: Forest, trees: list[Tree], cand: torch.Tensor) -> list[float]:
-    """Per tree: mean over candidates of the mean tokens still to decode below each."""
-    out = []
+def within_budget(order: list[int], cost: dict[int, float], remaining: float,
+                  rounds_left: int) -> list[int]:
+    """A tree's picks this round: its ranked candidates, best first, while their expected
+    tokens stay within the round's share of what the tree has left (remaining / rounds_left),
+    rounded to the nearest pick: the next one is taken while at most half of it would fall
+    beyond the share. The first is taken whenever half of it fits in all that is left, so every
+    round but a spent tree's branches and no round overspends by more than half a pick. Stops at
+    the first that does not fit (a cheaper, worse-ranked node is not taken instead)."""
+    share = remaining / rounds_left
+    out: list[int] = []
+    spent = 0.0
+    for row in order:
+        c = max(cost[row], 1.0)
+        limit = remaining if not out else share
+        if spent + c / 2 > limit:
+            break
+        out.append(row)
+        spent += c
+    return out
+
+
+def _expected_continuation(f: Forest, trees: list[Tree], cand: torch.Tensor) -> dict[int, float]:
+    """Per candidate row: the mean tokens still to decode below it (over the leaves below)."""
+    out = {}
     for t, tree in enumerate(trees):
         rows = (cand & (f.tree == t)).nonzero().squeeze(1).tolist()
         if not rows:
-            out.append(1.0)
             continue
         depth_tokens = {0: 0}
         for n in tree.nodes[1:]:
             depth_tokens[n.id] = depth_tokens[n.parent] + len(n.tokens)
-        ests = []
         for r in rows:
             node = r - f.offsets[t]
             below = _leaves_below(tree, node)
-            ests.append(sum(depth_tokens[l] for l in below) / len(below) - depth_tokens[node])
-        out.append(sum(ests) / len(ests))
+            out[r] = sum(depth_tokens[l] for l in below) / len(below) - depth_tokens[node]
     return out
 
 
@@ -369,6 +385,8 @@ def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: fl
         "tree/leaves_per_budget": sum(num_leaves) / num_trees / per_budget,
         "tree/unique_leaves_per_budget": sum(unique) / num_trees / per_budget,
         "tree/budget_tokens": budget,
+        # 1.0: the trees decoded their budget exactly (GRPO's groups always do)
+        "tree/decoded_per_budget": decoded / (num_trees * budget) if budget else 0.0,
         "tree/iterations": float(iterations),
         "tree/mean_response_tokens": mean_len,
         "reward": sum(rewards) / max(1, len(rewards)),

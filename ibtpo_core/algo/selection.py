@@ -4,9 +4,9 @@ Candidates: nodes with children that are not final (the final-answer step and wh
 never branch) and have fewer than ``B_max`` children; a root while it has fewer than ``B_root``
 children (a new child of the root is an extra independent sample). Each candidate is scored by
 the registered ``select_by`` rule (``ib``: IB-Score, ``entropy``: H, ``relevance``: I,
-``random``: uniform), then each tree picks its ``k`` best (``greedy``; ties to the lower node
-id) or ``k`` drawn without replacement from softmax(score / temperature) (``softmax``, by the
-Gumbel-top-k trick). Pure torch.
+``random``: uniform), then each tree ranks its candidates, best first (``greedy``; ties to the
+lower node id) or in the order of a draw without replacement from softmax(score / temperature)
+(``softmax``, by the Gumbel-top-k trick); the sampler takes a prefix of the ranking. Pure torch.
 """
 from __future__ import annotations
 
@@ -81,44 +81,43 @@ def candidate_mask(
 
 
 @PICK.register("greedy")
-def pick_greedy(scores, cand, tree, k_per_tree, temperature, gen) -> list[int]:
-    s = torch.where(
-        cand, scores.nan_to_num(nan=float("-inf")), torch.full_like(scores, float("-inf"))
-    )
-    return _top_k_per_tree(s, cand, tree, k_per_tree)
+def pick_greedy(scores: torch.Tensor, gen: torch.Generator, temperature: float) -> torch.Tensor:
+    """Rank keys: the scores (NaN last)."""
+    return scores.nan_to_num(nan=float("-inf"))
 
 
 @PICK.register("softmax")
-def pick_softmax(scores, cand, tree, k_per_tree, temperature, gen) -> list[int]:
+def pick_softmax(scores: torch.Tensor, gen: torch.Generator, temperature: float) -> torch.Tensor:
+    """Rank keys: score / temperature plus Gumbel noise, so the first k of the ranking are k
+    draws without replacement from softmax(score / temperature)."""
     if temperature <= 0:
         raise ValueError(
             f"select_temperature must be > 0 for softmax selection (got {temperature})"
         )
     u = torch.rand(scores.shape, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     gumbel = -torch.log(-torch.log(u))
-    s = scores.nan_to_num(nan=0.0) / temperature + gumbel
-    s = torch.where(cand, s, torch.full_like(s, float("-inf")))
-    return _top_k_per_tree(s, cand, tree, k_per_tree)
+    return scores.nan_to_num(nan=0.0) / temperature + gumbel
 
 
-def _top_k_per_tree(s: torch.Tensor, cand: torch.Tensor, tree: torch.Tensor,
-                    k_per_tree: list[int]) -> list[int]:
-    order = torch.sort(-s, stable=True).indices.tolist()  # best first, ties by row
-    taken = [0] * len(k_per_tree)
-    out = []
-    cand_l, tree_l = cand.tolist(), tree.tolist()
+def rank_candidates(f: Forest, stats: TreeStats, cand: torch.Tensor, select_by: str, select: str,
+                    temperature: float, gen: torch.Generator) -> list[list[int]]:
+    """Per tree, its candidate rows (``cand``, from ``candidate_mask``) best first: by the
+    ``select_by`` score (``greedy``; ties to the lower row) or in the order of a draw without
+    replacement (``softmax``)."""
+    keys = PICK.get(select)(SELECT_BY.get(select_by)(stats, gen), gen, temperature)
+    order = torch.sort(-keys, stable=True).indices.tolist()
+    ranked: list[list[int]] = [[] for _ in range(f.num_trees)]
+    cand_l, tree_l = cand.tolist(), f.tree.tolist()
     for row in order:
-        t = tree_l[row]
-        if cand_l[row] and taken[t] < k_per_tree[t]:
-            out.append(row)
-            taken[t] += 1
-    return sorted(out)
+        if cand_l[row]:
+            ranked[tree_l[row]].append(row)
+    return ranked
 
 
-def select_nodes(f: Forest, stats: TreeStats, k_per_tree: list[int], select_by: str,
-                 select: str, temperature: float, B_max: int, B_root: int,
+def select_nodes(f: Forest, stats: TreeStats, cand: torch.Tensor, k_per_tree: list[int],
+                 select_by: str, select: str, temperature: float,
                  gen: torch.Generator) -> list[int]:
-    """Forest rows chosen for one new branch each (at most ``k_per_tree[t]`` in tree t)."""
-    cand = candidate_mask(f, stats, B_max, B_root)
-    scores = SELECT_BY.get(select_by)(stats, gen)
-    return PICK.get(select)(scores, cand, f.tree, k_per_tree, temperature, gen)
+    """Forest rows chosen for one new branch each: the first ``k_per_tree[t]`` of tree t's
+    ranking, in row order."""
+    ranked = rank_candidates(f, stats, cand, select_by, select, temperature, gen)
+    return sorted(r for rows, k in zip(ranked, k_per_tree) for r in rows[:k])
