@@ -154,6 +154,7 @@ def test_independent_sampler_builds_flat_groups():
                stop, 32, 1.0, 0)
     assert all(len(t.root.children) == 6 and len(t.leaves()) == 6 for t in r.trees)
     assert r.metrics["tree/leaves_per_budget"] == pytest.approx(1.0)
+    assert r.metrics["tree/decoded_per_budget"] == pytest.approx(1.0)
     assert r.metrics["tree/shared_prefix_frac"] == 0.0
 
 
@@ -349,3 +350,6 @@ def test_trees_end_within_half_a_pick_of_their_budget(engine):
                stop, 32, 1.0, 0)
     assert r.metrics["tree/budget_tokens"] == 56
     assert all(abs(t.meta["decoded_tokens"] - 56) <= 3.5 for t in r.trees)
+    decoded = sum(t.meta["decoded_tokens"] for t in r.trees)
+    assert r.metrics["tree/decoded_tokens"] == decoded
+    assert r.metrics["tree/decoded_per_budget"] == pytest.approx(decoded / (16 * 56))
