@@ -5,7 +5,7 @@ import torch
 
 from ibtpo_core.algo.ib_score import Forest, compute_stats
 from ibtpo_core.algo.sampling import TreeSpec, sample, within_budget
-from ibtpo_core.algo.selection import candidate_mask, rank_candidates, select_nodes
+from ibtpo_core.algo.selection import candidate_mask, rank_candidates
 from ibtpo_core.algo.tree import Tree
 from ibtpo_core.engines.base import Completion, RolloutEngine, StopConditions
 
@@ -55,15 +55,15 @@ def test_select_by_each_rule():
     cand = candidate_mask(f, s, 3, 8)
     # H(1) = mean(0.2, 0.4) = 0.3, I(1) = ln 2 -> IB 0.993;  H(2) = 2.0, I(2) = 0 -> IB 2.0
     # H(0) = mean(0.1, 0.1) = 0.1, I(0) = w(2/3)(0.5/(2/3))ln(0.75)+(1/3)(1.5)ln 1.5 -> small
-    def pick(by, k=1):
-        return select_nodes(f, s, cand, [k], by, "greedy", 1.0, g)
+    def pick(by, k=1, select="greedy", temperature=1.0):  # the tree's k best, in row order
+        return sorted(rank_candidates(f, s, cand, by, select, temperature, g)[0][:k])
 
     assert pick("ib") == [2]
     assert pick("entropy") == [2]
     assert pick("relevance") == [1]
     assert pick("ib", k=2) == [1, 2]
     assert len(pick("random", k=2)) == 2
-    many = {tuple(select_nodes(f, s, cand, [1], "ib", "softmax", 100.0, g)) for _ in range(50)}
+    many = {tuple(pick("ib", select="softmax", temperature=100.0)) for _ in range(50)}
     assert len(many) > 1  # a hot softmax explores
     with pytest.raises(ValueError, match="Valid names: entropy, ib, random, relevance"):
         pick("ibb")
@@ -286,7 +286,6 @@ def test_min_branch_entropy_drops_forced_steps_from_the_candidates():
     ]
     forced_out = candidate_mask(f, s, 3, 8, min_branch_entropy=0.5)
     assert rank_candidates(f, s, forced_out, "relevance", "greedy", 1.0, g) == [[0, 2]]
-    assert select_nodes(f, s, forced_out, [1], "relevance", "greedy", 1.0, g) == [0]
     # surprisal: -log pi_old of each child's first token (all -0.1 here): 0.1 < 0.5 everywhere
     assert candidate_mask(f, s, 3, 8, 0.5, "surprisal").tolist() == [
         True,

@@ -150,7 +150,7 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                               spec.entropy_estimator)
         if spec.ib_form == "zscore":  # z over this iteration's candidates
             stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand)
-        cost = _expected_continuation(f, trees, cand)
+        cost = _expected_continuation(f, trees, cand) if spec.N_c is None else {}
         ranked = rank_candidates(f, stats, cand, spec.select_by, spec.select,
                                  spec.select_temperature, gen)
         rows = sorted(

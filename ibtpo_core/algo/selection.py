@@ -112,12 +112,3 @@ def rank_candidates(f: Forest, stats: TreeStats, cand: torch.Tensor, select_by: 
         if cand_l[row]:
             ranked[tree_l[row]].append(row)
     return ranked
-
-
-def select_nodes(f: Forest, stats: TreeStats, cand: torch.Tensor, k_per_tree: list[int],
-                 select_by: str, select: str, temperature: float,
-                 gen: torch.Generator) -> list[int]:
-    """Forest rows chosen for one new branch each: the first ``k_per_tree[t]`` of tree t's
-    ranking, in row order."""
-    ranked = rank_candidates(f, stats, cand, select_by, select, temperature, gen)
-    return sorted(r for rows, k in zip(ranked, k_per_tree) for r in rows[:k])
