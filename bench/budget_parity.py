@@ -45,12 +45,11 @@ def measure(cfg, data: dict, start: dict, batches: int) -> dict:
     sampler from the starting checkpoint; per-batch and overall token accounting."""
     from transformers import AutoTokenizer
 
-    from ibtpo_core import stages
     from ibtpo_core.data.tokenizer import step_end_token_ids
-    from ibtpo_core.rl import draw_prompts, sample_trees
+    from ibtpo_core.rl import JsonlRows, draw_prompts, sample_trees
     from tasks.rl_iteration import get_engine
 
-    train = stages.read_jsonl(Path(data["path"]) / "train.jsonl")
+    train = JsonlRows(Path(data["path"]) / "train.jsonl")
     tok = AutoTokenizer.from_pretrained(start["path"])
     engine = get_engine(cfg.engine, start["path"])
     steps = step_end_token_ids(tok, cfg.algo.tree.steps.delimiter)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +21,25 @@ from ibtpo_core.data.prompts import encode_prompt
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
 
-def draw_prompts(train_rows: list[dict], iteration: int, n: int, seed: int) -> list[dict]:
+class JsonlRows(Sequence):
+    """The rows of a JSON-lines file, each parsed when it is read. An RL iteration draws 64
+    prompts from the deep task's 100k training rows: parsing them all took ~1.3 s of an
+    iteration's ~9 s; this parses the 64. Same length and order as ``read_jsonl``."""
+
+    def __init__(self, path: Path):
+        with Path(path).open("rb") as f:
+            self._lines = [line for line in f if line.strip()]
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [json.loads(line) for line in self._lines[i]]
+        return json.loads(self._lines[i])
+
+
+def draw_prompts(train_rows: Sequence[dict], iteration: int, n: int, seed: int) -> list[dict]:
     """The problems of RL iteration ``iteration`` (seeded; a countdown row's numbers re-ordered)."""
     if not train_rows:
         raise ValueError("the training split is empty: no prompts to sample")

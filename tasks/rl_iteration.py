@@ -39,7 +39,7 @@ def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engin
     from transformers import AutoTokenizer
 
     from ibtpo_core.data.tokenizer import step_end_token_ids
-    from ibtpo_core.rl import draw_prompts, probe_diagnostic, save_trees
+    from ibtpo_core.rl import JsonlRows, draw_prompts, probe_diagnostic, save_trees
     from ibtpo_core.rl import sample_trees as sample
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo, rollout, engine, seed,
@@ -48,7 +48,7 @@ def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engin
         if hit:
             return hit
         t0 = time.time()
-        train = stages.read_jsonl(Path(data["path"]) / "train.jsonl")
+        train = JsonlRows(Path(data["path"]) / "train.jsonl")
         rows = draw_prompts(train, iteration, rollout.prompts_per_iteration, seed)
         tok = AutoTokenizer.from_pretrained(policy["path"])
         rollout_engine = get_engine(engine, policy["path"])

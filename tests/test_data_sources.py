@@ -59,3 +59,18 @@ def test_missing_and_empty_files(tmp_path):
 def test_datasets_source_needs_its_section():
     with pytest.raises(ValueError, match="source: datasets needs a datasets section"):
         DataConfig(source="datasets")
+
+
+def test_rows_parsed_on_read_give_the_same_prompts_as_rows_parsed_up_front(tmp_path):
+    from ibtpo_core.rl import JsonlRows, draw_prompts
+
+    rows = [{"numbers": [i, i + 1, 2, 3], "target": 10 + i, "key": f"k{i}"} for i in range(7)]
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    lazy = JsonlRows(path)
+    assert len(lazy) == 7 and lazy[3] == rows[3] and lazy[5:] == rows[5:]  # the blank line skipped
+    for iteration in (1, 2, 3):
+        assert draw_prompts(lazy, iteration, 5, seed=4) == draw_prompts(
+            stages.read_jsonl(path), iteration, 5, seed=4)
+    with pytest.raises(ValueError, match="training split is empty"):
+        draw_prompts(JsonlRows(write(tmp_path / "empty.jsonl", [])), 1, 5, seed=4)
