@@ -22,7 +22,7 @@ with 80% power (Welch, 95% level). ``paired_diff_vs_grpo``: the same difference 
 both ran, with the paired t interval (seeds share warm-up, prompts and evaluation draws).
 
     python bench/method_table.py [--sweep FILE ...] [--depth FILE ... | --no-depth]
-                                 [--json PATH] [--plot PATH] [--report-only]
+                                 [--max-seeds N] [--json PATH] [--plot PATH] [--report-only]
 """
 from __future__ import annotations
 
@@ -141,9 +141,27 @@ def plot(budgets: list[dict], depths: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def sweep_summary(path: str, report_only: bool) -> tuple[dict, float]:
-    """Run the sweep (finished cells are cache hits) or, with ``report_only``, read its last
-    report; print the report. Returns the report's summary and the wall time."""
+def first_seeds(path: str, max_seeds: int | None) -> list[str] | None:
+    """The cells of a sweep file that the first ``max_seeds`` seeds of each variant make, as
+    ``label.s<seed>`` names for ``sweep(cells=...)``; None (every cell) without a limit."""
+    from configs.sweep import expand, load_sweep
+
+    if max_seeds is None:
+        return None
+    seen: dict[str, int] = {}
+    names = []
+    for cell in expand(load_sweep(path)):
+        seen[cell.label] = seen.get(cell.label, 0) + 1
+        if seen[cell.label] <= max_seeds:
+            names.append(f"{cell.label}.s{cell.seed}")
+    return names
+
+
+def sweep_summary(path: str, report_only: bool,
+                  max_seeds: int | None = None) -> tuple[dict, float]:
+    """Run the sweep (finished cells are cache hits; with ``max_seeds``, each variant's first
+    seeds only) or, with ``report_only``, read its last report; print the report. Returns the
+    report's summary and the wall time."""
     from configs.sweep import load_sweep
     from flows.sweep import sweep
     from ibtpo_core.servers import prefect_api
@@ -155,7 +173,7 @@ def sweep_summary(path: str, report_only: bool) -> tuple[dict, float]:
         cells = "(report only)"
     else:
         with prefect_api():  # as `ibtpo sweep`: one Prefect server for the cells' Ray workers too
-            out = sweep(path)
+            out = sweep(path, first_seeds(path, max_seeds))
         report, cells = Path(out["report"]), out["cells"]
     print(report.read_text())
     print(f"{path}: {(time.time() - t0) / 60:.1f} min, cells: {cells}")
@@ -184,6 +202,8 @@ def main() -> int:
     ap.add_argument("--plot", default="bench/results/method_table_budget.png")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: read each sweep's last report.json (cells may be missing)")
+    ap.add_argument("--max-seeds", type=int, default=None,
+                    help="run and report each variant's first N seeds only (make bench: 5)")
     args = ap.parse_args()
     from ibtpo_core.runtime import set_offline_defaults
     from ibtpo_core.servers import use_local_prefect_home
@@ -197,13 +217,13 @@ def main() -> int:
     sweeps = args.sweep or DEFAULT
     budgets = []
     for f in sweeps:
-        summary, wall = sweep_summary(f, args.report_only)
+        summary, wall = sweep_summary(f, args.report_only, args.max_seeds)
         budgets.append({**budget_row(summary), "sweep": f, "wall_s": round(wall, 1),
                         "summary": summary})
     first = budgets[0]["summary"]
     depths = [{**depth_row(first, steps_per_answer(sweeps[0])), "sweep": sweeps[0]}]
     for f in [] if args.no_depth else (args.depth or DEFAULT_DEPTH):
-        summary, wall = sweep_summary(f, args.report_only)
+        summary, wall = sweep_summary(f, args.report_only, args.max_seeds)
         depths.append({**depth_row(summary, steps_per_answer(f)), "sweep": f,
                        "wall_s": round(wall, 1)})
     depths.sort(key=lambda d: d["steps"])

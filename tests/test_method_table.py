@@ -51,3 +51,14 @@ def test_budget_row_keeps_the_named_fields():
 def test_nan_becomes_null_in_the_json_line():
     assert _module()._clean({"a": [math.nan, 1.0], "b": {"c": math.nan}}) == {"a": [None, 1.0],
                                                                              "b": {"c": None}}
+
+
+def test_max_seeds_keeps_each_variants_first_seeds():
+    first = _module().first_seeds
+    table = str(ROOT / "configs" / "sweeps" / "deep_table.yaml")  # ibtpo, grpo: 15; others: 3
+    five = first(table, 5)
+    assert five[:5] == [f"ibtpo.s{s}" for s in range(5)]
+    assert five[5:10] == [f"grpo.s{s}" for s in range(5)]
+    assert five[10:] == [f"{m}.s{s}" for m in ("grpo_clip_higher", "grpo_entropy", "tree_entropy")
+                         for s in range(3)]
+    assert len(first(table, 2)) == 10 and first(table, None) is None
