@@ -3,14 +3,17 @@ same policy, prompts and seeds.
 
 Builds (or reuses from the stage cache, shared with ``ibtpo run``) the experiment's data and
 warm-up checkpoint, then samples ``--batches`` batches of the config's prompts per iteration with
-each method's sampler, from the warm-up policy, and reports per method: decoded tokens per
-prompt, their ratio to GRPO's, decoded tokens per tree budget (1.00 = on budget), the share of
-trees more than 10% over their budget, leaves and unique leaves per budget, the share of
-branches that repeat a sibling's first step, and the budget-fill samples per tree.
-Token counts do not depend on the machine's load. Prints a table, writes JSON.
+each method's sampler, from the warm-up policy (or ``--checkpoint``, e.g. a run's late
+``itNNNN-policy-*`` folder), and reports per method: decoded tokens per prompt, their ratio to
+GRPO's, decoded tokens per tree budget (1.00 = on budget), the share of trees more than 10% over
+their budget, leaves and unique leaves per budget, the share of branches that repeat a
+sibling's first step, the share expected from pi_old's probabilities at the picks, and the
+budget-fill samples per tree. A method may carry overrides after ``+`` (``ibtpo+algo.tree.
+max_branch_cover=0.5``). Token counts do not depend on the machine's load. Prints a table,
+writes JSON.
 
     python bench/budget_parity.py [--config configs/experiments/deep_ibtpo.yaml]
-        [--methods ibtpo,grpo,tree_entropy] [--batches 8] [--json PATH]
+        [--methods ibtpo,grpo,tree_entropy] [--batches 8] [--checkpoint DIR] [--json PATH]
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ def measure(cfg, data: dict, start: dict, batches: int) -> dict:
             "leaves_per_budget": m["tree/leaves_per_budget"],
             "unique_leaves_per_budget": m["tree/unique_leaves_per_budget"],
             "identical_sibling_frac": m.get("tree/identical_sibling_frac", 0.0),
+            "expected_identical_frac": m.get("tree/expected_identical_frac", 0.0),
             "fill_samples": m.get("tree/fill_samples", 0.0),
         })
         over += [t.meta.get("decoded_tokens", 0) > 1.1 * budget for t in trees]
@@ -81,6 +85,9 @@ def main() -> int:
     ap.add_argument("--methods", default="ibtpo,grpo,tree_entropy")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--set", action="append", default=[], help="config override, as ibtpo run")
+    ap.add_argument("--checkpoint", default=None,
+                    help="sample from this policy checkpoint (a folder of config.json and "
+                         "model.safetensors) instead of the warm-up")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the free cores)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -91,22 +98,38 @@ def main() -> int:
     set_offline_defaults()
     set_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    cfgs = {m: load_config(args.config, args.set + [f"algo.method={m}"]) for m in methods}
-    data, start = warm_policy(cfgs[methods[0]])
+    cfgs = {m: load_config(args.config, args.set + [f"algo.method={m.split('+')[0]}"]
+                           + m.split("+")[1:]) for m in methods}
+    if args.checkpoint:
+        from pipeline.stage_cache import code_version
+        from tasks.prepare_data import prepare_data
+
+        if not (Path(args.checkpoint) / "config.json").is_file():
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no config.json there; give a "
+                             f"policy checkpoint folder (a run's itNNNN-policy-* or final/)")
+        first = cfgs[methods[0]]
+        data = prepare_data.fn(first.data, first.stage_cache_dir, code_version("prepare_data"))
+        start = {"path": str(Path(args.checkpoint).resolve())}
+    else:
+        data, start = warm_policy(cfgs[methods[0]])
     results = {m: measure(cfg, data, start, args.batches) for m, cfg in cfgs.items()}
     base = results.get("grpo", results[methods[0]])["decoded_per_prompt"]
+    policy = args.checkpoint or f"warm-up policy of {args.config}"
     print(f"{args.batches} batches x {cfgs[methods[0]].rl.rollout.prompts_per_iteration} prompts, "
-          f"warm-up policy of {args.config}")
-    print(f"{'method':<14} {'decoded/prompt':>14} {'vs grpo':>8} {'decoded/budget':>14} "
+          f"{policy}")
+    w = max(14, *(len(m) for m in methods))
+    print(f"{'method':<{w}} {'decoded/prompt':>14} {'vs grpo':>8} {'decoded/budget':>14} "
           f"{'trees >10% over':>15} {'leaves/budget':>13} {'unique/budget':>13} "
-          f"{'identical sib':>13} {'fill/tree':>9}")
+          f"{'identical sib':>13} {'expected':>8} {'fill/tree':>9}")
     for m, r in results.items():
         r["vs_grpo"] = r["decoded_per_prompt"] / base
-        print(f"{m:<14} {r['decoded_per_prompt']:>14.1f} {r['vs_grpo']:>8.3f} "
+        print(f"{m:<{w}} {r['decoded_per_prompt']:>14.1f} {r['vs_grpo']:>8.3f} "
               f"{r['decoded_per_budget']:>14.3f} {r['over_10pct_frac']:>15.2f} "
               f"{r['leaves_per_budget']:>13.2f} {r['unique_leaves_per_budget']:>13.2f} "
-              f"{r['identical_sibling_frac']:>13.2f} {r['fill_samples']:>9.2f}")
-    write_json(args.json, {"config": args.config, "batches": args.batches, "methods": results})
+              f"{r['identical_sibling_frac']:>13.2f} {r['expected_identical_frac']:>8.2f} "
+              f"{r['fill_samples']:>9.2f}")
+    write_json(args.json, {"config": args.config, "batches": args.batches,
+                           "checkpoint": args.checkpoint, "methods": results})
     return 0
 
 

@@ -352,3 +352,110 @@ def test_trees_end_within_half_a_pick_of_their_budget(engine):
     decoded = sum(t.meta["decoded_tokens"] for t in r.trees)
     assert r.metrics["tree/decoded_tokens"] == decoded
     assert r.metrics["tree/decoded_per_budget"] == pytest.approx(decoded / (16 * 56))
+
+
+def tree_for_cover() -> Tree:
+    """Log-probs are those of a real policy here, so each child's step probability is exact:
+    0 root: 1 A [10 NL] p 0.5, 2 B [11 NL] p 0.3 * 0.9 = 0.27          -> covered 0.77
+    1 A: 3 [12 NL] p 0.6, 4 [12 NL EOS] p 0.6 * 0.5 (inside 3's event), 5 [13 EOS] p 0.2
+                                                                        -> covered 0.8
+    2 B: 6 [15 EOS] p 0.25                                              -> covered 0.25
+    3: 7 [14 EOS] p 0.9                                                 -> covered 0.9
+    """
+    import math
+
+    ln = math.log
+    t = Tree([9])
+    t.add_node(0, [10, NL], [ln(0.5), 0.0], [1.0, 0.0])
+    t.add_node(0, [11, NL], [ln(0.3), ln(0.9)], [1.0, 0.3])
+    t.add_node(1, [12, NL], [ln(0.6), 0.0], [0.9, 0.0])
+    t.add_node(1, [12, NL, EOS], [ln(0.6), 0.0, ln(0.5)], [0.9, 0.0, 0.7], reward=1.0, final=True)
+    t.add_node(1, [13, EOS], [ln(0.2), 0.0], [0.9, 0.0], reward=0.0, final=True)
+    t.add_node(2, [15, EOS], [ln(0.25), 0.0], [1.2, 0.0], reward=1.0, final=True)
+    t.add_node(3, [14, EOS], [ln(0.9), 0.0], [0.3, 0.0], reward=0.0, final=True)
+    return t
+
+
+def test_covered_mass_sums_the_childrens_step_probabilities_once():
+    from ibtpo_core.algo.selection import covered_mass
+
+    cov = covered_mass([tree_for_cover(), tree_for_selection()])
+    # A's [12 NL EOS] extends [12 NL]: 0.6 + 0.2, not 0.6 + 0.3 + 0.2
+    assert cov[:8].tolist() == pytest.approx([0.77, 0.8, 0.25, 0.9, 0, 0, 0, 0])
+    assert cov.shape == (8 + 6,)  # rows as Forest.from_trees, the second tree after the first
+
+
+def test_max_branch_cover_drops_nodes_whose_children_cover_the_next_step():
+    f = Forest.from_trees([tree_for_cover()])
+    s = compute_stats(f)
+    from ibtpo_core.algo.selection import covered_mass
+
+    cov = covered_mass([tree_for_cover()])
+    base = [True, True, True, True, False, False, False, False]  # B_max 4: A (3 children) too
+    assert candidate_mask(f, s, 4, 8).tolist() == base
+    assert candidate_mask(f, s, 4, 8, covered=cov, max_branch_cover=1.0).tolist() == base
+    # 0.85: node 3 (0.9) out, A (0.8) in; 0.8: A out as well; the root (0.77) always may grow
+    assert candidate_mask(f, s, 4, 8, covered=cov, max_branch_cover=0.85).tolist() == [
+        True, True, True, False, False, False, False, False]
+    assert candidate_mask(f, s, 4, 8, covered=cov, max_branch_cover=0.8).tolist() == [
+        True, False, True, False, False, False, False, False]
+    assert candidate_mask(f, s, 4, 8, covered=cov, max_branch_cover=0.2).tolist() == [
+        True, False, False, False, False, False, False, False]
+    with pytest.raises(ValueError, match="covered_mass"):
+        candidate_mask(f, s, 4, 8, max_branch_cover=0.5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="max_branch_cover must be in"):
+            TreeSpec(max_branch_cover=bad)
+
+
+class HonestRepetitiveEngine(ScriptedEngine):
+    """A confident policy with its true log-probs: each step is token 20 with probability 0.6,
+    else one of 21..24 (0.1 each), then NL (probability 1); EOS after three steps."""
+
+    def _generate(self, prefixes, num_samples, temperature, limits, stop, seed):
+        import math
+        import random
+
+        rng = random.Random(seed)
+        out = []
+        for i, (p, lim) in enumerate(zip(prefixes, limits)):
+            for _ in range(num_samples):
+                toks, lps = [], []
+                while len(toks) < lim:
+                    if sum(1 for x in p + toks if x == NL) >= 3:
+                        toks.append(EOS)
+                        lps.append(0.0)
+                        break
+                    a = 20 if rng.random() < 0.6 else rng.randint(21, 24)
+                    toks += [a, NL]
+                    lps += [math.log(0.6 if a == 20 else 0.1), 0.0]
+                    if stop.stop_at_step_end:
+                        break
+                toks, lps = toks[:lim], lps[:lim]
+                reason = "eos" if toks and toks[-1] == EOS else (
+                    "step_end" if stop.stop_at_step_end else "length")
+                out.append(Completion(i, toks, lps, [1.0] * len(toks), reason))
+        return out
+
+
+def test_expected_identical_frac_predicts_the_repeats_and_the_cover_rule_cuts_them():
+    """With true log-probs, the picks' covered mass predicts the share of branches that repeat a
+    sibling's first step (measured on 64 prompts); max_branch_cover 0.5 keeps branches off nodes
+    whose children hold half the next step (any with the 0.6 token), so repeats fall, and the
+    budget is still spent."""
+    stop = StopConditions((EOS,), (NL,))
+    prompts = [[100 + k] for k in range(64)]
+    m = {}
+    for cover in (1.0, 0.5):
+        spec = TreeSpec(G=8, max_branch_cover=cover)
+        m[cover] = sample("ibtree", HonestRepetitiveEngine(), prompts, spec, score_even, stop, 32,
+                          1.0, 0).metrics
+    off = m[1.0]
+    assert off["tree/identical_sibling_frac"] > 0.4
+    assert off["tree/expected_identical_frac"] == pytest.approx(
+        off["tree/identical_sibling_frac"], abs=0.06)
+    on = m[0.5]
+    assert on["tree/identical_sibling_frac"] < off["tree/identical_sibling_frac"] - 0.1
+    assert on["tree/expected_identical_frac"] < off["tree/expected_identical_frac"] - 0.1
+    assert on["tree/leaves_per_budget"] >= 1.0
+    assert on["tree/decoded_tokens"] == pytest.approx(off["tree/decoded_tokens"], rel=0.05)

@@ -10,7 +10,8 @@
         within remaining / iterations left, to the nearest pick (``within_budget``; N_c, when
         set, takes a fixed number instead); one continuation per pick from the prefix ending
         at that node, to the end; cut, attach, verify. Candidates exclude final steps and,
-        with min_branch_entropy, forced steps.
+        with min_branch_entropy, forced steps; with max_branch_cover, nodes whose children
+        already cover that share of pi_old's next step.
     then (fill_budget) what a tree has left of its budget -- no candidate was left (one-step
     answers, a root at B_root) or the last round rounded down -- goes to independent samples
     from the root, so leaves per budget stay near 1.0 or above and every method decodes the
@@ -32,7 +33,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from ibtpo_core.algo.ib_score import Forest, compute_stats
-from ibtpo_core.algo.selection import PICK, SELECT_BY, candidate_mask, rank_candidates
+from ibtpo_core.algo.selection import PICK, SELECT_BY, candidate_mask, covered_mass, rank_candidates
 from ibtpo_core.algo.tree import StepSpec, Tree, split_steps
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 from ibtpo_core.registry import Registry
@@ -65,6 +66,10 @@ class TreeSpec:
     # an inner node whose children's first tokens had a mean entropy (nats) below this is no
     # candidate: its next step is forced, so a branch would repeat a sibling (0 = off)
     min_branch_entropy: float = 0.0
+    # an inner node whose children already hold at least this share of pi_old's probability of
+    # the next step is no candidate: a branch there repeats a sibling with that probability
+    # (1 = off; selection.covered_mass)
+    max_branch_cover: float = 1.0
     # budget left when the rounds end (no candidate left, or rounding) goes to extra independent
     # samples from the root, so every method decodes the same tokens per prompt
     fill_budget: bool = True
@@ -88,6 +93,11 @@ class TreeSpec:
             raise ValueError(
                 f"min_branch_entropy must be >= 0 nats (got {self.min_branch_entropy}); "
                 f"0 switches the rule off"
+            )
+        if not 0 < self.max_branch_cover <= 1:
+            raise ValueError(
+                f"max_branch_cover must be in (0, 1] (got {self.max_branch_cover}): the share of "
+                f"pi_old's next step a node's children may cover and still branch; 1 is off"
             )
         if self.budget_tokens is not None and self.budget_tokens < 1:
             raise ValueError(f"budget_tokens must be positive (got {self.budget_tokens}); "
@@ -140,14 +150,16 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
     budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
     iterations = 1
     branched = identical = 0  # branch continuations, and those whose first step a sibling had
+    pick_cover = 0.0  # the picks' chances of repeating a sibling's first step, summed
     for it in range(2, spec.C + 1):
         remaining = [budget - u for u in used]
         if max(remaining) <= 0:
             break
         f = Forest.from_trees(trees)
         stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator)
+        covered = covered_mass(trees)
         cand = candidate_mask(f, stats, spec.B_max, spec.root_branch_limit, spec.min_branch_entropy,
-                              spec.entropy_estimator)
+                              spec.entropy_estimator, covered, spec.max_branch_cover)
         if spec.ib_form == "zscore":  # z over this iteration's candidates
             stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand)
         cost = _expected_continuation(f, trees, cand) if spec.N_c is None else {}
@@ -168,10 +180,11 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
             trees[t].meta.setdefault("picks", []).append([it, node])
         comps = _branch(engine, trees, picks, spec, stop, max_new_tokens, temperature,
                         seed + it, used)
-        for (t, node), c in zip(picks, comps):
+        for r, (t, node), c in zip(rows, picks, comps):
             if c is None:
                 continue
             branched += 1
+            pick_cover += float(covered[r])
             identical += _repeats_a_sibling(trees[t], node, c, step_ids, spec.steps)
             _attach(
                 trees[t],
@@ -188,6 +201,8 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
     metrics = tree_metrics(trees, used, budget, mean_len, iterations, spec.beta, spec.ib_form,
                            spec.entropy_estimator)
     metrics["tree/identical_sibling_frac"] = identical / branched if branched else 0.0
+    # what identical_sibling_frac is expected to be, from pi_old's probabilities at the picks
+    metrics["tree/expected_identical_frac"] = pick_cover / branched if branched else 0.0
     metrics["tree/fill_samples"] = fills / max(1, len(trees))
     return SampleResult(trees, metrics)
 

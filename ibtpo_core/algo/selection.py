@@ -2,7 +2,9 @@
 
 Candidates: nodes with children that are not final (the final-answer step and what follows it
 never branch) and have fewer than ``B_max`` children; a root while it has fewer than ``B_root``
-children (a new child of the root is an extra independent sample). Each candidate is scored by
+children (a new child of the root is an extra independent sample); optionally not the nodes
+with a forced next step (``min_branch_entropy``) or whose children already cover most of
+pi_old's next step (``max_branch_cover``, ``covered_mass``). Each candidate is scored by
 the registered ``select_by`` rule (``ib``: IB-Score, ``entropy``: H, ``relevance``: I,
 ``random``: uniform), then each tree ranks its candidates, best first (``greedy``; ties to the
 lower node id) or in the order of a draw without replacement from softmax(score / temperature)
@@ -10,11 +12,13 @@ lower node id) or in the order of a draw without replacement from softmax(score 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from ibtpo_core.algo.ib_score import ENTROPY_ESTIMATORS, Forest, TreeStats, _scatter_sum
+from ibtpo_core.algo.tree import Tree
 from ibtpo_core.registry import Registry
 
 SELECT_BY: Registry[Callable] = Registry("select_by")
@@ -62,6 +66,25 @@ def branch_entropy(f: Forest, estimator: str = "token_entropy") -> torch.Tensor:
     return torch.where(num > 0, total / num.clamp(min=1), torch.full_like(total, float("nan")))
 
 
+def covered_mass(trees: list[Tree]) -> torch.Tensor:
+    """(N,) float64, rows as ``Forest.from_trees(trees)``: the probability under pi_old that a new
+    continuation from a node begins with a step one of its children already has, i.e. that a
+    branch there repeats a sibling. It is the sum over the children of exp(sum of the step's
+    log-probs); a child whose step extends a sibling's (a final step keeps its EOS merged,
+    ``[a, NL, EOS]`` beside ``[a, NL]``) lies inside that sibling's event and is not added again.
+    0 for nodes without children. Exact when the trees hold one policy's samples at the
+    temperature their log-probs were taken at (one sampling call)."""
+    out: list[float] = []
+    for tree in trees:
+        for node in tree.nodes:
+            steps = [tree.nodes[c] for c in node.children]
+            out.append(sum(
+                math.exp(sum(ch.logprobs)) for ch in steps
+                if not any(o is not ch and len(o.tokens) < len(ch.tokens)
+                           and ch.tokens[:len(o.tokens)] == o.tokens for o in steps)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def candidate_mask(
     f: Forest,
     stats: TreeStats,
@@ -69,14 +92,22 @@ def candidate_mask(
     B_root: int,
     min_branch_entropy: float = 0.0,
     estimator: str = "token_entropy",
+    covered: torch.Tensor | None = None,
+    max_branch_cover: float = 1.0,
 ) -> torch.Tensor:
     """(N,) bool: nodes that may receive a new child this iteration. With ``min_branch_entropy``
     > 0, an inner node whose children's first tokens had a mean entropy below it (a forced next
-    step: a new branch would repeat its sibling) is no candidate; the root always may be."""
+    step: a new branch would repeat its sibling) is no candidate; with ``max_branch_cover`` < 1,
+    neither is one whose children already cover at least that share of pi_old's next step
+    (``covered``, from ``covered_mass``). The root always may be (below ``B_root``)."""
     is_root = f.parent < 0
     inner = (stats.num_children > 0) & ~f.final & ~is_root & (stats.num_children < B_max)
     if min_branch_entropy > 0:
         inner = inner & (branch_entropy(f, estimator) >= min_branch_entropy)
+    if max_branch_cover < 1:
+        if covered is None:
+            raise ValueError("max_branch_cover < 1 needs covered (selection.covered_mass)")
+        inner = inner & (covered < max_branch_cover)
     return inner | (is_root & (stats.num_children < B_root))
 
 
