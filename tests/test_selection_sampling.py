@@ -1,11 +1,13 @@
 """Candidate rule, selection and the IBTree loop against a scripted engine."""
 
+import math
+
 import pytest
 import torch
 
 from ibtpo_core.algo.ib_score import Forest, compute_stats
 from ibtpo_core.algo.sampling import TreeSpec, sample, within_budget
-from ibtpo_core.algo.selection import candidate_mask, rank_candidates
+from ibtpo_core.algo.selection import candidate_mask, covered_mass, rank_candidates
 from ibtpo_core.algo.tree import Tree
 from ibtpo_core.engines.base import Completion, RolloutEngine, StopConditions
 
@@ -112,8 +114,13 @@ class ScriptedEngine(RolloutEngine):
                     if toks and toks[-1] == EOS
                     else ("step_end" if stop.stop_at_step_end else "length")
                 )
-                out.append(Completion(i, toks, [-0.5] * len(toks), [1.0] * len(toks), reason))
+                out.append(Completion(i, toks, [self.token_logprob(x) for x in toks],
+                                      [1.0] * len(toks), reason))
         return out
+
+    def token_logprob(self, token):
+        """The log-prob reported for a sampled token (a made-up constant here)."""
+        return -0.5
 
 
 def score_even(i, toks):
@@ -362,8 +369,6 @@ def tree_for_cover() -> Tree:
     2 B: 6 [15 EOS] p 0.25                                              -> covered 0.25
     3: 7 [14 EOS] p 0.9                                                 -> covered 0.9
     """
-    import math
-
     ln = math.log
     t = Tree([9])
     t.add_node(0, [10, NL], [ln(0.5), 0.0], [1.0, 0.0])
@@ -377,8 +382,6 @@ def tree_for_cover() -> Tree:
 
 
 def test_covered_mass_sums_the_childrens_step_probabilities_once():
-    from ibtpo_core.algo.selection import covered_mass
-
     cov = covered_mass([tree_for_cover(), tree_for_selection()])
     # A's [12 NL EOS] extends [12 NL]: 0.6 + 0.2, not 0.6 + 0.3 + 0.2
     assert cov[:8].tolist() == pytest.approx([0.77, 0.8, 0.25, 0.9, 0, 0, 0, 0])
@@ -388,8 +391,6 @@ def test_covered_mass_sums_the_childrens_step_probabilities_once():
 def test_max_branch_cover_drops_nodes_whose_children_cover_the_next_step():
     f = Forest.from_trees([tree_for_cover()])
     s = compute_stats(f)
-    from ibtpo_core.algo.selection import covered_mass
-
     cov = covered_mass([tree_for_cover()])
     base = [True, True, True, True, False, False, False, False]  # B_max 4: A (3 children) too
     assert candidate_mask(f, s, 4, 8).tolist() == base
@@ -408,34 +409,12 @@ def test_max_branch_cover_drops_nodes_whose_children_cover_the_next_step():
             TreeSpec(max_branch_cover=bad)
 
 
-class HonestRepetitiveEngine(ScriptedEngine):
-    """A confident policy with its true log-probs: each step is token 20 with probability 0.6,
-    else one of 21..24 (0.1 each), then NL (probability 1); EOS after three steps."""
+class HonestRepetitiveEngine(RepetitiveEngine):
+    """RepetitiveEngine's policy with its true log-probs: ln 0.6 for token 20, ln 0.1 for each of
+    21..24, 0 for NL and EOS (they follow with probability 1)."""
 
-    def _generate(self, prefixes, num_samples, temperature, limits, stop, seed):
-        import math
-        import random
-
-        rng = random.Random(seed)
-        out = []
-        for i, (p, lim) in enumerate(zip(prefixes, limits)):
-            for _ in range(num_samples):
-                toks, lps = [], []
-                while len(toks) < lim:
-                    if sum(1 for x in p + toks if x == NL) >= 3:
-                        toks.append(EOS)
-                        lps.append(0.0)
-                        break
-                    a = 20 if rng.random() < 0.6 else rng.randint(21, 24)
-                    toks += [a, NL]
-                    lps += [math.log(0.6 if a == 20 else 0.1), 0.0]
-                    if stop.stop_at_step_end:
-                        break
-                toks, lps = toks[:lim], lps[:lim]
-                reason = "eos" if toks and toks[-1] == EOS else (
-                    "step_end" if stop.stop_at_step_end else "length")
-                out.append(Completion(i, toks, lps, [1.0] * len(toks), reason))
-        return out
+    def token_logprob(self, token):
+        return {20: math.log(0.6)}.get(token, math.log(0.1) if 21 <= token <= 24 else 0.0)
 
 
 def test_expected_identical_frac_predicts_the_repeats_and_the_cover_rule_cuts_them():
