@@ -106,7 +106,8 @@ def main() -> int:
 
         if not (Path(args.checkpoint) / "config.json").is_file():
             raise SystemExit(f"--checkpoint {args.checkpoint}: no config.json there; give a "
-                             f"policy checkpoint folder (a run's itNNNN-policy-* or final/)")
+                             f"policy checkpoint folder (a run's iterations/itNNNN-policy-* or "
+                             f"final/)")
         first = cfgs[methods[0]]
         data = prepare_data.fn(first.data, first.stage_cache_dir, code_version("prepare_data"))
         start = {"path": str(Path(args.checkpoint).resolve())}

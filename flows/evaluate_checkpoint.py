@@ -1,7 +1,7 @@
 """The evaluate flow: held-out accuracy, pass@k and the lm-eval benchmark of one checkpoint.
 
-For a checkpoint a run made (``runs/<name>/it0039-policy-...``) or any Hugging Face model
-directory: the data stage of ``config`` gives the test split, the evaluation and benchmark
+For a checkpoint a run made (``runs/<name>/iterations/it0039-policy-...``) or any Hugging Face
+model directory: the data stage of ``config`` gives the test split, the evaluation and benchmark
 stages are the training flow's own (cached on the checkpoint's content digest), and the results
 go to an MLflow run tagged ``ibtpo.kind = evaluate``.
 """

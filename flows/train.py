@@ -28,7 +28,7 @@ from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, se
 from ibtpo_core.stages import StageRecord
 from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
 from pipeline import summaries, tracking
-from pipeline.stage_cache import code_version, inject_fault
+from pipeline.stage_cache import code_version, inject_fault, plain
 from tasks.benchmark import benchmark
 from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
@@ -97,7 +97,8 @@ def external_model(path: str) -> StageRecord:
 
 @dataclass
 class Run:
-    """Where one training run writes: its folder, its MLflow run, the RL code digest."""
+    """Where one training run writes: its folder, its MLflow run, the RL code digest, and the
+    folder of its RL iterations (``rl_dir``, set once the checkpoint RL starts from is known)."""
 
     cfg: ExperimentConfig
     run_dir: str
@@ -105,6 +106,7 @@ class Run:
     code: str
     config_file: str
     t0: float = field(default_factory=time.time)
+    rl_dir: str = ""
 
 
 @dataclass
@@ -116,6 +118,7 @@ class RLProgress:
     rl_wall: float = 0.0  # seconds spent in RL stages, as first computed (cache hits add theirs)
     freed: int = 0  # bytes of optimizer state deleted by rl.keep_optimizer_states
     checkpoints: list[str] = field(default_factory=list)  # this run's RL checkpoints, oldest first
+    samples: list[str] = field(default_factory=list)  # its sampled trees' folders, oldest first
 
 
 @flow(name="train", log_prints=True)
@@ -144,6 +147,7 @@ def train_steps(run: Run) -> dict:
     inputs = before_rl(cfg)
     log_before_rl(run, inputs)
     data, start, before = inputs.data, inputs.start, inputs.before
+    run.rl_dir = str(link_iterations(run, rl_lineage_dir(cfg, start, data)))
     rl = RLProgress(policy=start)
     bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
     for k in range(cfg.rl.iterations):
@@ -157,7 +161,7 @@ def train_steps(run: Run) -> dict:
         get_run_logger().info(f"deleted {rl.freed / 2**20:.0f} MiB of older optimizer states "
                               f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
     after = evaluate(cfg, rl.policy, data, cfg.eval.n, "after") if cfg.rl.iterations else before
-    final_records(run, before, after, rl.policy, data, start)
+    final_records(run, before, after, rl, data, start)
     return write_result(run, before, after, rl)
 
 
@@ -170,6 +174,39 @@ def start_run(cfg: ExperimentConfig, config: str, threads: int, tags: dict[str, 
                                           "ibtpo.method": cfg.algo.method, **tags})
     return Run(cfg=cfg, run_dir=run_dir, mlflow_id=mlflow_id, code=code_version("rl"),
                config_file=str(Path(config).resolve()))
+
+
+ITERATIONS_LINK = "iterations"  # in a run's folder: its RL iterations' folder (rl_lineage_dir)
+
+
+def rl_lineage_dir(cfg: ExperimentConfig, start: StageRecord, data: StageRecord) -> Path:
+    """The folder of a run's RL iterations (trees, scores, checkpoints), in the stage cache.
+
+    Keyed on what the iterations depend on (the method, the rollout, the engine, the seed, the
+    checkpoint RL starts from, the data and the RL code) and not on the number of iterations or
+    the run's name, so a longer run of the same config continues from a shorter one's stages
+    (the table's 3x budget reuses the default budget's first iterations), and a run under
+    another name or sweep reuses them all. Each stage is still keyed on its own inputs."""
+    key = [plain(cfg.algo), plain(cfg.rl.rollout), plain(cfg.engine), cfg.seed, start["digest"],
+           data["digest"], code_version("rl")]
+    return Path(cfg.stage_cache_dir) / f"rl-{digest_json(key)[:12]}"
+
+
+def link_iterations(run: Run, rl_dir: Path) -> Path:
+    """``<run>/iterations``: a link to the run's RL iterations folder (made, or moved there)."""
+    rl_dir.mkdir(parents=True, exist_ok=True)
+    link = Path(run.run_dir) / ITERATIONS_LINK
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = rl_dir.resolve()
+    if link.is_symlink() and link.resolve() == target:
+        return rl_dir
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        raise FileExistsError(f"{link} exists and is not a link: move it away (the run's RL "
+                              f"iterations are kept in {rl_dir} and linked from there)")
+    link.symlink_to(target, target_is_directory=True)
+    return rl_dir
 
 
 def record_config(run: Run) -> None:
@@ -240,9 +277,9 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     logs the iteration's metrics and returns them."""
     cfg = run.cfg
     trees = ensure(sample_trees, k, cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, rl.policy,
-                   data, run.run_dir, run.code, iteration=k)
-    scores = ensure(estimate_scores, k, cfg.algo, trees, run.run_dir, run.code, iteration=k)
-    new = ensure(update_policy, k, cfg.algo, rl.policy, scores, reference, run.run_dir, run.code,
+                   data, run.rl_dir, run.code, iteration=k)
+    scores = ensure(estimate_scores, k, cfg.algo, trees, run.rl_dir, run.code, iteration=k)
+    new = ensure(update_policy, k, cfg.algo, rl.policy, scores, reference, run.rl_dir, run.code,
                  iteration=k)
     metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"]}
     rl.decoded += metrics["tree/decoded_tokens"]
@@ -251,6 +288,7 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     tracking.log_metrics_once(run.mlflow_id, k, metrics)
     rl.policy = new
     rl.checkpoints.append(new["path"])
+    rl.samples.append(trees["path"])
     rl.freed += prune_optimizer_states(rl.checkpoints, cfg.rl.keep_optimizer_states)
     return metrics
 
@@ -275,10 +313,10 @@ def after_iteration(run: Run, done: int, rl: RLProgress, data: StageRecord) -> N
         )
 
 
-def final_records(run: Run, before: StageRecord, after: StageRecord, policy: StageRecord,
+def final_records(run: Run, before: StageRecord, after: StageRecord, rl: RLProgress,
                   data: StageRecord, reference: StageRecord) -> None:
     """Evaluations before/after, the final lm-eval benchmark, lineage, sample trees, plots."""
-    cfg, parent = run.cfg, run.mlflow_id
+    cfg, parent, policy = run.cfg, run.mlflow_id, rl.policy
     eval_run = tracking.child_run(parent, "evaluate")
     tracking.log_metrics_once(eval_run, 0, before["metrics"])
     tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
@@ -288,8 +326,10 @@ def final_records(run: Run, before: StageRecord, after: StageRecord, policy: Sta
         bench_run = tracking.child_run(parent, "benchmark")
         tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
         tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))
-    tracking.log_lineage(parent, run.run_dir, policy, data, reference)
-    tracking.log_sample_trees(parent, run.run_dir, cfg.tracking.sample_trees, policy["path"])
+    tracking.log_lineage(parent, run.run_dir, rl.checkpoints, policy, data, reference)
+    last_trees = rl.samples[-1] if rl.samples else None
+    tracking.log_sample_trees(parent, run.run_dir, last_trees, cfg.tracking.sample_trees,
+                              policy["path"])
     tracking.log_plots(parent, run.run_dir)
     tracking.finish(parent)
 
@@ -305,6 +345,7 @@ def write_result(run: Run, before: StageRecord, after: StageRecord, rl: RLProgre
               "eval_split": cfg.eval.split, "decoded_tokens": rl.decoded,
               "rl_wall_s": round(rl.rl_wall, 1), "wall_s": round(time.time() - run.t0, 1),
               "mlflow_run_id": run.mlflow_id, "checkpoint": rl.policy["path"],
+              "iterations_dir": run.rl_dir,
               "run_key": run_key(cfg)}
     out = Path(run.run_dir) / "result.json"
     out.with_suffix(".tmp").write_text(json.dumps(result, indent=1))

@@ -267,8 +267,10 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
     )
 
 
-def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: dict) -> None:
-    """Each checkpoint with the digests of the data and the checkpoint it came from."""
+def log_lineage(run_id: str, run_dir: str, checkpoints: list[str], policy: dict, data: dict,
+                reference: dict) -> None:
+    """Each of the run's checkpoints (folders, oldest first) with the digests of the data and the
+    checkpoint it came from, as ``<run_dir>/lineage.json``."""
     client = MlflowClient()
     client.set_tag(run_id, "ibtpo.checkpoint_digest", policy["digest"])
     client.set_tag(run_id, "ibtpo.checkpoint_path", policy["path"])
@@ -276,13 +278,13 @@ def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: 
     client.set_tag(run_id, "ibtpo.reference_digest", reference["digest"])
     run_dir = Path(run_dir)
     chain = []
-    for folder in sorted(run_dir.glob("it*-policy-*")):
+    for folder in map(Path, checkpoints):
         m = (
             json.loads((folder / "manifest.json").read_text())
             if (folder / "manifest.json").is_file()
             else {}
         )
-        chain.append({"checkpoint": folder.name, "digest": m.get("digest"),
+        chain.append({"checkpoint": folder.name, "path": str(folder), "digest": m.get("digest"),
                       "parent_checkpoint_digest": m.get("parent_checkpoint"),
                       "training_data_digest": m.get("data_digest"),
                       "optimizer_state_deleted": bool(m.get("pruned"))})
@@ -293,31 +295,30 @@ def log_lineage(run_id: str, run_dir: str, policy: dict, data: dict, reference: 
 
 
 def log_sample_trees(
-    run_id: str, run_dir: str, count: int, tokenizer_dir: str | None = None
+    run_id: str, run_dir: str, trees_dir: str | None, count: int, tokenizer_dir: str | None = None
 ) -> None:
-    """A few trees of the last iteration, in the tree-score JSON format, each with its picture
-    (steps coloured by IB-Score, leaves by reward, the branching picks of each round marked)."""
+    """A few trees of the run's last iteration (``trees_dir``, its sample stage's folder), in the
+    tree-score JSON format, each with its picture (steps coloured by IB-Score, leaves by reward,
+    the branching picks of each round marked)."""
     from ibtpo_core.tree_picture import draw_tree
 
-    if count <= 0:
+    if count <= 0 or trees_dir is None:
         return
-    folders = sorted(Path(run_dir).glob("it*-sample-*"))
-    if not folders:
-        return
+    folder = Path(trees_dir)
     decode = None
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    trees = json.loads((folders[-1] / "trees.json").read_text())[:count]
+    trees = json.loads((folder / "trees.json").read_text())[:count]
     out = Path(run_dir) / "sample_trees"
     out.mkdir(exist_ok=True)
     for i, t in enumerate(trees):
         (out / f"tree_{i}.json").write_text(json.dumps(t))
         log_artifact_once(run_id, str(out / f"tree_{i}.json"), "sample_trees")
         prompt = decode(t["nodes"][0]["tokens"]) if decode else None
-        title = f"{folders[-1].name[:6]}, tree {i}" + (f": {prompt.strip()[:80]}" if prompt else "")
+        title = f"{folder.name[:6]}, tree {i}" + (f": {prompt.strip()[:80]}" if prompt else "")
         draw_tree(t, out / f"tree_{i}.png", decode, title)
         log_artifact_once(run_id, str(out / f"tree_{i}.png"), "sample_trees")
 

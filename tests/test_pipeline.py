@@ -273,13 +273,14 @@ def test_evaluate_flow_scores_a_checkpoint(harness):
 def test_old_optimizer_states_are_deleted_and_the_run_still_resumes(harness, monkeypatch):
     import ibtpo_core.training.deepspeed_trainer
 
-    own = [f"output_dir={harness / 'runs_keep'}", "rl.iterations=3", "rl.keep_optimizer_states=1",
-           "benchmark.enabled=false"]
+    # a stage cache of its own: the pruning below must not reach the other tests' iterations
+    own = [f"output_dir={harness / 'runs_keep'}", f"stage_cache_dir={harness / 'stages_keep'}",
+           "rl.iterations=3", "rl.keep_optimizer_states=1", "benchmark.enabled=false"]
     out = _run(harness, *own)
     ckpts = sorted(Path(out["checkpoint"]).parent.glob("it*-policy-*"))
     assert [(c / "optimizer.pt").is_file() for c in ckpts] == [False, False, True]
     assert all((c / "model.safetensors").is_file() for c in ckpts)  # weights are kept
-    lineage = json.loads((Path(out["checkpoint"]).parent / "lineage.json").read_text())
+    lineage = json.loads((harness / "runs_keep" / "lineage.json").read_text())
     assert [c["optimizer_state_deleted"] for c in lineage["checkpoints"]] == [True, True, False]
 
     def boom(*a, **k):
@@ -292,6 +293,36 @@ def test_old_optimizer_states_are_deleted_and_the_run_still_resumes(harness, mon
     weights.write_bytes(weights.read_bytes()[:100])  # the last checkpoint is lost ...
     with pytest.raises(ValueError, match="rl.keep_optimizer_states=null"):
         _run(harness, *own)  # ... and the state it must be recomputed from was deleted
+
+
+def test_a_longer_run_continues_from_a_shorter_ones_iterations(harness, monkeypatch):
+    """Runs that differ only in rl.iterations (and their folders) share their RL iterations: the
+    3-iteration run computes one update, not three; each run's records list its own."""
+    import ibtpo_core.training.deepspeed_trainer as trainer
+
+    common = [f"stage_cache_dir={harness / 'stages_budget'}", "benchmark.enabled=false"]
+    short = _run(harness, f"output_dir={harness / 'budget_1x'}", *common)
+    real, calls = trainer.update_policy, []
+
+    def counted(*a, **k):
+        calls.append(a[1])  # out_dir
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "update_policy", counted)
+    long = _run(harness, f"output_dir={harness / 'budget_3x'}", "rl.iterations=3", *common)
+    assert len(calls) == 1 and "it0002-policy" in calls[0]
+    assert long["iterations_dir"] == short["iterations_dir"]
+    link = harness / "budget_3x" / "iterations"
+    assert link.resolve() == Path(short["iterations_dir"]).resolve()
+    assert long["decoded_tokens"] > short["decoded_tokens"] > 0
+    # the shorter run, rerun now that its iterations folder holds three, still records two
+    again = _run(harness, f"output_dir={harness / 'budget_1x'}", *common)
+    assert len(calls) == 1 and again["checkpoint"] == short["checkpoint"]
+    lineage = json.loads((harness / "budget_1x" / "lineage.json").read_text())
+    assert [c["checkpoint"][:6] for c in lineage["checkpoints"]] == ["it0000", "it0001"]
+    tree = json.loads((harness / "budget_1x" / "sample_trees" / "tree_0.json").read_text())
+    last = next(Path(short["iterations_dir"]).glob("it0001-sample-*")) / "trees.json"
+    assert tree == json.loads(last.read_text())[0]  # its own last iteration's, not it0002's
 
 
 def test_a_tuning_run_is_scored_on_the_validation_split(harness):

@@ -148,7 +148,7 @@ def test_two_cells_run_at_once_and_a_killed_worker_is_retried(ray_head, tmp_path
         done_it0 = tmp_path / "report" / "ibtpo" / "s0"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(done_it0.glob("it0000-policy-*/manifest.json")):
+            if any(done_it0.glob("iterations/it0000-policy-*/manifest.json")):
                 break
             time.sleep(0.2)
         before = _manifests(tmp_path)

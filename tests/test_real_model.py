@@ -62,7 +62,7 @@ def test_one_iteration_of_each_smollm2_config(harness, method):
     leaves = run.data.metrics["tree/num_leaves"]  # per tree
     assert run.data.metrics["num_sequences"] == 2 * leaves and (method != "grpo" or leaves == 8)
     # the prompts went through SmolLM2's chat template; rewards came from reasoning-gym
-    sample = next(Path(harness / method).glob("it0000-sample-*"))
+    sample = next(Path(harness / method / "iterations").glob("it0000-sample-*"))
     prompts = json.loads((sample / "prompts.json").read_text())
     assert all(p["verifier"] == "reasoning_gym" and p["rg_dataset"] == "countdown" for p in prompts)
     from transformers import AutoTokenizer
@@ -72,6 +72,6 @@ def test_one_iteration_of_each_smollm2_config(harness, method):
     trees = load_trees(sample / "trees.json")
     tok = AutoTokenizer.from_pretrained(next(Path(harness / "stages").glob("model-*")))
     assert tok.decode(trees[0].nodes[0].tokens).startswith("<|im_start|>system")
-    assert next(Path(harness / method).glob("it0000-policy-*/model.safetensors"))
+    assert next(Path(harness / method / "iterations").glob("it0000-policy-*/model.safetensors"))
     test = read_jsonl(next(Path(harness / "stages").glob("data-*")) / "test.jsonl")
     assert {r["key"] for r in test}.isdisjoint(p["key"] for p in prompts)
