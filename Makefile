@@ -82,7 +82,8 @@ test-vllm: $(VLLM_STAMP)
 # Speed benchmarks first, then the equal-budget table on the deep task at two budgets
 # (configs/sweeps/deep_table*.yaml) and IB-TPO against GRPO at two more depths
 # (deep_depth5/7.yaml), whose JSON line ends the output. Each variant's first 5 seeds (the
-# issue's minimum): deep_table lists 15 for ibtpo and grpo, which bench-table runs.
+# issue's minimum): deep_table lists 15 for ibtpo and grpo, which bench-table runs. A 3x cell
+# continues from the default-budget cell's 30 iterations (shared in the stage cache).
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py --json bench/results/rollout.json
 	$(BIN)/python bench/tree_score.py --json bench/results/tree_score.json
