@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from configs.schema import ExperimentConfig
+from configs.schema import ExperimentConfig, load_config
 from configs.sweep import Cell, SweepSpec, check_cells, expand, load_sweep
 from flows.train import before_rl, finished_result, train
 from ibtpo_core.artifacts import digest_json
@@ -63,7 +63,7 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
         check_ray_address(spec.ray_address)
     experiment = next(iter(configs.values())).tracking.experiment
     parent = tracking.parent_run(
-        experiment, digest_json([spec.model_dump(), code_version()]), spec.name,
+        experiment, sweep_key(spec), spec.name,
         params={"sweep_file": sweep_file, **spec.model_dump()}, kind="sweep",
         tags={"prefect.flow_run_id": str(flow_run.id), "ibtpo.sweep": spec.name})
     tracking.log_artifact_once(parent, sweep_file)
@@ -109,6 +109,15 @@ def sweep(sweep_file: str, cells: list[str] | None = None) -> dict:
                            f"The others finished and are in the report {report}. Rerun a failed "
                            f"cell alone with `{rerun}` (finished cells are cache hits).")
     return summary
+
+
+def sweep_key(spec: SweepSpec) -> str:
+    """What identifies a sweep run (its MLflow run, and so which finished cells its report
+    holds): the sweep file, the base config as it now resolves (an edit to the base YAML or a
+    file it builds on, such as a new warm-up, starts a new sweep run, so the report never mixes
+    cells trained from the old and the new config) and the code."""
+    return digest_json([spec.model_dump(), load_config(spec.base, []).model_dump(),
+                        code_version()])
 
 
 def shared_inputs(cfg: ExperimentConfig) -> str:

@@ -167,6 +167,22 @@ def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
     assert list(table) == ["ibtpo", "grpo"]  # rows in the file's order
 
 
+def test_an_edit_to_the_base_config_starts_a_new_sweep_run(tmp_path):
+    """A sweep run's report holds the cells tagged with it: when the base YAML changes (a new
+    warm-up, say), the cells trained from the old file must not land in the new report."""
+    from configs.sweep import load_sweep
+    from flows.sweep import sweep_key
+
+    base = tmp_path / "base.yaml"
+    base.write_text(Path(SMOKE).read_text())
+    path = _write(tmp_path, {"name": "k", "base": str(base), "seeds": [0],
+                             "variants": [{"name": "ibtpo"}]})
+    first = sweep_key(load_sweep(path))
+    assert sweep_key(load_sweep(path)) == first  # the same file, the same sweep run
+    base.write_text(base.read_text().replace("steps: 20", "steps: 30"))
+    assert sweep_key(load_sweep(path)) != first
+
+
 def test_failed_cell_does_not_stop_the_others_and_reruns_alone(harness, monkeypatch):
     import flows.train
     from flows.sweep import sweep
