@@ -1,4 +1,5 @@
 """Every shipped config loads; bad configs fail at once, naming the key and the fix."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -88,4 +89,9 @@ def test_the_deep_task_config_is_the_default_run_on_countdown_6():
     root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
     deep, tiny = load_config(root / "deep_ibtpo.yaml"), load_config(root / "tiny_ibtpo.yaml")
     assert deep.data.countdown.num_count == 6 and deep.data.countdown.problems == "sample"
-    assert deep.model == tiny.model and deep.warmup == tiny.warmup and deep.algo == tiny.algo
+    assert deep.model == tiny.model and deep.algo == tiny.algo
+    # the deep task's warm-up: half the batch, twice the steps (the same compute), all else equal
+    dw, tw = deep.warmup.spec, tiny.warmup.spec
+    assert (dw.batch_size, dw.steps) == (32, 3000)
+    assert dw.steps * dw.batch_size == tw.steps * tw.batch_size
+    assert dataclasses.replace(dw, batch_size=tw.batch_size, steps=tw.steps) == tw
