@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import mlflow
@@ -118,15 +119,28 @@ def reap_orphans(client: MlflowClient, exp_id: str) -> list[str]:
     return reaped
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing. Two runs that start together on a new
+    store may both find it missing: the one whose create loses the race reads the other's."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(tracking_uri()))
+    except mlflow.exceptions.MlflowException as err:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or not (lost_race(err) or err.error_code == "RESOURCE_ALREADY_EXISTS"):
+            raise
+        return exp.experiment_id
+
+
 def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dict,
                kind: str = "train") -> str:
     """The id of the top-level run (``kind`` train or sweep) for ``run_key``: found again on a
     rerun, else created."""
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=artifact_root(tracking_uri()))
+    exp_id = experiment_id(client, experiment)
     tags = {**tags, "ibtpo.host": socket.gethostname(), "ibtpo.pid": str(os.getpid())}
     found = _find(
         client, exp_id, f"tags.`ibtpo.run_key` = '{run_key}' and tags.`ibtpo.kind` = '{kind}'"
@@ -262,9 +276,30 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
         entity = ds._to_mlflow_entity()  # the schema is inferred here
     from mlflow.entities import DatasetInput, InputTag
 
-    client.log_inputs(
-        run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])]
-    )
+    entry = DatasetInput(entity, [InputTag("mlflow.data.context", context)])
+    for attempt in range(1, LOST_RACE_ATTEMPTS + 1):
+        try:
+            client.log_inputs(run_id, datasets=[entry])
+            return
+        except mlflow.exceptions.MlflowException as err:
+            # cells of a sweep log the same split at once: MLflow looks the dataset up, then
+            # inserts it, so the slower cell fails on the table's unique key; the dataset is
+            # there now, and the next try links it to this run
+            if attempt == LOST_RACE_ATTEMPTS or not lost_race(err):
+                raise
+            time.sleep(0.2 * attempt)
+
+
+# how often a write that lost a race with another process (see lost_race) is tried in all
+LOST_RACE_ATTEMPTS = 3
+# what a tracking store says when a row another process inserted meanwhile is inserted again:
+# SQLite, PostgreSQL, MySQL
+_DUPLICATE_ROW = re.compile(r"UNIQUE constraint failed|duplicate key value|Duplicate entry", re.I)
+
+
+def lost_race(err: Exception) -> bool:
+    """Whether ``err`` says a row was inserted twice (two writers checked, then both inserted)."""
+    return bool(_DUPLICATE_ROW.search(str(err)))
 
 
 def log_lineage(run_id: str, run_dir: str, checkpoints: list[str], policy: dict, data: dict,

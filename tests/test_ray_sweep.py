@@ -125,7 +125,14 @@ def _cell_workers(tag: str, cell: str = "") -> list[psutil.Process]:
 
 
 def _manifests(folder: Path) -> dict[str, int]:
-    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("manifest.json")}
+    """Finished outputs: every manifest outside a stage's temporary folder (``.NAME.xxxx``, which
+    a writer renames into place when done, or a retry deletes when its writer was killed)."""
+    found = {}
+    for p in folder.rglob("manifest.json"):
+        if not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            with contextlib.suppress(FileNotFoundError):  # renamed while we looked
+                found[str(p)] = p.stat().st_mtime_ns
+    return found
 
 
 def test_two_cells_run_at_once_and_a_killed_worker_is_retried(ray_head, tmp_path, monkeypatch):

@@ -84,3 +84,96 @@ def test_runs_starting_together_on_a_new_sqlite_store_both_start(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in results]
+
+
+def _split(tmp_path: Path) -> Path:
+    split = tmp_path / "test.jsonl"
+    split.write_text('{"numbers": [1, 2, 3], "target": 6}\n')
+    return split
+
+
+def test_a_cell_that_loses_the_race_to_log_a_split_links_the_dataset_the_other_logged(
+        tmp_path, monkeypatch):
+    # two cells of a sweep log the same split at once; MLflow looks the dataset up, then inserts
+    # it, so the slower cell hit the table's unique key and the whole cell failed (a Ray sweep,
+    # about one run in five)
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    client = MlflowClient()
+    exp = tracking.experiment_id(client, "race")
+    other, mine = (client.create_run(exp).info.run_id for _ in range(2))
+    real, calls = MlflowClient.log_inputs, []
+
+    def racing(self, run_id, datasets=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:
+            # the other cell logs the split between this one's look-up and its insert: this
+            # insert then meets the row the other wrote (SQLite's own error, as MLflow wraps it)
+            real(self, other, datasets=datasets)
+            ds = datasets[0].dataset
+            with sqlite3.connect(db) as con:
+                try:
+                    con.execute("INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, "
+                                "dataset_source_type, dataset_source) VALUES (?, ?, ?, ?, ?, ?)",
+                                ("0" * 32, int(exp), ds.name, ds.digest, "local", "{}"))
+                except sqlite3.IntegrityError as err:
+                    raise MlflowException(f"(sqlite3.IntegrityError) {err}") from err
+        return real(self, run_id, datasets=datasets, models=models)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
+    tracking.log_dataset(mine, str(_split(tmp_path)), "test", "ab" * 32, "eval")
+    assert calls == [mine, mine]  # lost the race once, linked on the second try
+    for run in (other, mine):
+        assert [d.dataset.name for d in client.get_run(run).inputs.dataset_inputs] == ["test"]
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM datasets").fetchone() == (1,)
+
+
+def test_a_failure_to_log_a_split_that_is_no_race_is_raised_at_once(tmp_path, monkeypatch):
+    import pytest
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.create_run(tracking.experiment_id(client, "race")).info.run_id
+    calls = []
+
+    def refusing(self, run_id, datasets=None, models=None):
+        calls.append(run_id)
+        raise MlflowException("The run must be in the 'active' state")
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", refusing)
+    with pytest.raises(MlflowException, match="active"):
+        tracking.log_dataset(run, str(_split(tmp_path)), "test", "ab" * 32, "eval")
+    assert calls == [run]
+
+
+def test_two_runs_that_create_the_experiment_at_once_both_get_its_id(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    real, looked = MlflowClient.get_experiment_by_name, []
+
+    def late(self, name):
+        looked.append(name)
+        if len(looked) == 1:  # the other run creates it after this one looked and found nothing
+            self.create_experiment(name)
+            return None
+        return real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", late)
+    exp = tracking.experiment_id(client, "ibtpo")
+    assert looked == ["ibtpo", "ibtpo"] and exp == real(client, "ibtpo").experiment_id
