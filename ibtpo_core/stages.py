@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, TypedDict
 
@@ -72,7 +73,22 @@ def claim(folder: Path):
         yield hit
         return
     with exclusive(folder):
-        yield cached(folder)  # a worker that held the stage before us may have finished it
+        hit = cached(folder)  # a worker that held the stage before us may have finished it
+        if hit is None:
+            clear_dead_writes(folder)
+        yield hit
+
+
+def clear_dead_writes(folder: Path) -> list[Path]:
+    """Delete the temporary folders (``.NAME.xxxxxxxx``, from ``atomic_dir``) that writers of
+    ``folder`` killed mid-write left beside it; returns them. Call it only while holding the
+    stage (``exclusive``): every writer holds it, so no live one is writing then."""
+    folder = Path(folder)
+    dead = [p for p in folder.parent.glob(f".{folder.name}.*")
+            if p.is_dir() and len(p.name) == len(folder.name) + 10]  # ".", name, ".", 8 chars
+    for p in dead:
+        shutil.rmtree(p, ignore_errors=True)
+    return dead
 
 
 # data.source -> fn(data_cfg) -> {"train", "validation", "test": rows}

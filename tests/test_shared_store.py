@@ -18,11 +18,14 @@ from ibtpo_core import stages
 
 folder = Path(sys.argv[1])
 
+def write(tmp):  # half the output, a pause (the worker may be killed here), the rest
+    (tmp / "half.txt").write_text(os.getcwd())
+    time.sleep(float(sys.argv[2]))
+    (tmp / "out.txt").write_text(os.getcwd())
+
 def compute():
     (folder.parent / f"computed-by-{os.getpid()}").write_text(os.getcwd())
-    time.sleep(float(sys.argv[2]))
-    return stages.publish(folder, lambda tmp: (tmp / "out.txt").write_text(os.getcwd()),
-                          {"worker/pid": float(os.getpid())})
+    return stages.publish(folder, write, {"worker/pid": float(os.getpid())})
 
 with stages.claim(folder) as hit:
     rec = hit or compute()
@@ -58,17 +61,21 @@ def test_a_worker_killed_while_computing_does_not_block_the_next(tmp_path):
     folder = tmp_path / "shared" / "eval-xyz"
     first = _start(tmp_path / "a", folder, 60.0)
     deadline = time.time() + 30
-    while not list(folder.parent.glob("computed-by-*")) and time.time() < deadline:
+    while not list(folder.parent.glob(".eval-xyz.*/half.txt")) and time.time() < deadline:
         time.sleep(0.1)
     second = _start(tmp_path / "b", folder, 0.5)
     time.sleep(1.0)
     assert second.poll() is None  # waiting on the first
-    os.kill(first.pid, signal.SIGKILL)
+    os.kill(first.pid, signal.SIGKILL)  # mid-write: its half-written folder stays behind
     first.wait(timeout=10)
+    half_written = [p for p in folder.parent.glob(".eval-xyz.*") if p.is_dir()]
+    assert len(half_written) == 1
     out, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
     assert json.loads(out)["metrics"]["worker/pid"] == second.pid  # it computed the stage itself
     assert (folder / "out.txt").read_text() == str(tmp_path / "b")
+    assert not half_written[0].exists()  # the next writer cleared what the killed one left
+    assert (folder.parent / ".eval-xyz.lock").is_file()  # the lock, which waiters may hold, stays
 
 
 def test_runs_starting_together_on_a_new_sqlite_store_both_start(tmp_path):
