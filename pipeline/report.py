@@ -49,6 +49,7 @@ class CellRun:
     order: int = 0  # the cell's place in the sweep file (rows follow the file's order)
     trees: bool = True  # sampled trees (IBTree); flat groups have no training-tree diagnostic
     train_reward_final: float = math.nan  # mean reward over the last FINAL_ITERATIONS iterations
+    split: str = "test"  # the held-out split its evaluations scored (eval.split)
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -111,7 +112,8 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
                    ib={k: _history(client, rid, k) for k in IB_CURVES},
                    order=int(tags.get("ibtpo.cell_index", 0)),
                    trees=run.data.params.get("algo.tree.sampler", "ibtree") == "ibtree",
-                   train_reward_final=sum(rewards) / len(rewards) if rewards else math.nan)
+                   train_reward_final=sum(rewards) / len(rewards) if rewards else math.nan,
+                   split=run.data.params.get("eval.split", "test"))
 
 
 REUSED_PREFIX = "ibtpo.cell_run."
@@ -232,6 +234,7 @@ def summarize(cells: list[CellRun], baseline: str | None) -> dict:
     ceilings = [c.before.get("task/ceiling_unique_ratio", math.nan) for c in cells]
     return {"methods": methods, "baseline": baseline, "equal_tokens": common_tokens,
             "equal_wall_s": common_wall, "pass_key": pk,
+            "eval_split": " and ".join(dict.fromkeys(c.split for c in cells)),
             "ceiling_unique_ratio": mean_se(ceilings)[0],
             "cells": [{"name": c.name, "label": c.label, "seed": c.seed, "run_id": c.run_id,
                        "accuracy": c.final["accuracy"]} for c in cells]}
@@ -273,11 +276,12 @@ def markdown(summary: dict, title: str) -> str:
         "RL wall s",
     ]
     lines = [f"# {title}", "",
-             "Accuracy: held-out test split after RL, mean +- SE over seeds. The difference to "
+             f"Accuracy: the held-out {summary.get('eval_split', 'test')} split after RL, mean "
+             "+- SE over seeds. The difference to "
              f"{b or 'the baseline'} has a Welch 95% interval over seeds; the paired one is "
              "over the seeds both ran (same seed: same warm-up, prompts and evaluation draws), "
              "narrower when a seed moves both methods alike. Equal-token and "
-             "equal-time accuracies are read off each run's accuracy curve (a subset of the test "
+             "equal-time accuracies are read off each run's accuracy curve (a subset of that "
              "split, every few iterations) at the smallest total that every run reached. "
              "Identical siblings: the share of branches whose first step a sibling already had "
              "(trees only). Train reward (end): the mean reward of the last "

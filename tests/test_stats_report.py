@@ -106,6 +106,19 @@ def test_summarize_per_method():
     assert "| ibtpo | 2 | 0.310 +- 0.010 | +4.0 pts [" in table
     assert "| +4.0 pts [+4.0, +4.0] (2 pairs) |" in table
     assert "| grpo | 2 |" in table and "2.00x" in table
+    assert s["eval_split"] == "test" and "Accuracy: the held-out test split" in table
+
+
+def test_a_sweep_scored_on_validation_says_so():
+    # a tuning or ablation sweep (eval.split: validation) must not read as a test-split result
+    import dataclasses
+
+    cells = [dataclasses.replace(_cell(m, seed, acc, 0.6, 400.0, 40.0), split="validation")
+             for m, seed, acc in (("ibtpo", 0, 0.30), ("grpo", 0, 0.26))]
+    s = summarize(cells, "grpo")
+    table = markdown(s, "t")
+    assert s["eval_split"] == "validation"
+    assert "Accuracy: the held-out validation split" in table and "test split" not in table
 
 
 def test_summarize_refuses_nothing():
