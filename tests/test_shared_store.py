@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 WORKER = r"""
 import json, os, sys, time
 from pathlib import Path
@@ -63,13 +65,13 @@ def test_a_worker_killed_while_computing_does_not_block_the_next(tmp_path):
     deadline = time.time() + 30
     while not list(folder.parent.glob(".eval-xyz.*/half.txt")) and time.time() < deadline:
         time.sleep(0.1)
+    half_written = [p for p in folder.parent.glob(".eval-xyz.*") if p.is_dir()]
+    assert len(half_written) == 1
     second = _start(tmp_path / "b", folder, 0.5)
     time.sleep(1.0)
     assert second.poll() is None  # waiting on the first
     os.kill(first.pid, signal.SIGKILL)  # mid-write: its half-written folder stays behind
     first.wait(timeout=10)
-    half_written = [p for p in folder.parent.glob(".eval-xyz.*") if p.is_dir()]
-    assert len(half_written) == 1
     out, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
     assert json.loads(out)["metrics"]["worker/pid"] == second.pid  # it computed the stage itself
@@ -93,6 +95,19 @@ def test_runs_starting_together_on_a_new_sqlite_store_both_start(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in results]
 
 
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    """A fresh MLflow sqlite store for this test, named by MLFLOW_TRACKING_URI as the pipeline
+    names it; MLflow's process-wide URI (set by any earlier test that ran a flow, and pointing
+    at that test's deleted store) is cleared for the test and put back after."""
+    from mlflow.tracking._tracking_service import utils
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    return db
+
+
 def _split(tmp_path: Path) -> Path:
     split = tmp_path / "test.jsonl"
     split.write_text('{"numbers": [1, 2, 3], "target": 6}\n')
@@ -100,7 +115,7 @@ def _split(tmp_path: Path) -> Path:
 
 
 def test_a_cell_that_loses_the_race_to_log_a_split_links_the_dataset_the_other_logged(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, store):
     # two cells of a sweep log the same split at once; MLflow looks the dataset up, then inserts
     # it, so the slower cell hit the table's unique key and the whole cell failed (a Ray sweep,
     # about one run in five)
@@ -111,8 +126,7 @@ def test_a_cell_that_loses_the_race_to_log_a_split_links_the_dataset_the_other_l
 
     from pipeline import tracking
 
-    db = tmp_path / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    db = store
     client = MlflowClient()
     exp = tracking.experiment_id(client, "race")
     other, mine = (client.create_run(exp).info.run_id for _ in range(2))
@@ -143,14 +157,12 @@ def test_a_cell_that_loses_the_race_to_log_a_split_links_the_dataset_the_other_l
         assert con.execute("SELECT count(*) FROM datasets").fetchone() == (1,)
 
 
-def test_a_failure_to_log_a_split_that_is_no_race_is_raised_at_once(tmp_path, monkeypatch):
-    import pytest
+def test_a_failure_to_log_a_split_that_is_no_race_is_raised_at_once(tmp_path, monkeypatch, store):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient()
     run = client.create_run(tracking.experiment_id(client, "race")).info.run_id
     calls = []
@@ -165,12 +177,11 @@ def test_a_failure_to_log_a_split_that_is_no_race_is_raised_at_once(tmp_path, mo
     assert calls == [run]
 
 
-def test_two_runs_that_create_the_experiment_at_once_both_get_its_id(tmp_path, monkeypatch):
+def test_two_runs_that_create_the_experiment_at_once_both_get_its_id(monkeypatch, store):
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient()
     real, looked = MlflowClient.get_experiment_by_name, []
 
