@@ -47,7 +47,7 @@ def atomic_dir(final: Path):
     """Yield a temporary folder; on success it replaces ``final`` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
     try:
         yield tmp
         if final.exists():
@@ -62,6 +62,22 @@ def atomic_dir(final: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(final: Path) -> str:
+    """How ``atomic_dir`` names its temporary folder for ``final`` (a random tail follows)."""
+    return f".{final.name}.tmp-"
+
+
+def clear_dead_writes(final: Path) -> list[Path]:
+    """Delete the temporary folders that ``atomic_dir`` writers of ``final`` killed mid-write
+    left beside it; returns them. Call it only while holding ``exclusive(final)``: every
+    writer holds it, so no live one is writing then."""
+    final = Path(final)
+    dead = [p for p in final.parent.glob(_tmp_prefix(final) + "*") if p.is_dir()]
+    for p in dead:
+        shutil.rmtree(p, ignore_errors=True)
+    return dead
 
 
 @contextlib.contextmanager

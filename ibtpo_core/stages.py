@@ -8,11 +8,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, TypedDict
 
-from ibtpo_core.artifacts import atomic_dir, exclusive, read_manifest, write_manifest
+from ibtpo_core.artifacts import (
+    atomic_dir,
+    clear_dead_writes,
+    exclusive,
+    read_manifest,
+    write_manifest,
+)
 from ibtpo_core.registry import Registry
 
 
@@ -77,18 +82,6 @@ def claim(folder: Path):
         if hit is None:
             clear_dead_writes(folder)
         yield hit
-
-
-def clear_dead_writes(folder: Path) -> list[Path]:
-    """Delete the temporary folders (``.NAME.xxxxxxxx``, from ``atomic_dir``) that writers of
-    ``folder`` killed mid-write left beside it; returns them. Call it only while holding the
-    stage (``exclusive``): every writer holds it, so no live one is writing then."""
-    folder = Path(folder)
-    dead = [p for p in folder.parent.glob(f".{folder.name}.*")
-            if p.is_dir() and len(p.name) == len(folder.name) + 10]  # ".", name, ".", 8 chars
-    for p in dead:
-        shutil.rmtree(p, ignore_errors=True)
-    return dead
 
 
 # data.source -> fn(data_cfg) -> {"train", "validation", "test": rows}
