@@ -119,6 +119,18 @@ def reap_orphans(client: MlflowClient, exp_id: str) -> list[str]:
     return reaped
 
 
+# how often a write that lost a race with another process (see lost_race) is tried in all
+LOST_RACE_ATTEMPTS = 3
+# what a tracking store says when a row another process inserted meanwhile is inserted again:
+# SQLite, PostgreSQL, MySQL
+_DUPLICATE_ROW = re.compile(r"UNIQUE constraint failed|duplicate key value|Duplicate entry", re.I)
+
+
+def lost_race(err: Exception) -> bool:
+    """Whether ``err`` says a row was inserted twice (two writers checked, then both inserted)."""
+    return bool(_DUPLICATE_ROW.search(str(err)))
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if missing. Two runs that start together on a new
     store may both find it missing: the one whose create loses the race reads the other's."""
@@ -288,18 +300,6 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
             if attempt == LOST_RACE_ATTEMPTS or not lost_race(err):
                 raise
             time.sleep(0.2 * attempt)
-
-
-# how often a write that lost a race with another process (see lost_race) is tried in all
-LOST_RACE_ATTEMPTS = 3
-# what a tracking store says when a row another process inserted meanwhile is inserted again:
-# SQLite, PostgreSQL, MySQL
-_DUPLICATE_ROW = re.compile(r"UNIQUE constraint failed|duplicate key value|Duplicate entry", re.I)
-
-
-def lost_race(err: Exception) -> bool:
-    """Whether ``err`` says a row was inserted twice (two writers checked, then both inserted)."""
-    return bool(_DUPLICATE_ROW.search(str(err)))
 
 
 def log_lineage(run_id: str, run_dir: str, checkpoints: list[str], policy: dict, data: dict,
