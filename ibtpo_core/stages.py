@@ -84,52 +84,60 @@ def claim(folder: Path):
         yield hit
 
 
-# data.source -> fn(data_cfg) -> {"train", "validation", "test": rows}
-DATA_SOURCES: Registry[Callable[..., dict]] = Registry("data source")
+# data.source -> fn(data_cfg) -> ({"train", "validation", "test": rows}, metrics)
+DATA_SOURCES: Registry[Callable[..., tuple[dict, dict]]] = Registry("data source")
 
 
 @DATA_SOURCES.register("countdown")
-def _countdown_splits(data_cfg) -> dict[str, list[dict]]:
+def _countdown_splits(data_cfg) -> tuple[dict[str, list[dict]], dict]:
     from ibtpo_core.data.countdown import make_splits
 
-    return make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
+    return make_splits(data_cfg.countdown, data_cfg.seed, data_cfg.n_test, data_cfg.n_val), {}
 
 
 @DATA_SOURCES.register("reasoning_gym")
-def _gym_splits(data_cfg) -> dict[str, list[dict]]:
+def _gym_splits(data_cfg) -> tuple[dict[str, list[dict]], dict]:
     from ibtpo_core.data.gym import make_gym_splits
 
-    return make_gym_splits(data_cfg.reasoning_gym, data_cfg.seed, data_cfg.n_test, data_cfg.n_val)
+    spec = data_cfg.reasoning_gym
+    return make_gym_splits(spec, data_cfg.seed, data_cfg.n_test, data_cfg.n_val), {}
 
 
 def prepare_data(data_cfg, folder: Path) -> dict:
     """Write ``train/validation/test.jsonl`` of the built-in task, a ``datasets`` source or a
     reasoning-gym generator."""
     folder = Path(folder)
-    splits = DATA_SOURCES.get(data_cfg.source)(data_cfg)
+    splits, metrics = DATA_SOURCES.get(data_cfg.source)(data_cfg)
 
     def write(tmp: Path) -> None:
         for name, rows in splits.items():
             _write_jsonl(tmp / f"{name}.jsonl", rows)
 
     counts = {f"data/{k}_rows": float(len(v)) for k, v in splits.items()}
-    return publish(folder, write, counts, task=dataclasses.asdict(data_cfg.countdown))
+    return publish(folder, write, {**counts, **metrics},
+                   task=dataclasses.asdict(data_cfg.countdown))
 
 
 @DATA_SOURCES.register("datasets")
-def _splits_from_datasets(data_cfg) -> dict[str, list[dict]]:
-    from ibtpo_core.data.sources import load_split
+def _splits_from_datasets(data_cfg) -> tuple[dict[str, list[dict]], dict]:
+    """Train and test from a ``datasets`` source; ``data/skipped_rows/<split>`` counts the
+    malformed rows ``bad_rows: skip`` left out."""
+    from ibtpo_core.data.sources import load_split_counted
 
     src = data_cfg.datasets
     test_src = data_cfg.test_datasets or src
-    test = load_split(test_src, test_src.test_split)[: data_cfg.n_test]
+    test, skipped_test = load_split_counted(test_src, test_src.test_split)
+    test = test[: data_cfg.n_test]
     held = {r["key"] for r in test}
-    train = [r for r in load_split(src, src.train_split) if r["key"] not in held]
+    train, skipped_train = load_split_counted(src, src.train_split)
+    train = [r for r in train if r["key"] not in held]
     n_val = min(data_cfg.n_val, max(0, len(train) - 1))
     if not train:
         raise ValueError("every training row is also a test problem: nothing left to train on")
-    return {"train": train[: len(train) - n_val], "validation": train[len(train) - n_val:],
-            "test": test}
+    splits = {"train": train[: len(train) - n_val], "validation": train[len(train) - n_val:],
+              "test": test}
+    return splits, {"data/skipped_rows/train": float(skipped_train),
+                    "data/skipped_rows/test": float(skipped_test)}
 
 
 def create_model(model_cfg, folder: Path) -> dict:

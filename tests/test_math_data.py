@@ -46,7 +46,8 @@ def test_gsm8k_shape_reads_the_answer_after_the_hashes(tmp_path):
     assert rows[0]["prompt"].startswith("Tom has 3 apples") and "\\boxed{}" in rows[0]["prompt"]
     with pytest.raises(ValueError, match=r"1 of 3 rows of split 'train' lack a problem text in "
                                          r"'question' or an answer in 'answer' readable as "
-                                         r"answer_format 'gsm8k' \(first bad row: 2\)"):
+                                         r"answer_format 'gsm8k' \(first bad row: 2, "
+                                         r"at .*gsm8k.jsonl:3: "):
         load_split(DatasetSource(data_files={"train": str(FIX / "gsm8k.jsonl")}, format="math",
                                  problem_field="question", answer_format="gsm8k"), "train")
 
