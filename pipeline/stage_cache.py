@@ -2,11 +2,12 @@
 
 Tasks are cached on their inputs and their own source (``INPUTS + TASK_SOURCE``) with persisted
 results, so a rerun of a finished run is cache lookups only. Inputs are config sections, paths
-and digests (never models or tensors); ``code`` is a digest of the library code a stage runs
-(``code_version(stage)``: the modules its entry function imports, followed through the library),
-so editing the advantage function redoes the RL iterations but not the data, the warm-up or the
-evaluation of the warm-up checkpoint. Each task writes one folder whose name
-is a digest of its inputs, atomically, with a manifest; a folder already complete is reused.
+and digests (never models or tensors); ``code`` is a digest of the code a stage runs
+(``code_version(stage)``: its task module and every library module its entry functions can
+load, by import or by name, followed through the library), so editing the advantage function
+redoes the RL iterations but not the data, the warm-up or the evaluation of the warm-up
+checkpoint. Each task writes one folder whose name is a digest of its inputs, atomically, with a
+manifest; a folder already complete is reused.
 """
 from __future__ import annotations
 
@@ -23,61 +24,124 @@ from ibtpo_core.artifacts import digest_json
 CACHE = INPUTS + TASK_SOURCE
 
 
-LIBRARY = Path(__file__).resolve().parents[1] / "ibtpo_core"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+LIBRARY = ROOT / "ibtpo_core"
 
-# The library entry points of each stage kind; a stage's code digest covers these and every
-# library module they import, so code outside them (the CLI, preflight, reports) keys nothing.
+# The library entry points of each stage kind (``module`` or ``module.function``); a stage's code
+# digest covers these and every library module they can execute (see ``stage_files``), so code
+# outside them (the CLI, preflight, reports) keys nothing.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "rl": ("rl", "training.deepspeed_trainer", "training.update_main", "engines.held",
-           "data.tokenizer"),
-    "prepare_data": ("stages.prepare_data", "stages._splits_from_datasets"),
+           "data.tokenizer", "stages.claim", "stages.publish", "stages.read_jsonl"),
+    "prepare_data": ("stages.prepare_data",),
     "create_model": ("stages.create_model",),
     "warm_up": ("stages.warm_up",),
     "evaluate_policy": ("stages.evaluate_checkpoint",),
-    "benchmark": ("lm_eval_runner", "stages.publish", "data.problems"),  # + the lm-eval task hooks
+    "benchmark": ("lm_eval_runner", "stages.publish", "data.problems"),
 }
+# The Prefect task module of each stage kind (its source keys the stage too) and the other files
+# a stage runs that are not modules of the library: the lm-eval task hooks, and the schema whose
+# section methods (``engine.kwargs()``) run inside the RL and evaluation stages.
+STAGE_TASKS: dict[str, str] = {
+    "rl": "tasks/rl_iteration.py", "prepare_data": "tasks/prepare_data.py",
+    "create_model": "tasks/warm_up.py", "warm_up": "tasks/warm_up.py",
+    "evaluate_policy": "tasks/evaluate_policy.py", "benchmark": "tasks/benchmark.py",
+}
+STAGE_EXTRA_GLOBS: dict[str, tuple[str, ...]] = {"benchmark": ("configs/lm_eval/**/*.py",),
+                                                  "rl": ("configs/schema.py",),
+                                                  "evaluate_policy": ("configs/schema.py",)}
 
 
-def _module_file(name: str) -> Path | None:
-    base = LIBRARY.joinpath(*name.split("."))
+def _module_file(library: Path, name: str) -> Path | None:
+    base = library.joinpath(*name.split("."))
     for p in (base.with_suffix(".py"), base / "__init__.py"):
         if p.is_file():
             return p
     return None
 
 
-def _library_imports(node: ast.AST) -> set[str]:
-    """Library modules (dotted, relative to ``ibtpo_core``) imported anywhere under ``node``."""
+def _library_names(library: Path, dotted: str) -> list[str]:
+    """The library module a dotted name refers to (``ibtpo_core.a.b``, ``ibtpo_core.a.b.Class``:
+    the longest prefix that is a module), relative to ``ibtpo_core``; none if it names none."""
+    if not dotted.startswith("ibtpo_core."):
+        return []
+    parts = dotted[len("ibtpo_core."):].split(".")
+    for n in range(len(parts), 0, -1):
+        if _module_file(library, ".".join(parts[:n])):
+            return [".".join(parts[:n])]
+    return []
+
+
+def _library_imports(library: Path, node: ast.AST) -> set[str]:
+    """Library modules (dotted, relative to ``ibtpo_core``) that ``node`` can load: those it
+    imports anywhere, and those it names in a string (``"ibtpo_core.engines.hf"``: a registry
+    that imports a module by name, a worker class given to vLLM as a dotted path)."""
     out = set()
     for n in ast.walk(node):
         names = [a.name for a in n.names] if isinstance(n, ast.Import) else []
         if isinstance(n, ast.ImportFrom) and n.module:
             names = [n.module] + [f"{n.module}.{a.name}" for a in n.names]
+        if isinstance(n, ast.Constant) and isinstance(n.value, str):
+            names = [n.value]
         for name in names:
-            if name.startswith("ibtpo_core.") and _module_file(name[len("ibtpo_core."):]):
-                out.add(name[len("ibtpo_core."):])
+            out.update(_library_names(library, name))
     return out
 
 
-def _closure(entries: tuple[str, ...]) -> list[Path]:
-    """Files of the entry points (``module`` or ``module.function``: the module's top-level
-    imports plus the function's own) and of every library module they import, transitively."""
+def _reachable_defs(tree: ast.Module, func: str) -> list[ast.AST]:
+    """The top-level definitions of a module that ``func`` can run: itself, what it names
+    (functions, classes, module constants; transitively), and what is registered
+    (``@REGISTRY.register(...)``) in a registry it names."""
+    defs: dict[str, ast.AST] = {}
+    for n in tree.body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defs[n.name] = n
+        targets = n.targets if isinstance(n, ast.Assign) else (
+            [n.target] if isinstance(n, ast.AnnAssign) else [])
+        defs.update({t.id: n for t in targets if isinstance(t, ast.Name)})
+    if func not in defs:
+        return []
+
+    def names_in(node: ast.AST) -> set[str]:
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+    def registries(d: ast.AST) -> set[str]:
+        return {name for deco in getattr(d, "decorator_list", ()) for name in names_in(deco)}
+
+    seen, todo = set(), [func]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defs:
+            continue
+        seen.add(name)
+        used = names_in(defs[name])
+        todo += [n for n in used if n in defs]
+        todo += [d for d, node in defs.items() if registries(node) & used]
+    return [defs[n] for n in sorted(seen)]
+
+
+def stage_files(stage: str, root: Path = ROOT) -> list[Path]:
+    """Every file the code digest of ``stage`` covers: the files of its entry points (for a
+    ``module.function`` entry: what the function can run of its module, and the module's
+    top-level imports), every library module those can load, transitively, its task module, and
+    its extra files."""
+    library = root / "ibtpo_core"
     files: set[Path] = set()
     todo: list[str] = []
-    for entry in entries:
-        path = _module_file(entry)
+    for entry in STAGE_CODE[stage]:
+        path = _module_file(library, entry)
         if path is None:  # module.function
             mod, func = entry.rsplit(".", 1)
-            path = _module_file(mod)
+            path = _module_file(library, mod)
             if path is None:
                 raise ValueError(f"stage code entry {entry!r}: no module ibtpo_core.{mod}")
             tree = ast.parse(path.read_text())
-            fn = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func]
-            if not fn:
+            reach = _reachable_defs(tree, func)
+            if not reach:
                 raise ValueError(f"stage code entry {entry!r}: no function {func} in {path.name}")
             top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
             files.add(path)
-            todo += [m for n in top + fn for m in _library_imports(n)]
+            todo += [m for n in top + reach for m in _library_imports(library, n)]
         else:
             todo.append(entry)
     seen: set[str] = set()
@@ -86,25 +150,26 @@ def _closure(entries: tuple[str, ...]) -> list[Path]:
         if mod in seen:
             continue
         seen.add(mod)
-        path = _module_file(mod)
+        path = _module_file(library, mod)
         files.add(path)
-        todo += sorted(_library_imports(ast.parse(path.read_text())))
+        todo += sorted(_library_imports(library, ast.parse(path.read_text())))
+    files.add(root / STAGE_TASKS[stage])
+    for pattern in STAGE_EXTRA_GLOBS.get(stage, ()):
+        files.update(root.glob(pattern))
     return sorted(files)
 
 
 @lru_cache(maxsize=None)
-def code_version(stage: str | None = None) -> str:
-    """Digest of the library code ``stage`` runs (see STAGE_CODE); without a stage, of the code
-    of every stage (what a whole training run depends on)."""
+def code_version(stage: str | None = None, root: Path = ROOT) -> str:
+    """Digest of the code ``stage`` runs (see ``stage_files``); without a stage, of the code of
+    every stage (what a whole training run depends on)."""
     if stage is not None and stage not in STAGE_CODE:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_CODE)}")
-    entries = STAGE_CODE[stage] if stage else tuple(e for v in STAGE_CODE.values() for e in v)
-    files = _closure(entries)
-    if stage in ("benchmark", None):
-        files += sorted((LIBRARY.parent / "configs" / "lm_eval").rglob("*.py"))
+    stages = [stage] if stage else list(STAGE_CODE)
+    files = sorted({f for s in stages for f in stage_files(s, root)})
     h = hashlib.sha256()
     for p in files:
-        h.update(str(p.relative_to(LIBRARY.parent)).encode())
+        h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
