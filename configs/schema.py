@@ -172,6 +172,11 @@ class AlgoConfig(Section):
     def _known_method(cls, v: str) -> str:
         return one_of("method", v, METHOD_PRESETS)
 
+    def stage_key(self) -> dict:
+        """What the RL stages are keyed on: the method as it computes, without the update's
+        launch settings (``UpdateSpec.stage_key``; docs/method.md, "What keys a stage")."""
+        return {**self.model_dump(), "update": self.update.stage_key()}
+
 
 
 class RolloutConfig(Section):

@@ -64,9 +64,10 @@ def ensure(task, *args, iteration: int = -1, label: str | None = None):
 
 
 def run_key(cfg: ExperimentConfig) -> str:
-    """What identifies a run: its whole config and the library code (a rerun with both unchanged
-    continues the same MLflow run; a finished one is a cache hit for a sweep)."""
-    return digest_json([cfg.model_dump(), code_version()])
+    """What identifies a run: its whole config (the update's launch settings aside) and the
+    library code (a rerun with both unchanged continues the same MLflow run; a finished one is a
+    cache hit for a sweep)."""
+    return digest_json([{**cfg.model_dump(), "algo": cfg.algo.stage_key()}, code_version()])
 
 
 def finished_result(cfg: ExperimentConfig) -> dict | None:
@@ -187,8 +188,8 @@ def rl_lineage_dir(cfg: ExperimentConfig, start: StageRecord, data: StageRecord)
     the run's name, so a longer run of the same config continues from a shorter one's stages
     (the table's 3x budget reuses the default budget's first iterations), and a run under
     another name or sweep reuses them all. Each stage is still keyed on its own inputs."""
-    key = [plain(cfg.algo), plain(cfg.rl.rollout), plain(cfg.engine), cfg.seed, start["digest"],
-           data["digest"], code_version("rl")]
+    key = [cfg.algo.stage_key(), plain(cfg.rl.rollout), plain(cfg.engine), cfg.seed,
+           start["digest"], data["digest"], code_version("rl")]
     return Path(cfg.stage_cache_dir) / f"rl-{digest_json(key)[:12]}"
 
 

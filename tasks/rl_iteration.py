@@ -42,8 +42,8 @@ def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engin
     from ibtpo_core.rl import JsonlRows, draw_prompts, probe_diagnostic, save_trees
     from ibtpo_core.rl import sample_trees as sample
 
-    folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo, rollout, engine, seed,
-                       policy["digest"], data["digest"], code)
+    folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo.stage_key(), rollout, engine,
+                       seed, policy["digest"], data["digest"], code)
     with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
         if hit:
             return hit
@@ -81,7 +81,8 @@ def estimate_scores(iteration: int, algo: AlgoConfig, trees: StageRecord, run_di
                     code: str) -> StageRecord:
     from ibtpo_core.rl import load_trees, save_sequences, score_trees
 
-    folder = stage_dir(run_dir, f"it{iteration:04d}-scores", algo, trees["digest"], code)
+    folder = stage_dir(run_dir, f"it{iteration:04d}-scores", algo.stage_key(), trees["digest"],
+                       code)
     with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
         if hit:
             return hit
@@ -103,7 +104,7 @@ def update_policy(iteration: int, algo: AlgoConfig, policy: StageRecord, scores:
     from ibtpo_core.training.deepspeed_trainer import launch_update
     from ibtpo_core.training.deepspeed_trainer import update_policy as update
 
-    folder = stage_dir(run_dir, f"it{iteration:04d}-policy", algo, policy["digest"],
+    folder = stage_dir(run_dir, f"it{iteration:04d}-policy", algo.stage_key(), policy["digest"],
                        scores["digest"], ref["digest"], code)
     with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
         if hit:

@@ -130,6 +130,47 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
     assert _history(first["mlflow_run_id"], "iteration") == [0, 1]  # logged once each
 
 
+def test_launch_settings_key_no_stage(harness, monkeypatch):
+    """Moving the same update to another launcher, port or node command (or nodes x processes
+    for the same world size) reuses every stage and continues the same MLflow run; a setting of
+    what the update computes (lr) redoes the updates."""
+    import ibtpo_core.training.deepspeed_trainer as trainer
+    from configs.schema import load_config
+
+    first = _run(harness)
+
+    def boom(*a, **k):
+        raise AssertionError("an update ran again for a launch setting")
+
+    monkeypatch.setattr(trainer, "update_policy", boom)
+    launch = ["algo.update.launcher=deepspeed", "algo.update.rdzv_port=29555",
+              "algo.update.node_launch='srun --nodes=1 --nodelist={host} bash -c'"]
+    moved = _run(harness, *launch)
+    assert moved["mlflow_run_id"] == first["mlflow_run_id"]
+    assert moved["checkpoint"] == first["checkpoint"]
+    key = load_config(SMOKE, ["algo.update.num_processes=2"]).algo.stage_key()
+    assert key == load_config(SMOKE, ["algo.update.nodes=2", "algo.update.node_hosts=[a, b]"]
+                              ).algo.stage_key()  # the same world size, factored otherwise
+    assert key != load_config(SMOKE, []).algo.stage_key()  # another world size
+    assert (load_config(SMOKE, ["algo.update.lr=0.0002"]).algo.stage_key()
+            != load_config(SMOKE, []).algo.stage_key())
+
+
+def test_the_deepspeed_config_keys_the_update_by_its_content(tmp_path):
+    from configs.schema import load_config
+
+    ds = (ROOT / "configs" / "deepspeed" / "zero0_cpu.yaml").read_text()
+    (tmp_path / "a.yaml").write_text(ds)
+    (tmp_path / "b.yaml").write_text(ds)  # the same file under another name: the same key
+    (tmp_path / "c.yaml").write_text(ds + "\ngradient_clipping: 0.5\n")  # an edit: another key
+
+    def key(name):
+        return load_config(SMOKE, [f"algo.update.deepspeed_config={tmp_path / name}"]
+                           ).algo.stage_key()
+
+    assert key("a.yaml") == key("b.yaml") != key("c.yaml")
+
+
 def test_stages_before_rl_computed_first_leave_the_run_nothing_to_compute(harness, monkeypatch):
     """What a sweep computes once before its cells run side by side (flows.train.before_rl)
     is what each run then reads: data, model, warm-up, the evaluation before RL and the curve's

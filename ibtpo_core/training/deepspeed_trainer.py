@@ -56,6 +56,13 @@ def require_optimizer_state(model_dir: str) -> None:
             f"output_dir, or restore the checkpoint that was lost")
 
 
+# Settings of where and how an update's ranks start, not of what they compute: they key no stage.
+# The split of the world size into nodes x processes is one of them (two nodes of one rank take
+# the step one node of two ranks takes, to 2e-6: tests/test_deepspeed_update.py); the world size
+# itself keys the update (it sets the float order of the gradient all-reduce).
+LAUNCH_SETTINGS = ("launcher", "num_processes", "nodes", "node_hosts", "node_launch", "rdzv_port")
+
+
 @dataclass(frozen=True)
 class UpdateSpec:
     __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
@@ -86,6 +93,16 @@ class UpdateSpec:
     def world_size(self) -> int:
         """Ranks that take one update together: num_processes on each of the nodes."""
         return self.num_processes * self.nodes
+
+    def stage_key(self) -> dict:
+        """What the update computes, as a stage key: not where or how its ranks are launched
+        (LAUNCH_SETTINGS), and the DeepSpeed config by its content, not its path."""
+        import dataclasses
+
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in LAUNCH_SETTINGS}
+        out["world_size"] = self.world_size
+        out["deepspeed_config"] = load_deepspeed_config(self.deepspeed_config, self.world_size)
+        return out
 
     def __post_init__(self):
         if self.num_processes < 1:
