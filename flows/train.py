@@ -12,6 +12,7 @@ a script: no math, no model code here.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,7 @@ def train(
     set_accelerator_default()
     cfg: ExperimentConfig = load_config(config, overrides or [])
     preflight(cfg)
+    tracking.use_lock_dir(cfg.stage_cache_dir)
     tracking.check_tracking_store()
     threads = set_threads(cfg.threads)
     run = start_run(cfg, config, threads, tags or {})
@@ -214,7 +216,9 @@ def record_config(run: Run) -> None:
     """The config file as given and the resolved config, as artifacts of the run."""
     resolved = Path(run.run_dir) / "config.json"
     resolved.parent.mkdir(parents=True, exist_ok=True)
-    resolved.write_text(json.dumps(run.cfg.model_dump(), indent=1))
+    tmp = resolved.with_suffix(f".{os.getpid()}.tmp")  # whole for a second run of the config
+    tmp.write_text(json.dumps(run.cfg.model_dump(), indent=1))
+    tmp.replace(resolved)
     tracking.log_artifact_once(run.mlflow_id, str(resolved))
     tracking.log_artifact_once(run.mlflow_id, run.config_file)
 
@@ -349,7 +353,8 @@ def write_result(run: Run, before: StageRecord, after: StageRecord, rl: RLProgre
               "iterations_dir": run.rl_dir,
               "run_key": run_key(cfg)}
     out = Path(run.run_dir) / "result.json"
-    out.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".tmp").replace(out)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # two runs of one config may finish together
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
     summaries.publish_run_result(cfg.name, cfg.algo.method, result)
     return result

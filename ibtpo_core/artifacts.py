@@ -81,7 +81,7 @@ def clear_dead_writes(final: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def exclusive(final: Path):
+def exclusive(final: Path, quiet: bool = False):
     """Hold an exclusive lock on the output folder ``final`` while a stage computes it.
 
     The lock is ``flock`` on a ``.NAME.lock`` file beside the folder: other processes, from any
@@ -95,8 +95,9 @@ def exclusive(final: Path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"{final.name}: another worker is writing it; waiting for that worker",
-                  file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"{final.name}: another worker is writing it; waiting for that worker",
+                      file=sys.stderr, flush=True)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

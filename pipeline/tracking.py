@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,70 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+# Where the store's write lock lives when the store is not a local file (set by the flows to
+# their stage cache, which every worker of a shared store sees); None: this machine's temp folder.
+_LOCK_DIR: Path | None = None
+_held = threading.local()
+
+
+def use_lock_dir(folder: str | Path) -> None:
+    """Take the write lock of a tracking server in ``folder`` (the stage cache): workers on
+    several machines that share it then serialise their writes too."""
+    global _LOCK_DIR
+    _LOCK_DIR = Path(folder)
+
+
+def _lock_target(uri: str) -> Path:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])  # the lock sits beside the database
+    import hashlib
+    import tempfile
+
+    folder = _LOCK_DIR or Path(tempfile.gettempdir())
+    return folder / f"mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def store_lock():
+    """Hold the tracking store's write lock (re-entrant within a process).
+
+    Every write here is check-then-write (find a run or create it, log a step unless logged, set
+    a tag: MLflow selects, then inserts), so two processes that log to one run (two runs of one
+    config started together, sweep cells on one store) would both insert, and the slower one
+    fails on a unique key or logs a step twice. Under this lock each check-then-write is atomic
+    across the processes of one machine, and across machines through a shared lock folder
+    (``use_lock_dir``)."""
+    depth = getattr(_held, "depth", 0)
+    if depth:
+        _held.depth = depth + 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    with _process_lock, exclusive(_lock_target(tracking_uri()), quiet=True):
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
+
+
+_process_lock = threading.Lock()  # threads of one process: flock alone does not exclude them
+
+
+def serialised(fn):
+    """``fn`` runs under the store's write lock (``store_lock``)."""
+    import functools
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with store_lock():
+            return fn(*args, **kwargs)
+
+    return locked
+
+
 def check_tracking_store() -> None:
     """Fail at start, not after an hour of training, when the tracking store is unreachable."""
     uri = tracking_uri()
@@ -40,8 +105,7 @@ def check_tracking_store() -> None:
         # a new sqlite store is created (its schema migrated) by the first client: two runs that
         # start together on one new store would both migrate it and one would fail, so the first
         # look at a local store is taken under a lock beside the database
-        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        with exclusive(db) if db is not None else contextlib.nullcontext():
+        with store_lock():
             MlflowClient().search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
         raise RuntimeError(f"MLflow tracking store {uri} is not reachable ({type(err).__name__}: "
@@ -99,6 +163,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@serialised
 def reap_orphans(client: MlflowClient, exp_id: str) -> list[str]:
     """Mark KILLED the RUNNING training runs of this host whose process is gone (a run killed
     before its rerun could resume it, e.g. because the code changed in between)."""
@@ -131,6 +196,7 @@ def lost_race(err: Exception) -> bool:
     return bool(_DUPLICATE_ROW.search(str(err)))
 
 
+@serialised
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if missing. Two runs that start together on a new
     store may both find it missing: the one whose create loses the race reads the other's."""
@@ -146,6 +212,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return exp.experiment_id
 
 
+@serialised
 def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dict,
                kind: str = "train") -> str:
     """The id of the top-level run (``kind`` train or sweep) for ``run_key``: found again on a
@@ -176,6 +243,7 @@ def parent_run(experiment: str, run_key: str, name: str, params: dict, tags: dic
     return run_id
 
 
+@serialised
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient()
     for k, v in tags.items():
@@ -204,6 +272,7 @@ def find_sweep_run(name_or_id: str, experiment: str = "ibtpo") -> str:
     return runs[0].info.run_id
 
 
+@serialised
 def child_run(parent_id: str, stage: str) -> str:
     """The child run of ``parent_id`` for one stage kind (one level of nesting)."""
     client = MlflowClient()
@@ -217,6 +286,7 @@ def child_run(parent_id: str, stage: str) -> str:
     return run.info.run_id
 
 
+@serialised
 def log_metrics_once(
     run_id: str, step: int, metrics: dict[str, float], sentinel: str = "iteration"
 ) -> bool:
@@ -240,6 +310,7 @@ def log_metrics_once(
     return True
 
 
+@serialised
 def log_artifact_once(run_id: str, path: str, artifact_path: str | None = None) -> None:
     client = MlflowClient()
     name = Path(path).name
@@ -249,6 +320,7 @@ def log_artifact_once(run_id: str, path: str, artifact_path: str | None = None) 
         client.log_artifact(run_id, path, artifact_path)
 
 
+@serialised
 def finish(run_id: str, status: str = "FINISHED") -> None:
     """End the parent run and its child runs (none is left RUNNING)."""
     client = MlflowClient()
@@ -260,6 +332,7 @@ def finish(run_id: str, status: str = "FINISHED") -> None:
     client.set_terminated(run_id, status=status)
 
 
+@serialised
 def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) -> None:
     """Lineage: the split as an MLflow dataset input with its content digest and source."""
     import warnings
@@ -302,6 +375,7 @@ def log_dataset(run_id: str, path: str, name: str, digest: str, context: str) ->
             time.sleep(0.2 * attempt)
 
 
+@serialised
 def log_lineage(run_id: str, run_dir: str, checkpoints: list[str], policy: dict, data: dict,
                 reference: dict) -> None:
     """Each of the run's checkpoints (folders, oldest first) with the digests of the data and the
@@ -329,6 +403,7 @@ def log_lineage(run_id: str, run_dir: str, checkpoints: list[str], policy: dict,
     client.log_artifact(run_id, str(out))
 
 
+@serialised
 def log_sample_trees(
     run_id: str, run_dir: str, trees_dir: str | None, count: int, tokenizer_dir: str | None = None
 ) -> None:
@@ -358,6 +433,7 @@ def log_sample_trees(
         log_artifact_once(run_id, str(out / f"tree_{i}.png"), "sample_trees")
 
 
+@serialised
 def log_plots(run_id: str, run_dir: str) -> None:
     """PNG training curves from the run's own metric history."""
     import matplotlib
