@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
-from ibtpo_core.data.tokenizer import step_end_token_ids
+from ibtpo_core.data.tokenizer import step_end_token_ids, stop_token_ids, before_stop
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
 
@@ -91,7 +91,7 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], spec: EvalSpec)
     if not rows:
         raise ValueError("evaluation got no problems: check the test split size (data.n_test)")
     prompts = [encode_prompt(tokenizer, prompt_text(r)) for r in rows]
-    stop = StopConditions(eos_token_ids=(tokenizer.eos_token_id,))
+    stop = StopConditions(eos_token_ids=stop_token_ids(tokenizer))
     comps = engine.generate(prompts, num_samples=spec.num_samples, temperature=spec.temperature,
                             max_new_tokens=spec.max_new_tokens, stop=stop, seed=spec.seed)
     k = spec.num_samples
@@ -102,7 +102,8 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], spec: EvalSpec)
               for c in comps if c.entropies]
     for i, row in enumerate(rows):
         group = comps[i * k:(i + 1) * k]
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
+        texts = [tokenizer.decode(before_stop(c.token_ids, stop.eos_token_ids),
+                                  skip_special_tokens=True) for c in group]
         verify = row_verifier(row, spec.verifier)
         rewards = [verify(t, row) for t in texts]
         tokens += sum(len(c.token_ids) for c in group)

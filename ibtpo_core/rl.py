@@ -18,6 +18,7 @@ from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic, sample
 from ibtpo_core.algo.tree import TrainingSequence, Tree, training_sequences
 from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
+from ibtpo_core.data.tokenizer import stop_token_ids, before_stop
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
 
@@ -60,10 +61,12 @@ def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeS
     verify = [row_verifier(r, verifier) for r in rows]
     prompts = [encode_prompt(tokenizer, prompt_text(r)) for r in rows]
 
-    def score(i: int, toks: list[int]) -> float:
-        return verify[i](tokenizer.decode(toks, skip_special_tokens=True), rows[i])
+    stop = StopConditions(stop_token_ids(tokenizer), tuple(step_end_ids))
 
-    stop = StopConditions((tokenizer.eos_token_id,), tuple(step_end_ids))
+    def score(i: int, toks: list[int]) -> float:  # nothing after the first stop is scored
+        text = tokenizer.decode(before_stop(toks, stop.eos_token_ids), skip_special_tokens=True)
+        return verify[i](text, rows[i])
+
     result = sample(spec.sampler, engine, prompts, spec, score, stop, max_new_tokens,
                     temperature, seed)
     return result.trees, result.metrics

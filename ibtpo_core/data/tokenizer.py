@@ -52,3 +52,38 @@ def step_end_token_ids(tokenizer, delimiter: str) -> tuple[int, ...]:
                          f"set algo.tree.steps.delimiter to text the model can emit (e.g. '\\n' or "
                          f"'\\n\\n')")
     return tuple(ids)
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """Every id that ends a response of this checkpoint: the tokenizer's EOS and each
+    ``eos_token_id`` its ``generation_config.json`` and ``config.json`` declare (a folder
+    ``tokenizer.name_or_path`` names). Qwen3 Base tokenizers name ``<|im_end|>`` while the model
+    ends text with ``<|endoftext|>``: stopping on the tokenizer's alone runs every response to
+    its length cap."""
+    import json
+    from pathlib import Path
+
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        declared = json.loads(path.read_text()).get("eos_token_id")
+        for i in declared if isinstance(declared, list) else [declared]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    if not ids:
+        raise ValueError(f"the checkpoint in {folder} declares no EOS token (tokenizer, "
+                         f"generation_config.json, config.json): responses could never end; "
+                         f"set eos_token in its tokenizer_config.json")
+    return tuple(ids)
+
+
+def before_stop(token_ids: list[int], stop_ids) -> list[int]:
+    """``token_ids`` before the first stop token: the text a verifier reads (the stop token is
+    trained on, never scored)."""
+    for n, t in enumerate(token_ids):
+        if t in stop_ids:
+            return token_ids[:n]
+    return token_ids
