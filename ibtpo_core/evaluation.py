@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
-from ibtpo_core.data.tokenizer import step_end_token_ids, stop_token_ids, before_stop
+from ibtpo_core.data.tokenizer import before_stop, step_end_token_ids, stop_token_ids
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
 

@@ -18,7 +18,7 @@ from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic, sample
 from ibtpo_core.algo.tree import TrainingSequence, Tree, training_sequences
 from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
-from ibtpo_core.data.tokenizer import stop_token_ids, before_stop
+from ibtpo_core.data.tokenizer import before_stop, stop_token_ids
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
 
