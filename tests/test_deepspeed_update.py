@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
-from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+from ibtpo_core.training.deepspeed_trainer import UpdateSpec, sequence_logprobs, update_policy
 from ibtpo_core.training.policy import collate, token_logprobs
 
 
@@ -44,7 +44,7 @@ def torch_steps(model, parts, loss, lr):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for part in parts:
         b = collate(part, 0)
-        lp, ent = token_logprobs(model, b)
+        lp, ent = sequence_logprobs(model, b, UpdateSpec())  # the trainer's log-probs
         value, _ = policy_loss(lp, b.old_logprobs, b.advantages, b.response_mask, loss, entropy=ent)
         opt.zero_grad()
         value.backward()

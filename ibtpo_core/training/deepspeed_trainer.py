@@ -22,7 +22,7 @@ import torch
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
 from ibtpo_core.training.comm_op import clear_stale_lock, prepare_comm_op
-from ibtpo_core.training.policy import collate, token_logprobs
+from ibtpo_core.training.policy import collate, response_logprobs, token_logprobs
 
 OPTIMIZER_FILE = "optimizer.pt"  # ZeRO stage 0: every rank holds the whole state
 ZERO_STATE_DIR = "zero_state"  # ZeRO 1-3: DeepSpeed's own checkpoint of the sharded state
@@ -88,6 +88,14 @@ class UpdateSpec:
     node_hosts: tuple[str, ...] = ()
     node_launch: str = ""
     rdzv_port: int = 29400  # 0: a free port of this machine (node_hosts[0] must be this machine)
+    # memory (policy.py): the output layer on response tokens only, this many at a time
+    # (0: the whole-vocabulary logits of every position, the old path); activation
+    # recomputation in the transformer layers; micro-batches formed by a budget of padded
+    # tokens (longest sequence x count, sequences grouped by length; 0: micro_batch_size
+    # sequences in their order). The loss and its gradient do not depend on any of them.
+    logprob_chunk_tokens: int = 1024
+    gradient_checkpointing: bool = False
+    max_tokens_per_micro_batch: int = 0
 
     @property
     def world_size(self) -> int:
@@ -122,6 +130,9 @@ class UpdateSpec:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 (got {self.micro_batch_size})")
+        if self.logprob_chunk_tokens < 0 or self.max_tokens_per_micro_batch < 0:
+            raise ValueError("logprob_chunk_tokens and max_tokens_per_micro_batch must be >= 0 "
+                             "(0 turns each off)")
         if self.mini_batches < 1:
             raise ValueError(f"mini_batches must be >= 1 (got {self.mini_batches}); 1 = one "
                              f"optimizer step per iteration")
@@ -204,21 +215,50 @@ def init_process_group(attempts: int = 3) -> None:
             os.environ["MASTER_PORT"] = os.environ[OWN_PORT_ENV] = str(free_port())
 
 
-def rank_micro_batches(mini: list, rank: int, world: int, size: int) -> list[tuple[list, float]]:
+def rank_micro_batches(mini: list, rank: int, world: int, size: int,
+                       max_tokens: int = 0) -> list[tuple[list, float]]:
     """This rank's micro-batches of one mini-batch, each with its loss weight (1 or 0).
 
-    Every rank runs the same number of micro-batches, the number the largest shard needs at
-    ``size`` sequences: each step of the DeepSpeed engine is a collective, and a rank with one
-    step fewer (17 sequences on 2 ranks at 8 a micro-batch: 9 and 8) left its peer waiting in a
-    reduction and aborted the launch. A rank's shard is split as evenly as it allows; a rank
-    with fewer sequences than micro-batches repeats one with weight 0 (it joins the collective
-    and adds nothing).
+    Every rank runs the same number of micro-batches, the number the largest shard needs: each
+    step of the DeepSpeed engine is a collective, and a rank with one step fewer (17 sequences
+    on 2 ranks at 8 a micro-batch: 9 and 8) left its peer waiting in a reduction and aborted the
+    launch. Without ``max_tokens`` a rank's shard is split as evenly as ``size`` sequences
+    allow; with it, the shard is sorted by length and packed so that no micro-batch holds more
+    than ``max_tokens`` padded tokens (its longest sequence x its count) or ``size`` sequences
+    (a sequence longer than the budget goes alone). A rank with fewer micro-batches than the
+    others repeats its shortest sequence with weight 0 (it joins the collective and adds
+    nothing).
     """
-    shard = mini[rank::world]
+    shards = [mini[r::world] for r in range(world)]
+    if max_tokens:
+        packed = [_pack_by_tokens(sh, size, max_tokens) for sh in shards]
+        count = max(len(p) for p in packed)
+        mine, shard = packed[rank], shards[rank]
+        filler = min(shard, key=_length, default=None)
+        return [(c, 1.0) for c in mine] + [([filler], 0.0)] * (count - len(mine))
+    shard = shards[rank]
     per_rank = (len(mini) + world - 1) // world  # ceil(len / world)
     count = (per_rank + size - 1) // size  # micro-batches of every rank
     chunks = [shard[i * len(shard) // count:(i + 1) * len(shard) // count] for i in range(count)]
     return [(c, 1.0) if c else (shard[:1], 0.0) for c in chunks]
+
+
+def _length(seq) -> int:
+    return len(seq.prompt) + len(seq.tokens)
+
+
+def _pack_by_tokens(shard: list, size: int, max_tokens: int) -> list[list]:
+    """``shard`` longest first, cut into micro-batches of at most ``max_tokens`` padded tokens
+    and ``size`` sequences."""
+    out: list[list] = []
+    for seq in sorted(shard, key=_length, reverse=True):
+        cur = out[-1] if out else None
+        # the first sequence of a micro-batch is its longest: padded size = that x count
+        if cur is not None and len(cur) < size and _length(cur[0]) * (len(cur) + 1) <= max_tokens:
+            cur.append(seq)
+        else:
+            out.append([seq])
+    return out
 
 
 def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read in one place
@@ -239,6 +279,9 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
         init_process_group()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     model.train()
     ds_cfg = _ds_config(spec.deepspeed_config, spec.micro_batch_size, world)
     sharded = ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
@@ -273,14 +316,15 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
     for m in range(n_mini):
         mini = seqs[m * len(seqs) // n_mini:(m + 1) * len(seqs) // n_mini]
         mini_tokens = sum(len(s.tokens) for s in mini)
-        micro = rank_micro_batches(mini, rank, world, spec.micro_batch_size)
+        micro = rank_micro_batches(mini, rank, world, spec.micro_batch_size,
+                                   spec.max_tokens_per_micro_batch)
         for k, (chunk, weight) in enumerate(micro):
             batch = collate(chunk, tok.pad_token_id).to(device)
-            logp, ent = token_logprobs(engine, batch, spec.temperature)
+            logp, ent = sequence_logprobs(engine, batch, spec, entropy_grad=loss.entropy_coef != 0)
             ref_logp = None
             if ref is not None:
                 with torch.no_grad():
-                    ref_logp, _ = token_logprobs(ref, batch, spec.temperature)
+                    ref_logp, _ = sequence_logprobs(ref, batch, spec)
             value, metrics = policy_loss(
                 logp,
                 batch.old_logprobs,
@@ -309,6 +353,15 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
     if grad_norm is not None and not math.isnan(float(grad_norm)):
         sums["grad_norm"] = float(grad_norm)
     return sums
+
+
+def sequence_logprobs(model, batch, spec: UpdateSpec, entropy_grad: bool = False):
+    """Log-probs and entropies of a micro-batch, (B, L - 1) each: chunked over the response
+    positions (``spec.logprob_chunk_tokens``), or from the whole-vocabulary logits (0)."""
+    if spec.logprob_chunk_tokens:
+        return response_logprobs(model, batch, spec.temperature, spec.logprob_chunk_tokens,
+                                 entropy_grad)
+    return token_logprobs(model, batch, spec.temperature)
 
 
 def save_policy(engine, optimizer, tok, out_dir: str, rank: int, sharded: bool) -> None:
