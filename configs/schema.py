@@ -195,6 +195,12 @@ class RLConfig(Section):
         2, ge=1, description="optimizer states kept on disk, of the last iterations' checkpoints "
         "(the weights are always kept); older ones are deleted once a newer one is written. "
         "2 lets a rerun resume and recompute a lost last checkpoint; null keeps them all")
+    keep_checkpoints: Optional[int] = Field(
+        None, ge=1, description="weights kept on disk, of the last iterations' checkpoints, "
+        "besides every keep_checkpoint_every-th; older ones are deleted once a newer one is "
+        "written (their digests stay: the cache and reruns are unchanged). null keeps them all")
+    keep_checkpoint_every: int = Field(0, ge=0, description="with keep_checkpoints: also keep "
+                                       "the weights after every k-th iteration; 0: none")
 
 
 class BenchmarkConfig(Section):

@@ -27,7 +27,7 @@ from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from ibtpo_core.stages import StageRecord
-from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
+from ibtpo_core.training.retention import prune_checkpoints, prune_optimizer_states
 from pipeline import summaries, tracking
 from pipeline.stage_cache import code_version, inject_fault, plain
 from tasks.benchmark import benchmark
@@ -162,7 +162,9 @@ def train_steps(run: Run) -> dict:
     bar.close()
     if rl.freed:  # one line, not one an iteration
         get_run_logger().info(f"deleted {rl.freed / 2**20:.0f} MiB of older optimizer states "
-                              f"(rl.keep_optimizer_states: {cfg.rl.keep_optimizer_states})")
+                              f"and weights (rl.keep_optimizer_states: "
+                              f"{cfg.rl.keep_optimizer_states}, rl.keep_checkpoints: "
+                              f"{cfg.rl.keep_checkpoints})")
     after = evaluate(cfg, rl.policy, data, cfg.eval.n, "after") if cfg.rl.iterations else before
     final_records(run, before, after, rl, data, start)
     return write_result(run, before, after, rl)
@@ -295,6 +297,8 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     rl.checkpoints.append(new["path"])
     rl.samples.append(trees["path"])
     rl.freed += prune_optimizer_states(rl.checkpoints, cfg.rl.keep_optimizer_states)
+    rl.freed += prune_checkpoints(rl.checkpoints, cfg.rl.keep_checkpoints,
+                                  cfg.rl.keep_checkpoint_every)
     return metrics
 
 

@@ -90,6 +90,9 @@ def model_args(backend: str, model_dir: str, device: str, seed: int) -> str:
 
 def run_lm_eval(model_dir: str, test_jsonl: str, bench: dict, work: Path, seed: int = 1234) -> dict:
     """lm-eval's results for ``bench`` (a benchmark config section) on the checkpoint."""
+    from ibtpo_core.training.retention import require_weights
+
+    require_weights(model_dir)
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager

@@ -179,6 +179,9 @@ def evaluate_checkpoint(model_dir: Path, data_dir: Path, eval_cfg, engine_cfg, f
 
     from ibtpo_core.engines.held import stage_engine
     from ibtpo_core.evaluation import evaluate
+    from ibtpo_core.training.retention import require_weights
+
+    require_weights(str(model_dir))
 
     rows = read_jsonl(Path(data_dir) / f"{split}.jsonl")
     if eval_cfg.n is not None:

@@ -31,8 +31,8 @@ LIBRARY = ROOT / "ibtpo_core"
 # digest covers these and every library module they can execute (see ``stage_files``), so code
 # outside them (the CLI, preflight, reports) keys nothing.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "rl": ("rl", "training.deepspeed_trainer", "training.update_main", "engines.held",
-           "data.tokenizer", "stages.claim", "stages.publish", "stages.read_jsonl"),
+    "rl": ("rl", "training.deepspeed_trainer", "training.launch", "training.update_main",
+           "engines.held", "data.tokenizer", "stages.claim", "stages.publish", "stages.read_jsonl"),
     "prepare_data": ("stages.prepare_data",),
     "create_model": ("stages.create_model",),
     "warm_up": ("stages.warm_up",),

@@ -41,6 +41,7 @@ def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engin
     from ibtpo_core.data.tokenizer import step_end_token_ids
     from ibtpo_core.rl import JsonlRows, draw_prompts, probe_diagnostic, save_trees
     from ibtpo_core.rl import sample_trees as sample
+    from ibtpo_core.training.retention import require_weights
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-sample", algo.stage_key(), rollout, engine,
                        seed, policy["digest"], data["digest"], code)
@@ -50,6 +51,7 @@ def sample_trees(iteration: int, algo: AlgoConfig, rollout: RolloutConfig, engin
         t0 = time.time()
         train = JsonlRows(Path(data["path"]) / "train.jsonl")
         rows = draw_prompts(train, iteration, rollout.prompts_per_iteration, seed)
+        require_weights(policy["path"])
         tok = AutoTokenizer.from_pretrained(policy["path"])
         rollout_engine = get_engine(engine, policy["path"])
         steps = step_end_token_ids(tok, algo.tree.steps.delimiter)
@@ -101,8 +103,8 @@ def estimate_scores(iteration: int, algo: AlgoConfig, trees: StageRecord, run_di
 def update_policy(iteration: int, algo: AlgoConfig, policy: StageRecord, scores: StageRecord,
                   ref: StageRecord, run_dir: str, code: str) -> StageRecord:
     from ibtpo_core.rl import load_sequences
-    from ibtpo_core.training.deepspeed_trainer import launch_update
     from ibtpo_core.training.deepspeed_trainer import update_policy as update
+    from ibtpo_core.training.launch import launch_update
 
     folder = stage_dir(run_dir, f"it{iteration:04d}-policy", algo.stage_key(), policy["digest"],
                        scores["digest"], ref["digest"], code)

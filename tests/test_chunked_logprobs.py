@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
-from ibtpo_core.training.deepspeed_trainer import UpdateSpec, rank_micro_batches, update_policy
+from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+from ibtpo_core.training.micro_batches import rank_micro_batches
 from ibtpo_core.training.policy import collate, response_logprobs, token_logprobs
 from tests.test_deepspeed_update import sequences
 

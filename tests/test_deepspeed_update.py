@@ -99,7 +99,7 @@ def test_missing_deepspeed_config_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_two_processes_equal_one(tiny_model_dir, tmp_path, launcher):
     """Two ranks (gloo on CPU), each on half the sequences, take the same step as one."""
     from ibtpo_core.rl import save_sequences
-    from ibtpo_core.training.deepspeed_trainer import launch_update
+    from ibtpo_core.training.launch import launch_update
 
     seqs = sequences(tiny_model_dir)
     save_sequences(seqs, tmp_path / "seqs.json")
@@ -119,7 +119,8 @@ def test_sharded_zero_stages_carry_the_optimizer_state_and_save_whole_weights(
     resumes DeepSpeed's sharded optimizer state, and the saved checkpoints hold the full
     (gathered) weights, equal to the unsharded ZeRO-0 run's."""
     from ibtpo_core.rl import save_sequences
-    from ibtpo_core.training.deepspeed_trainer import ZERO_STATE_DIR, launch_update
+    from ibtpo_core.training.launch import launch_update
+    from ibtpo_core.training.retention import ZERO_STATE_DIR
 
     save_sequences(sequences(tiny_model_dir), tmp_path / "seqs.json")
     seqs = str(tmp_path / "seqs.json")
@@ -159,7 +160,7 @@ def test_sharded_zero_stages_carry_the_optimizer_state_and_save_whole_weights(
     (6, 1, 256, [[6]]),
 ])
 def test_every_rank_runs_the_same_number_of_micro_batches(n, world, size, expected):
-    from ibtpo_core.training.deepspeed_trainer import rank_micro_batches
+    from ibtpo_core.training.micro_batches import rank_micro_batches
 
     mini = list(range(n))
     seen = []
@@ -176,7 +177,7 @@ def test_uneven_shards_across_micro_batches_train_like_one_process(tiny_model_di
     backward): shards of 3 and 2 used to run 2 and 1 backward passes, and the rank with fewer
     left its peer in a reduction (the launch aborted)."""
     from ibtpo_core.rl import save_sequences
-    from ibtpo_core.training.deepspeed_trainer import launch_update
+    from ibtpo_core.training.launch import launch_update
 
     seqs = sequences(tiny_model_dir)[:5]
     save_sequences(seqs, tmp_path / "seqs.json")
@@ -195,7 +196,7 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tiny_model_dir, tmp_path
     machines do), take the same step as two ranks under one agent; with node_launch the agents
     start through a command prefix, as over ssh or srun."""
     from ibtpo_core.rl import save_sequences
-    from ibtpo_core.training.deepspeed_trainer import launch_update
+    from ibtpo_core.training.launch import launch_update
 
     save_sequences(sequences(tiny_model_dir), tmp_path / "seqs.json")
     one = launch_update(tiny_model_dir, str(tmp_path / "one"), str(tmp_path / "seqs.json"),

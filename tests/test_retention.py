@@ -50,7 +50,7 @@ def test_a_prune_killed_after_its_manifest_leaves_a_valid_folder(tmp_path):
 
 
 def test_only_the_last_n_optimizer_states_are_kept(tmp_path):
-    from ibtpo_core.training.deepspeed_trainer import prune_optimizer_states
+    from ibtpo_core.training.retention import prune_optimizer_states
 
     paths = [_checkpoint(tmp_path / f"it{k}", str(k))["path"] for k in range(4)]
     assert prune_optimizer_states(paths, None) == 0
@@ -63,7 +63,8 @@ def test_only_the_last_n_optimizer_states_are_kept(tmp_path):
 def test_an_update_from_a_pruned_state_stops_with_the_fix(tmp_path):
     from ibtpo_core.algo.losses import LossSpec
     from ibtpo_core.algo.tree import TrainingSequence
-    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, launch_update, update_policy
+    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+    from ibtpo_core.training.launch import launch_update
 
     _checkpoint(tmp_path / "ck", "a")
     prune(tmp_path / "ck", ("optimizer.pt", "zero_state"))
@@ -74,3 +75,39 @@ def test_an_update_from_a_pruned_state_stops_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="optimizer state was deleted"):
         launch_update(str(tmp_path / "ck"), str(tmp_path / "out"), "seqs.json", LossSpec(),
                       UpdateSpec(num_processes=2))
+
+
+def test_weights_kept_are_the_last_n_and_every_kth(tmp_path):
+    from ibtpo_core.training.retention import prune_checkpoints
+
+    paths = [_checkpoint(tmp_path / f"it{k}", str(k))["path"] for k in range(6)]
+    digests = [stages.cached(Path(p))["digest"] for p in paths]
+    assert prune_checkpoints(paths, None, 2) == 0  # null keeps them all
+    # the last 2 (after iterations 5 and 6) and every 2nd (after iterations 2 and 4) stay:
+    # the weights after iterations 1 and 3 go, 9 bytes each ("weights 0", "weights 2")
+    assert prune_checkpoints(paths, 2, 2) == 18
+    kept = [(Path(p) / "model.safetensors").exists() for p in paths]
+    assert kept == [False, True, False, True, True, True]
+    assert [stages.cached(Path(p))["digest"] for p in paths] == digests  # still cache hits
+    assert (Path(paths[0]) / "optimizer.pt").exists()  # the optimizer state is the other knob
+    assert prune_checkpoints(paths, 1, 0) == 3 * 9  # now only the last: 1, 3, 4 go too
+
+
+def test_reading_deleted_weights_stops_with_the_fix(tmp_path):
+    from ibtpo_core.algo.losses import LossSpec
+    from ibtpo_core.algo.tree import TrainingSequence
+    from ibtpo_core.evaluation import EvalSpec
+    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+    from ibtpo_core.training.retention import prune_checkpoints
+
+    paths = [_checkpoint(tmp_path / f"it{k}", str(k))["path"] for k in range(2)]
+    prune_checkpoints(paths, 1, 0)
+    seq = TrainingSequence(prompt=[1], tokens=[2, 3], old_logprobs=[0.0, 0.0],
+                           advantages=[1.0, 1.0], step_ids=[0, 0], reward=1.0)
+    with pytest.raises(ValueError, match="weights were deleted by rl.keep_checkpoints"):
+        update_policy(paths[0], str(tmp_path / "out"), [seq], LossSpec(), UpdateSpec())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text('{"numbers": [1, 2], "target": 3}\n')
+    with pytest.raises(ValueError, match="rl.keep_checkpoints=null"):
+        stages.evaluate_checkpoint(paths[0], tmp_path / "data", type("E", (), {
+            "n": None, "spec": EvalSpec()})(), None, tmp_path / "eval")

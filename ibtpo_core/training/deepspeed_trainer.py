@@ -21,40 +21,16 @@ import torch
 
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
-from ibtpo_core.training.comm_op import clear_stale_lock, prepare_comm_op
+from ibtpo_core.training.comm_op import prepare_comm_op
+from ibtpo_core.training.micro_batches import rank_micro_batches
+from ibtpo_core.training.old_logprobs import corrected, mismatch_sums, response_slice
 from ibtpo_core.training.policy import collate, response_logprobs, token_logprobs
-
-OPTIMIZER_FILE = "optimizer.pt"  # ZeRO stage 0: every rank holds the whole state
-ZERO_STATE_DIR = "zero_state"  # ZeRO 1-3: DeepSpeed's own checkpoint of the sharded state
-OPTIMIZER_STATE = (OPTIMIZER_FILE, ZERO_STATE_DIR)  # what rl.keep_optimizer_states prunes
-
-
-def prune_optimizer_states(checkpoints: list[str], keep: int | None) -> int:
-    """Delete the optimizer state of every checkpoint of ``checkpoints`` (oldest first) but the
-    last ``keep`` (None: keep all); returns the bytes freed. The weights and the checkpoints'
-    digests stay."""
-    from ibtpo_core.artifacts import prune
-
-    if keep is None:
-        return 0
-    return sum(
-        prune(Path(c), OPTIMIZER_STATE) for c in checkpoints[: max(0, len(checkpoints) - keep)]
-    )
-
-
-def require_optimizer_state(model_dir: str) -> None:
-    """Fail, naming the fix, if ``model_dir`` is a checkpoint whose optimizer state was pruned:
-    continuing from it with a fresh optimizer would silently change the run."""
-    from ibtpo_core.artifacts import pruned_files
-
-    if pruned_files(Path(model_dir), OPTIMIZER_STATE):
-        raise ValueError(
-            f"cannot update from {model_dir}: its optimizer state was deleted by "
-            f"rl.keep_optimizer_states (only the last iterations' states are kept), and this "
-            f"iteration must now be recomputed from it (a later checkpoint is missing or "
-            f"corrupted). Rerun with rl.keep_optimizer_states=null (keep them all) and a new "
-            f"output_dir, or restore the checkpoint that was lost")
-
+from ibtpo_core.training.retention import (
+    OPTIMIZER_FILE,
+    ZERO_STATE_DIR,
+    require_optimizer_state,
+    require_weights,
+)
 
 # Settings of where and how an update's ranks start, not of what they compute: they key no stage.
 # The split of the world size into nodes x processes is one of them (two nodes of one rank take
@@ -93,9 +69,14 @@ class UpdateSpec:
     # recomputation in the transformer layers; micro-batches formed by a budget of padded
     # tokens (longest sequence x count, sequences grouped by length; 0: micro_batch_size
     # sequences in their order). The loss and its gradient do not depend on any of them.
-    logprob_chunk_tokens: int = 1024
+    logprob_chunk_tokens: int = 512
     gradient_checkpointing: bool = False
     max_tokens_per_micro_batch: int = 0
+    # pi_old (old_logprobs.py): the rollout engine's log-probs as sampled, or the trainer's
+    # recomputed before the first step; with recompute, rollout_is_cap > 0 weights each token by
+    # min(pi_old / pi_rollout, cap) (truncated importance sampling; 0: off)
+    old_logprobs: Literal["rollout", "recompute"] = "rollout"
+    rollout_is_cap: float = 0.0
 
     @property
     def world_size(self) -> int:
@@ -133,6 +114,10 @@ class UpdateSpec:
         if self.logprob_chunk_tokens < 0 or self.max_tokens_per_micro_batch < 0:
             raise ValueError("logprob_chunk_tokens and max_tokens_per_micro_batch must be >= 0 "
                              "(0 turns each off)")
+        if self.rollout_is_cap < 0 or (self.rollout_is_cap and self.old_logprobs != "recompute"):
+            raise ValueError(f"rollout_is_cap={self.rollout_is_cap}: the truncated importance "
+                             f"weight needs the trainer's pi_old; set old_logprobs: recompute, "
+                             f"or rollout_is_cap: 0 (off)")
         if self.mini_batches < 1:
             raise ValueError(f"mini_batches must be >= 1 (got {self.mini_batches}); 1 = one "
                              f"optimizer step per iteration")
@@ -215,52 +200,6 @@ def init_process_group(attempts: int = 3) -> None:
             os.environ["MASTER_PORT"] = os.environ[OWN_PORT_ENV] = str(free_port())
 
 
-def rank_micro_batches(mini: list, rank: int, world: int, size: int,
-                       max_tokens: int = 0) -> list[tuple[list, float]]:
-    """This rank's micro-batches of one mini-batch, each with its loss weight (1 or 0).
-
-    Every rank runs the same number of micro-batches, the number the largest shard needs: each
-    step of the DeepSpeed engine is a collective, and a rank with one step fewer (17 sequences
-    on 2 ranks at 8 a micro-batch: 9 and 8) left its peer waiting in a reduction and aborted the
-    launch. Without ``max_tokens`` a rank's shard is split as evenly as ``size`` sequences
-    allow; with it, the shard is sorted by length and packed so that no micro-batch holds more
-    than ``max_tokens`` padded tokens (its longest sequence x its count) or ``size`` sequences
-    (a sequence longer than the budget goes alone). A rank with fewer micro-batches than the
-    others repeats its shortest sequence with weight 0 (it joins the collective and adds
-    nothing).
-    """
-    shards = [mini[r::world] for r in range(world)]
-    if max_tokens:
-        packed = [_pack_by_tokens(sh, size, max_tokens) for sh in shards]
-        count = max(len(p) for p in packed)
-        mine, shard = packed[rank], shards[rank]
-        filler = min(shard, key=_length, default=None)
-        return [(c, 1.0) for c in mine] + [([filler], 0.0)] * (count - len(mine))
-    shard = shards[rank]
-    per_rank = (len(mini) + world - 1) // world  # ceil(len / world)
-    count = (per_rank + size - 1) // size  # micro-batches of every rank
-    chunks = [shard[i * len(shard) // count:(i + 1) * len(shard) // count] for i in range(count)]
-    return [(c, 1.0) if c else (shard[:1], 0.0) for c in chunks]
-
-
-def _length(seq) -> int:
-    return len(seq.prompt) + len(seq.tokens)
-
-
-def _pack_by_tokens(shard: list, size: int, max_tokens: int) -> list[list]:
-    """``shard`` longest first, cut into micro-batches of at most ``max_tokens`` padded tokens
-    and ``size`` sequences."""
-    out: list[list] = []
-    for seq in sorted(shard, key=_length, reverse=True):
-        cur = out[-1] if out else None
-        # the first sequence of a micro-batch is its longest: padded size = that x count
-        if cur is not None and len(cur) < size and _length(cur[0]) * (len(cur) + 1) <= max_tokens:
-            cur.append(seq)
-        else:
-            out.append([seq])
-    return out
-
-
 def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read in one place
         model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
         spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
@@ -277,13 +216,14 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
         prepare_comm_op(world)  # one rank builds nothing; a killed build's lock is cleared
     if not torch.distributed.is_initialized():
         init_process_group()
+    require_weights(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds_cfg = _ds_config(spec.deepspeed_config, spec.micro_batch_size, world)
+    model, zero3_loading = load_for_training(model_dir, ds_cfg)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
-    ds_cfg = _ds_config(spec.deepspeed_config, spec.micro_batch_size, world)
     sharded = ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                             betas=spec.betas)
@@ -293,6 +233,7 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
         for g in opt.param_groups:
             g["lr"] = spec.lr
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    del zero3_loading  # kept alive until the engine holds the partitioned model
     zero_dir = Path(model_dir) / ZERO_STATE_DIR
     if sharded and zero_dir.is_dir():  # the previous iteration's sharded optimizer state
         engine.load_checkpoint(str(zero_dir), tag="state", load_optimizer_states=True,
@@ -302,7 +243,7 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
     device = engine.device
     ref = None
     if ref_dir is not None and loss.beta_kl > 0:
-        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).to(device).eval()
+        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=model.dtype).to(device).eval()
     # the batch is cut into mini-batches (one optimizer step each, in order); every rank reads
     # all sequences and trains on its shard of each; the loss is the token mean over the
     # mini-batch, and DeepSpeed averages gradients over ranks, hence the world-size factor
@@ -313,6 +254,10 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
         raise ValueError(f"{len(seqs)} sequences cannot fill {n_mini} mini-batches x {world} "
                          f"processes; lower algo.update.mini_batches or num_processes")
     sums: dict[str, float] = {}
+    top = {"mismatch/ratio_max": 0.0}  # reduced with max over ranks, not summed
+    if spec.old_logprobs == "recompute":
+        seqs = recompute_old_logprobs(engine, tok.pad_token_id, seqs, spec, loss, rank, world,
+                                      total_tokens, sums, top)
     for m in range(n_mini):
         mini = seqs[m * len(seqs) // n_mini:(m + 1) * len(seqs) // n_mini]
         mini_tokens = sum(len(s.tokens) for s in mini)
@@ -321,6 +266,10 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
         for k, (chunk, weight) in enumerate(micro):
             batch = collate(chunk, tok.pad_token_id).to(device)
             logp, ent = sequence_logprobs(engine, batch, spec, entropy_grad=loss.entropy_coef != 0)
+            if m == 0 and weight and spec.old_logprobs == "rollout":  # pi_theta is pi_old here
+                add_mismatch(sums, top, mismatch_sums(logp, batch.old_logprobs,
+                                                      batch.response_mask, loss.eps_low,
+                                                      loss.eps_high, total_tokens))
             ref_logp = None
             if ref is not None:
                 with torch.no_grad():
@@ -346,6 +295,11 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(vec)
         sums = dict(zip(keys, vec.tolist()))
+        peak = torch.tensor([top["mismatch/ratio_max"]], dtype=torch.float64)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        top["mismatch/ratio_max"] = float(peak)
+    if "mismatch/ratio_mean" in sums:
+        sums.update(top)
     save_policy(engine, optimizer, tok, out_dir, rank, sharded)
     sums["num_tokens"] = float(total_tokens)
     sums["num_sequences"] = float(len(seqs))
@@ -353,6 +307,55 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
     if grad_norm is not None and not math.isnan(float(grad_norm)):
         sums["grad_norm"] = float(grad_norm)
     return sums
+
+
+def load_for_training(model_dir: str, ds_cfg: dict):
+    """The policy to train: in bf16 where DeepSpeed trains in bf16 (it keeps fp32 master
+    weights itself), not an fp32 copy per rank; under ZeRO-3 partitioned while it loads (each
+    rank materialises its shard only, through ``deepspeed.zero.Init``). Returns the model and
+    what must stay alive until ``deepspeed.initialize``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = torch.bfloat16 if (ds_cfg.get("bf16") or {}).get("enabled") is True else torch.float32
+    stage = (ds_cfg.get("zero_optimization") or {}).get("stage", 0)
+    keep = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # from_pretrained reads it
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), keep
+
+
+def add_mismatch(sums: dict, top: dict, part: dict[str, float]) -> None:
+    for key, v in part.items():
+        if key == "mismatch/ratio_max":
+            top[key] = max(top[key], v)
+        else:
+            sums[key] = sums.get(key, 0.0) + v
+
+
+def recompute_old_logprobs(engine, pad_id: int, seqs: list[TrainingSequence], spec: UpdateSpec,
+                           loss: LossSpec, rank: int, world: int, total_tokens: int,
+                           sums: dict, top: dict) -> list[TrainingSequence]:
+    """``seqs`` with this rank's sequences' pi_old recomputed by the trainer before the first
+    step (old_logprobs.py), the mismatch to the rollout's log-probs added to ``sums`` / ``top``."""
+    new: dict[int, TrainingSequence] = {}
+    n_mini = spec.mini_batches
+    with torch.no_grad():
+        for m in range(n_mini):
+            mini = seqs[m * len(seqs) // n_mini:(m + 1) * len(seqs) // n_mini]
+            for chunk, weight in rank_micro_batches(mini, rank, world, spec.micro_batch_size,
+                                                    spec.max_tokens_per_micro_batch):
+                if not weight:
+                    continue
+                batch = collate(chunk, pad_id).to(engine.device)
+                logp, _ = sequence_logprobs(engine, batch, spec)
+                add_mismatch(sums, top, mismatch_sums(logp, batch.old_logprobs,
+                                                      batch.response_mask, loss.eps_low,
+                                                      loss.eps_high, total_tokens))
+                for i, seq in enumerate(chunk):
+                    fixed, w = corrected(seq, response_slice(logp[i].float().cpu(), seq),
+                                         spec.rollout_is_cap)
+                    new[id(seq)] = fixed
+                    add_mismatch(sums, top, {k: v / total_tokens for k, v in w.items()})
+    return [new.get(id(s), s) for s in seqs]
 
 
 def sequence_logprobs(model, batch, spec: UpdateSpec, entropy_grad: bool = False):
@@ -385,77 +388,3 @@ def save_policy(engine, optimizer, tok, out_dir: str, rank: int, sharded: bool) 
                                save_latest=False)
     elif rank == 0:
         torch.save(optimizer.state_dict(), Path(out_dir) / OPTIMIZER_FILE)
-
-
-def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, spec: UpdateSpec,
-                  ref_dir: str | None = None) -> dict[str, float]:
-    """Run ``update_policy`` in ``spec.num_processes`` ranks on each of ``spec.nodes`` nodes,
-    through torchrun or the deepspeed launcher (rank 0 saves and writes the metrics); returns
-    the metrics."""
-    import dataclasses
-    import json
-    import subprocess
-    import sys
-
-    from ibtpo_core import tether
-    from ibtpo_core.runtime import free_port
-
-    require_optimizer_state(model_dir)  # before any rank starts
-    if not torch.cuda.is_available():  # said here, where the run's log shows it, not in a rank
-        clear_stale_lock()
-    port = free_port()
-    bindir = Path(sys.executable).parent
-    args = ["-m", "ibtpo_core.training.update_main", "--model", model_dir, "--out", out_dir,
-            "--sequences", seqs_path, "--loss", json.dumps(dataclasses.asdict(loss)),
-            "--update", json.dumps(dataclasses.asdict(spec))]
-    if ref_dir:
-        args += ["--ref", ref_dir]
-    n = str(spec.num_processes)
-    if spec.nodes > 1:
-        cmds = node_agent_commands(spec, bindir / "torchrun", args, out_dir)
-    elif spec.launcher == "torchrun":
-        cmds = [[str(bindir / "torchrun"), "--nproc_per_node", n, "--master_addr", "127.0.0.1",
-                 "--master_port", str(port)] + args]
-    else:  # the deepspeed launcher; on CPU --num_gpus counts CPU ranks
-        cmds = [[str(bindir / "deepspeed"), "--no_local_rank", "--num_gpus", n,
-                 "--master_addr", "127.0.0.1", "--master_port", str(port), "--module"] + args[1:]]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    # tethered: a killed run takes its launchers and ranks with it
-    procs = [tether.spawn(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True) for c in cmds]
-    try:
-        errs = [p.communicate()[1] for p in procs]
-    finally:
-        for p in procs:
-            tether.stop(p)
-    failed = [(i, p.returncode, e) for i, (p, e) in enumerate(zip(procs, errs)) if p.returncode]
-    if failed:
-        i, code, stderr = failed[0]
-        where = f" on node {i} ({spec.node_hosts[i]})" if spec.nodes > 1 else ""
-        raise RuntimeError(f"the {spec.launcher} update with {spec.nodes} x {n} processes failed"
-                           f"{where} (exit {code}):\n{stderr[-3000:]}")
-    return json.loads((Path(out_dir) / "update_metrics.json").read_text())
-
-
-def node_agent_commands(spec: UpdateSpec, torchrun: Path, args: list[str], out_dir: str
-                        ) -> list[list[str]]:
-    """One torchrun agent per node, all joining one c10d rendezvous at node_hosts[0]; each agent
-    started through ``node_launch`` on its host (or here, when it is empty)."""
-    import shlex
-
-    from ibtpo_core.artifacts import digest_json
-    from ibtpo_core.runtime import free_port
-
-    port = spec.rdzv_port or free_port()
-    run_id = digest_json([out_dir, port])[:16]  # one rendezvous per update
-    cmds = []
-    for host in spec.node_hosts:
-        agent = [str(torchrun), "--nnodes", str(spec.nodes), "--nproc_per_node",
-                 str(spec.num_processes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                 f"{spec.node_hosts[0]}:{port}", "--rdzv_id", run_id] + args
-        if spec.node_launch:  # the agent as one shell string, as ssh (or `bash -c`) takes it
-            cmds.append(shlex.split(spec.node_launch.format(host=host)) + [shlex.join(agent)])
-        else:
-            cmds.append(agent)
-    return cmds

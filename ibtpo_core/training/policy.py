@@ -68,17 +68,23 @@ def token_logprobs(
 def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                     entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each target and the entropy of its distribution, for one chunk of tokens:
-    ``hidden`` (n, H), ``targets`` (n,) -> two (n,) tensors."""
-    logits = head(hidden).float() / temperature  # (n, V)
+    ``hidden`` (n, H), ``targets`` (n,) -> two (n,) tensors. Without ``entropy_grad`` the
+    entropy is computed in place, one (n, V) buffer, and carries no gradient."""
+    logits = head(hidden).float()  # (n, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        src, norm = (logits, lse) if entropy_grad else (logits.detach(), lse.detach())
-        entropy = norm - (torch.softmax(src, dim=-1) * src).sum(-1)  # H = lse - E_p[logit]
+    if entropy_grad and torch.is_grad_enabled():
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = lse - E_p[logit]
+        return logp, entropy
+    with torch.no_grad():
+        p = torch.softmax(logits, dim=-1).mul_(logits)
+        entropy = lse - p.sum(-1)
     return logp, entropy
 
 
-def response_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_tokens: int = 1024,
+def response_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_tokens: int = 512,
                       entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logprobs, entropy)``, each (B, L - 1) and 0 outside the response, computed over the
     response positions only, ``chunk_tokens`` at a time (see the module docstring). The entropy
