@@ -93,6 +93,9 @@ def test_qwen3_config_paths_run_here_with_gpu_pieces_swapped(harness, tiny_model
     assert run.data.params["algo.update.deepspeed_config"] == "configs/deepspeed/zero2.yaml"
     assert run.data.params["algo.update.num_processes"] == "2"
     assert "ib_probe/score_mean" in run.data.metrics  # the probe trees use surprisal too
+    # pi_old recomputed by the trainer, its gap to the rollout's log-probs in MLflow
+    assert run.data.metrics["mismatch/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert "mismatch/is_weight_mean" in run.data.metrics
     policy = Path(out["checkpoint"])
     assert (policy / "zero_state").is_dir() and (policy / "model.safetensors").is_file()
     bench = json.loads(next((harness / "stages").glob("bench-*/lm_eval_results.json")).read_text())
