@@ -118,3 +118,43 @@ def test_the_memory_settings_leave_the_update_unchanged(tiny_model_dir, tmp_path
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "new").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+LOAD = r"""
+import json, sys
+import torch
+from ibtpo_core.training.deepspeed_trainer import (_ensure_dist_env, init_process_group,
+                                                   load_for_training)
+_ensure_dist_env()
+init_process_group()
+model, keep = load_for_training(sys.argv[1], json.loads(sys.argv[2]))
+p = next(model.parameters())
+print(json.dumps({"dtype": str(p.dtype), "partitioned": hasattr(p, "ds_id"),
+                  "placeholder_numel": p.numel(),
+                  "held": int(getattr(p, "ds_numel", p.numel()))}))
+"""
+
+
+@pytest.mark.parametrize("ds, dtype, partitioned", [
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, "torch.bfloat16", False),
+    ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}, "torch.float32", False),
+    ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": False},
+      "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}, "torch.float32",
+     True),
+])
+def test_the_policy_loads_in_the_training_dtype_and_partitioned_under_zero3(
+        tiny_model_dir, ds, dtype, partitioned):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", LOAD, tiny_model_dir, json.dumps(ds)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["dtype"] == dtype and got["partitioned"] == partitioned
+    if partitioned:  # the module holds an empty placeholder; DeepSpeed holds the shard
+        assert got["placeholder_numel"] == 0 and got["held"] > 0
