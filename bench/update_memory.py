@@ -29,7 +29,7 @@ VOCAB = 151_936
 PROMPT = 64
 LENGTHS = (1024, 4096, 8192)
 MICRO = (1, 4)
-CHUNK = 512  # UpdateSpec.logprob_chunk_tokens' default
+CHUNK = 256  # UpdateSpec.logprob_chunk_tokens' default
 FREE_GB = 20.0  # what one measurement may use here (24 GiB machine)
 
 

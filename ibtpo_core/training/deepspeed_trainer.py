@@ -69,7 +69,7 @@ class UpdateSpec:
     # recomputation in the transformer layers; micro-batches formed by a budget of padded
     # tokens (longest sequence x count, sequences grouped by length; 0: micro_batch_size
     # sequences in their order). The loss and its gradient do not depend on any of them.
-    logprob_chunk_tokens: int = 512
+    logprob_chunk_tokens: int = 256
     gradient_checkpointing: bool = False
     max_tokens_per_micro_batch: int = 0
     # pi_old (old_logprobs.py): the rollout engine's log-probs as sampled, or the trainer's

@@ -84,7 +84,7 @@ def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatu
     return logp, entropy
 
 
-def response_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_tokens: int = 512,
+def response_logprobs(model, batch: Batch, temperature: float = 1.0, chunk_tokens: int = 256,
                       entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logprobs, entropy)``, each (B, L - 1) and 0 outside the response, computed over the
     response positions only, ``chunk_tokens`` at a time (see the module docstring). The entropy
