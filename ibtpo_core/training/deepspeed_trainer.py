@@ -258,11 +258,8 @@ def update_policy(  # noqa: C901 - setup, the micro-batch loop and saving, read 
     if spec.old_logprobs == "recompute":
         seqs = recompute_old_logprobs(engine, tok.pad_token_id, seqs, spec, loss, rank, world,
                                       total_tokens, sums, top)
-    for m in range(n_mini):
-        mini = seqs[m * len(seqs) // n_mini:(m + 1) * len(seqs) // n_mini]
+    for m, (mini, micro) in enumerate(rank_schedule(seqs, spec, rank, world)):
         mini_tokens = sum(len(s.tokens) for s in mini)
-        micro = rank_micro_batches(mini, rank, world, spec.micro_batch_size,
-                                   spec.max_tokens_per_micro_batch)
         for k, (chunk, weight) in enumerate(micro):
             batch = collate(chunk, tok.pad_token_id).to(device)
             logp, ent = sequence_logprobs(engine, batch, spec, entropy_grad=loss.entropy_coef != 0)
@@ -337,12 +334,9 @@ def recompute_old_logprobs(engine, pad_id: int, seqs: list[TrainingSequence], sp
     """``seqs`` with this rank's sequences' pi_old recomputed by the trainer before the first
     step (old_logprobs.py), the mismatch to the rollout's log-probs added to ``sums`` / ``top``."""
     new: dict[int, TrainingSequence] = {}
-    n_mini = spec.mini_batches
     with torch.no_grad():
-        for m in range(n_mini):
-            mini = seqs[m * len(seqs) // n_mini:(m + 1) * len(seqs) // n_mini]
-            for chunk, weight in rank_micro_batches(mini, rank, world, spec.micro_batch_size,
-                                                    spec.max_tokens_per_micro_batch):
+        for _, micro in rank_schedule(seqs, spec, rank, world):
+            for chunk, weight in micro:
                 if not weight:
                     continue
                 batch = collate(chunk, pad_id).to(engine.device)
@@ -356,6 +350,17 @@ def recompute_old_logprobs(engine, pad_id: int, seqs: list[TrainingSequence], sp
                     new[id(seq)] = fixed
                     add_mismatch(sums, top, {k: v / total_tokens for k, v in w.items()})
     return [new.get(id(s), s) for s in seqs]
+
+
+def rank_schedule(seqs: list[TrainingSequence], spec: UpdateSpec, rank: int,
+                  world: int) -> list[tuple[list, list[tuple[list, float]]]]:
+    """The update's ``spec.mini_batches`` slices of ``seqs``, in order, each with this rank's
+    micro-batches of it (``rank_micro_batches``): what the recompute of pi_old and the optimizer
+    steps both walk, so they see the same partition."""
+    n = spec.mini_batches
+    minis = [seqs[m * len(seqs) // n:(m + 1) * len(seqs) // n] for m in range(n)]
+    return [(mini, rank_micro_batches(mini, rank, world, spec.micro_batch_size,
+                                      spec.max_tokens_per_micro_batch)) for mini in minis]
 
 
 def sequence_logprobs(model, batch, spec: UpdateSpec, entropy_grad: bool = False):
