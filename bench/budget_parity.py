@@ -30,16 +30,15 @@ from _results import write_json  # noqa: E402
 
 def warm_policy(cfg) -> tuple[dict, dict]:
     """The data and starting-checkpoint stage records, as the train flow builds them."""
-    from pipeline.stage_cache import code_version
+    from tasks.create_model import create_model
     from tasks.prepare_data import prepare_data
-    from tasks.warm_up import create_model, warm_up
+    from tasks.warm_up import warm_up
 
     shared = cfg.stage_cache_dir
-    data = prepare_data.fn(cfg.data, shared, code_version("prepare_data"))
-    start = create_model.fn(cfg.model, shared, code_version("create_model"))
+    data = prepare_data.fn(cfg.data, store=shared)
+    start = create_model.fn(cfg.model, store=shared)
     if cfg.warmup.enabled:
-        start = warm_up.fn(cfg.warmup, cfg.data.countdown, start, data, shared,
-                           code_version("warm_up"))
+        start = warm_up.fn(cfg.warmup, cfg.data.countdown, start, data, store=shared)
     return data, start
 
 
@@ -49,19 +48,19 @@ def measure(cfg, data: dict, start: dict, batches: int) -> dict:
     from transformers import AutoTokenizer
 
     from ibtpo_core.data.tokenizer import step_end_token_ids
-    from ibtpo_core.rl import JsonlRows, draw_prompts, sample_trees
-    from tasks.rl_iteration import get_engine
+    from ibtpo_core.engines.held import held_engine
+    from ibtpo_core.rl import JsonlRows, draw_prompts, grow_trees
 
     train = JsonlRows(Path(data["path"]) / "train.jsonl")
     tok = AutoTokenizer.from_pretrained(start["path"])
-    engine = get_engine(cfg.engine, start["path"])
+    engine = held_engine(cfg.engine.name, start["path"], **cfg.engine.kwargs())
     steps = step_end_token_ids(tok, cfg.algo.tree.steps.delimiter)
     per_batch, over = [], []
     for it in range(1, batches + 1):
         rows = draw_prompts(train, it, cfg.rl.rollout.prompts_per_iteration, cfg.seed)
-        trees, m = sample_trees(engine, tok, rows, cfg.algo.tree, steps,
-                                cfg.rl.rollout.max_new_tokens, cfg.rl.rollout.temperature,
-                                cfg.seed * 100_003 + it)
+        trees, m = grow_trees(engine, tok, rows, cfg.algo.tree, cfg.algo.score, steps,
+                              cfg.rl.rollout.max_new_tokens, cfg.rl.rollout.temperature,
+                              cfg.seed * 100_003 + it)
         n = len(trees)
         budget = m["tree/budget_tokens"]
         per_batch.append({
@@ -101,7 +100,6 @@ def main() -> int:
     cfgs = {m: load_config(args.config, args.set + [f"algo.method={m.split('+')[0]}"]
                            + m.split("+")[1:]) for m in methods}
     if args.checkpoint:
-        from pipeline.stage_cache import code_version
         from tasks.prepare_data import prepare_data
 
         if not (Path(args.checkpoint) / "config.json").is_file():
@@ -109,7 +107,7 @@ def main() -> int:
                              f"policy checkpoint folder (a run's iterations/itNNNN-policy-* or "
                              f"final/)")
         first = cfgs[methods[0]]
-        data = prepare_data.fn(first.data, first.stage_cache_dir, code_version("prepare_data"))
+        data = prepare_data.fn(first.data, store=first.stage_cache_dir)
         start = {"path": str(Path(args.checkpoint).resolve())}
     else:
         data, start = warm_policy(cfgs[methods[0]])

@@ -13,12 +13,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from configs.schema import load_config
-from flows.train import external_model
 from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from pipeline import tracking
-from pipeline.stage_cache import code_version
+from pipeline.code_digest import code_version
+from pipeline.stage import external_record
 from tasks.benchmark import benchmark
 from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
@@ -34,7 +34,7 @@ def evaluate(checkpoint: str, config: str = "configs/experiments/tiny_ibtpo.yaml
     preflight(cfg)
     tracking.check_tracking_store()
     set_threads(cfg.threads)
-    policy = external_model(checkpoint)
+    policy = external_record(checkpoint)
     run = tracking.parent_run(
         cfg.tracking.experiment,
         digest_json([policy["digest"], cfg.model_dump(), code_version()]),
@@ -45,12 +45,11 @@ def evaluate(checkpoint: str, config: str = "configs/experiments/tiny_ibtpo.yaml
     )
     try:
         shared = cfg.stage_cache_dir
-        data = prepare_data(cfg.data, shared, code_version("prepare_data"))
-        ev = evaluate_policy(cfg.eval, cfg.engine, policy, data, shared,
-                             code_version("evaluate_policy"))
+        data = prepare_data(cfg.data, store=shared)
+        ev = evaluate_policy(cfg.eval, cfg.engine, policy, data, store=shared)
         metrics = dict(ev["metrics"])
         if cfg.benchmark.enabled:
-            b = benchmark(cfg.benchmark, policy, data, shared, code_version("benchmark"))
+            b = benchmark(cfg.benchmark, policy, data, store=shared)
             metrics.update(b["metrics"])
             tracking.log_artifact_once(run, str(Path(b["path"]) / "lm_eval_results.json"))
         tracking.log_metrics_once(run, 0, metrics)

@@ -5,9 +5,9 @@ RL iteration (``rl_iteration``): sample trees -> estimate IB-Scores and advantag
 policy (DeepSpeed) -> (benchmark every k) -> evaluate (after) -> benchmark with lm-eval -> result.
 Each step gets the typed config section it needs.
 
-Every stage is a cached task over files; a rerun of the same command skips what is finished
-and resumes at the first iteration that is not, and MLflow records are written once. Reads like
-a script: no math, no model code here.
+Every stage is a task over files, keyed and cached by ``pipeline/stage.py``; a rerun of the same
+command skips what is finished and resumes at the first iteration that is not, and MLflow
+records are written once. Reads like a script: no math, no model code here.
 """
 from __future__ import annotations
 
@@ -22,46 +22,24 @@ from prefect.runtime import flow_run
 from tqdm import tqdm
 
 from configs.schema import ExperimentConfig, load_config
-from ibtpo_core import stages
-from ibtpo_core.artifacts import digest_files, digest_json, folder_digest
+from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
-from ibtpo_core.stages import StageRecord
-from ibtpo_core.training.retention import prune_checkpoints, prune_optimizer_states
 from pipeline import summaries, tracking
-from pipeline.stage_cache import code_version, inject_fault, plain
+from pipeline.code_digest import code_version
+from pipeline.stage import StageRecord, external_record, key_part
 from tasks.benchmark import benchmark
+from tasks.create_model import create_model
 from tasks.evaluate_policy import evaluate_policy
 from tasks.prepare_data import prepare_data
-from tasks.rl_iteration import estimate_scores, sample_trees, update_policy
-from tasks.warm_up import create_model, warm_up
+from tasks.rl_iteration import estimate_scores, keep_recent, sample_trees, update_policy
+from tasks.warm_up import warm_up
 
 
-def _logger():
-    """The flow run's logger; outside a flow run (``before_rl`` called on its own), Prefect's."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return get_logger("ibtpo")
-
-
-def ensure(task, *args, iteration: int = -1, label: str | None = None):
-    """Run (or fetch from cache) a stage; if its cached output was altered or deleted on disk,
-    recompute it instead of trusting it. ``label`` names the task run in the Prefect UI
-    (``evaluate_policy[after]``) where one stage runs several times."""
-    if label is not None:
-        task = task.with_options(task_run_name=f"{task.name}[{label}]")
-    rec = task(*args)
-    if stages.cached(Path(rec["path"])) is None:
-        _logger().warning(
-            f"{task.name}: cached output {rec['path']} is missing or corrupted; recomputing"
-        )
-        rec = task.with_options(refresh_cache=True)(*args)
-    inject_fault(f"after_{task.name}", iteration)
-    return rec
+def labelled(task, label: str):
+    """``task`` under the run name ``name[label]`` in the Prefect UI (``evaluate_policy[after]``),
+    where one stage runs several times in a run."""
+    return task.with_options(task_run_name=f"{task.name}[{label}]")
 
 
 def run_key(cfg: ExperimentConfig) -> str:
@@ -88,24 +66,14 @@ def log_curve_point(run_id: str, step: int, result: dict, decoded: float, rl_wal
         "curve/n_eval": m["n_eval"], "curve/decoded_tokens": decoded, "curve/rl_wall_s": rl_wall})
 
 
-def external_model(path: str) -> StageRecord:
-    """A checkpoint the run did not make (checked by preflight; a hub id resolves to its local
-    snapshot): its path and content digest."""
-    from ibtpo_core.models.hub import resolve_model_path
-
-    path = resolve_model_path(path)
-    return {"path": path, "digest": folder_digest(digest_files(Path(path))), "metrics": {}}
-
-
 @dataclass
 class Run:
-    """Where one training run writes: its folder, its MLflow run, the RL code digest, and the
-    folder of its RL iterations (``rl_dir``, set once the checkpoint RL starts from is known)."""
+    """Where one training run writes: its folder, its MLflow run, and the folder of its RL
+    iterations (``rl_dir``, set once the checkpoint RL starts from is known)."""
 
     cfg: ExperimentConfig
     run_dir: str
     mlflow_id: str
-    code: str
     config_file: str
     t0: float = field(default_factory=time.time)
     rl_dir: str = ""
@@ -165,7 +133,8 @@ def train_steps(run: Run) -> dict:
                               f"and weights (rl.keep_optimizer_states: "
                               f"{cfg.rl.keep_optimizer_states}, rl.keep_checkpoints: "
                               f"{cfg.rl.keep_checkpoints})")
-    after = evaluate(cfg, rl.policy, data, cfg.eval.n, "after") if cfg.rl.iterations else before
+    after = (held_out_accuracy(cfg, rl.policy, data, cfg.eval.n, "after") if cfg.rl.iterations
+             else before)
     final_records(run, before, after, rl, data, start)
     return write_result(run, before, after, rl)
 
@@ -177,7 +146,7 @@ def start_run(cfg: ExperimentConfig, config: str, threads: int, tags: dict[str, 
     mlflow_id = tracking.parent_run(cfg.tracking.experiment, run_key(cfg), cfg.name, params=params,
                                     tags={"prefect.flow_run_id": str(flow_run.id),
                                           "ibtpo.method": cfg.algo.method, **tags})
-    return Run(cfg=cfg, run_dir=run_dir, mlflow_id=mlflow_id, code=code_version("rl"),
+    return Run(cfg=cfg, run_dir=run_dir, mlflow_id=mlflow_id,
                config_file=str(Path(config).resolve()))
 
 
@@ -192,8 +161,8 @@ def rl_lineage_dir(cfg: ExperimentConfig, start: StageRecord, data: StageRecord)
     the run's name, so a longer run of the same config continues from a shorter one's stages
     (the table's 3x budget reuses the default budget's first iterations), and a run under
     another name or sweep reuses them all. Each stage is still keyed on its own inputs."""
-    key = [cfg.algo.stage_key(), plain(cfg.rl.rollout), plain(cfg.engine), cfg.seed,
-           start["digest"], data["digest"], code_version("rl")]
+    key = [key_part(part) for part in (cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, start,
+                                       data)] + [code_version("rl")]
     return Path(cfg.stage_cache_dir) / f"rl-{digest_json(key)[:12]}"
 
 
@@ -240,18 +209,17 @@ def before_rl(cfg: ExperimentConfig) -> BeforeRL:
     first point: stages every method and seed on the same task, model and warm-up share through
     the stage cache. No MLflow run here, so a sweep can compute them once before its cells."""
     shared = cfg.stage_cache_dir
-    data = ensure(prepare_data, cfg.data, shared, code_version("prepare_data"))
+    data = prepare_data(cfg.data, store=shared)
     if cfg.model.path is None:
-        start = ensure(create_model, cfg.model, shared, code_version("create_model"))
+        start = create_model(cfg.model, store=shared)
     else:
-        start = external_model(cfg.model.path)
+        start = external_record(cfg.model.path)
     if cfg.warmup.enabled:
-        start = ensure(warm_up, cfg.warmup, cfg.data.countdown, start, data, shared,
-                       code_version("warm_up"))
-    before = evaluate(cfg, start, data, cfg.eval.n, "before")
+        start = warm_up(cfg.warmup, cfg.data.countdown, start, data, store=shared)
+    before = held_out_accuracy(cfg, start, data, cfg.eval.n, "before")
     curve0 = None
     if cfg.eval.every and cfg.rl.iterations:  # the accuracy curve: every k iterations
-        curve0 = evaluate(cfg, start, data, cfg.eval.every_n, "curve it 0")
+        curve0 = held_out_accuracy(cfg, start, data, cfg.eval.every_n, "curve it 0")
     return BeforeRL(data, start, before, curve0)
 
 
@@ -271,11 +239,11 @@ def log_before_rl(run: Run, inputs: BeforeRL) -> None:
         log_curve_point(run.mlflow_id, 0, inputs.curve0, 0.0, 0.0)
 
 
-def evaluate(cfg: ExperimentConfig, checkpoint: StageRecord, data: StageRecord, n: int | None,
-             label: str) -> StageRecord:
+def held_out_accuracy(cfg: ExperimentConfig, checkpoint: StageRecord, data: StageRecord,
+                      n: int | None, label: str) -> StageRecord:
     """Held-out accuracy of ``checkpoint`` on ``n`` problems of the evaluation split."""
-    return ensure(evaluate_policy, cfg.eval.on(n), cfg.engine, checkpoint, data,
-                  cfg.stage_cache_dir, code_version("evaluate_policy"), label=label)
+    return labelled(evaluate_policy, label)(cfg.eval.on(n), cfg.engine, checkpoint, data,
+                                            store=cfg.stage_cache_dir)
 
 
 def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
@@ -283,11 +251,10 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     """Iteration ``k``: sample trees with the current policy, score them, update the policy;
     logs the iteration's metrics and returns them."""
     cfg = run.cfg
-    trees = ensure(sample_trees, k, cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, rl.policy,
-                   data, run.rl_dir, run.code, iteration=k)
-    scores = ensure(estimate_scores, k, cfg.algo, trees, run.rl_dir, run.code, iteration=k)
-    new = ensure(update_policy, k, cfg.algo, rl.policy, scores, reference, run.rl_dir, run.code,
-                 iteration=k)
+    trees = sample_trees(k, cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, rl.policy, data,
+                         store=run.rl_dir)
+    scores = estimate_scores(k, cfg.algo, trees, store=run.rl_dir)
+    new = update_policy(k, cfg.algo, rl.policy, scores, reference, store=run.rl_dir)
     metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"]}
     rl.decoded += metrics["tree/decoded_tokens"]
     rl.rl_wall += stage_seconds(metrics)
@@ -296,9 +263,8 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     rl.policy = new
     rl.checkpoints.append(new["path"])
     rl.samples.append(trees["path"])
-    rl.freed += prune_optimizer_states(rl.checkpoints, cfg.rl.keep_optimizer_states)
-    rl.freed += prune_checkpoints(rl.checkpoints, cfg.rl.keep_checkpoints,
-                                  cfg.rl.keep_checkpoint_every)
+    rl.freed += keep_recent(rl.checkpoints, cfg.rl.keep_optimizer_states, cfg.rl.keep_checkpoints,
+                            cfg.rl.keep_checkpoint_every)
     return metrics
 
 
@@ -312,11 +278,11 @@ def after_iteration(run: Run, done: int, rl: RLProgress, data: StageRecord) -> N
     """The accuracy curve and the periodic benchmark, where ``done`` iterations call for them."""
     cfg = run.cfg
     if cfg.eval.every and done % cfg.eval.every == 0:
-        point = evaluate(cfg, rl.policy, data, cfg.eval.every_n, f"curve it {done}")
+        point = held_out_accuracy(cfg, rl.policy, data, cfg.eval.every_n, f"curve it {done}")
         log_curve_point(run.mlflow_id, done, point, rl.decoded, rl.rl_wall)
     if cfg.benchmark.enabled and cfg.benchmark.every and done % cfg.benchmark.every == 0:
-        b = ensure(benchmark, cfg.benchmark, rl.policy, data, cfg.stage_cache_dir,
-                   code_version("benchmark"), label=f"it {done}")
+        b = labelled(benchmark, f"it {done}")(cfg.benchmark, rl.policy, data,
+                                              store=cfg.stage_cache_dir)
         tracking.log_metrics_once(
             tracking.child_run(run.mlflow_id, "benchmark"), done, b["metrics"]
         )
@@ -330,8 +296,7 @@ def final_records(run: Run, before: StageRecord, after: StageRecord, rl: RLProgr
     tracking.log_metrics_once(eval_run, 0, before["metrics"])
     tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
     if cfg.benchmark.enabled:
-        b = ensure(benchmark, cfg.benchmark, policy, data, cfg.stage_cache_dir,
-                   code_version("benchmark"), label="final")
+        b = labelled(benchmark, "final")(cfg.benchmark, policy, data, store=cfg.stage_cache_dir)
         bench_run = tracking.child_run(parent, "benchmark")
         tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
         tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))

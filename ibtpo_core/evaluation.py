@@ -86,7 +86,7 @@ def task_shape(per_response: list[list[float]], choice_entropy: float) -> dict:
     return out
 
 
-def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], spec: EvalSpec) -> dict:
+def accuracy_metrics(engine: RolloutEngine, tokenizer, rows: list[dict], spec: EvalSpec) -> dict:
     """Metrics over ``rows`` (prepared problems, see ``ibtpo_core.data.problems``)."""
     if not rows:
         raise ValueError("evaluation got no problems: check the test split size (data.n_test)")

@@ -5,15 +5,12 @@ these and move their results between stages as files; nothing here knows Prefect
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
-from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.ib_score import Forest, ScoreSpec, compute_stats, usable_estimator
 from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic, sample
 from ibtpo_core.algo.tree import TrainingSequence, Tree, training_sequences
 from ibtpo_core.data.problems import prompt_text, row_verifier
@@ -24,8 +21,9 @@ from ibtpo_core.engines.base import RolloutEngine, StopConditions
 
 class JsonlRows(Sequence):
     """The rows of a JSON-lines file, each parsed when it is read. An RL iteration draws 64
-    prompts from the deep task's 100k training rows: parsing them all took ~1.3 s of an
-    iteration's ~9 s; this parses the 64. Same length and order as ``read_jsonl``."""
+    prompts from the deep task's 100k training rows: parsing them all was a large share of an
+    iteration (docs/results/bench_time.md); this parses the 64. Same length and order as
+    ``data.splits.read_jsonl``."""
 
     def __init__(self, path: Path):
         with Path(path).open("rb") as f:
@@ -54,9 +52,9 @@ def draw_prompts(train_rows: Sequence[dict], iteration: int, n: int, seed: int) 
     return rows
 
 
-def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeSpec,
-                 step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
-                 seed: int, verifier: str = "countdown"):
+def grow_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeSpec,
+               ib: ScoreSpec, step_end_ids: tuple[int, ...], max_new_tokens: int,
+               temperature: float, seed: int, verifier: str = "countdown"):
     """Trees (one per row) and the sampler's metrics."""
     verify = [row_verifier(r, verifier) for r in rows]
     prompts = [encode_prompt(tokenizer, prompt_text(r)) for r in rows]
@@ -68,44 +66,41 @@ def sample_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeS
         return verify[i](text, rows[i])
 
     result = sample(spec.sampler, engine, prompts, spec, score, stop, max_new_tokens,
-                    temperature, seed)
+                    temperature, seed, ib=ib)
     return result.trees, result.metrics
 
 
 def probe_diagnostic(engine: RolloutEngine, tokenizer, rows: list[dict], G: int,
                      step_end_ids: tuple[int, ...], max_new_tokens: int, temperature: float,
-                     seed: int, run_tree: TreeSpec | None = None) -> dict[str, float]:
+                     seed: int, run_tree: TreeSpec | None = None,
+                     run_score: ScoreSpec | None = None) -> dict[str, float]:
     """method.md §2's IB diagnostic on probe trees: IBTree with its default settings on a fixed
     prompt set, sampled from the current policy and never trained on, so every method (GRPO
     included) is measured the same way. Keys ``ib_probe/score_mean``, ``ib_probe/h_mean``, ..."""
     # the run's step cutting and entropy estimator (an engine without full entropies needs
     # surprisal); every other switch at its default
-    spec = TreeSpec(G=G) if run_tree is None else TreeSpec(
-        G=G, steps=run_tree.steps, entropy_estimator=run_tree.entropy_estimator)
-    trees, _ = sample_trees(engine, tokenizer, rows, spec, step_end_ids, max_new_tokens,
-                            temperature, seed)
-    diag = ib_diagnostic(trees, spec.beta, spec.ib_form, spec.entropy_estimator)
+    spec = TreeSpec(G=G) if run_tree is None else TreeSpec(G=G, steps=run_tree.steps)
+    ib = ScoreSpec() if run_score is None else ScoreSpec(
+        entropy_estimator=run_score.entropy_estimator)
+    trees, _ = grow_trees(engine, tokenizer, rows, spec, ib, step_end_ids, max_new_tokens,
+                          temperature, seed)
+    diag = ib_diagnostic(trees, ib)
     return {k.replace("ib/", "ib_probe/"): v for k, v in diag.items()}
 
 
-def score_trees(trees: list[Tree], tree: TreeSpec, adv: AdvantageSpec
+def score_trees(trees: list[Tree], ib: ScoreSpec, adv: AdvantageSpec
                 ) -> tuple[list[TrainingSequence], dict[str, float]]:
-    """Training sequences with per-token advantages, and the batch's reward / IB metrics."""
+    """Training sequences with per-token advantages, and the batch's advantage metrics (the
+    reward and the IB diagnostic are the sampler's: ``tree_metrics``)."""
     f = Forest.from_trees(trees)
-    est = tree.entropy_estimator
-    if est == "token_entropy" and torch.isnan(f.tok_entropy).any():
-        est = "surprisal"
-    stats = compute_stats(f, tree.beta, tree.ib_form, est)
+    stats = compute_stats(f, ib.beta, ib.ib_form, usable_estimator(f, ib.entropy_estimator))
     A = compute_advantages(f, stats, adv)
     seqs: list[TrainingSequence] = []
     for t, tr in enumerate(trees):
         off = f.offsets[t]
         seqs += training_sequences(tr, A[off: off + len(tr.nodes)].tolist())
-    rewards = [s.reward for s in seqs]
-    mean = sum(rewards) / max(1, len(rewards))
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards)))
     adv_tok = [a for s in seqs for a in s.advantages]
-    metrics = {"reward": mean, "reward_std": std, "eff_rate": eff_rate(f),
+    metrics = {"eff_rate": eff_rate(f),
                "adv/abs_mean": sum(abs(a) for a in adv_tok) / max(1, len(adv_tok)),
                "adv/nonzero_frac": sum(a != 0 for a in adv_tok) / max(1, len(adv_tok)),
                "response_length": sum(len(s.tokens) for s in seqs) / max(1, len(seqs))}

@@ -303,7 +303,7 @@ def log_metrics_once(
     rows.append(Metric(sentinel, float(step), ts, step))
     if len(rows) > 1000:
         raise ValueError(f"{len(rows)} metrics in one step exceed MLflow's batch of 1000")
-    from pipeline.stage_cache import inject_fault
+    from pipeline.stage import inject_fault
 
     inject_fault("mlflow_log", step)
     client.log_batch(run_id, metrics=rows)  # one batch: one transaction, all or nothing

@@ -1,27 +1,34 @@
 """Stage: held-out accuracy, pass@k and distinct correct solutions of a checkpoint."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from ibtpo_core import stages
-from ibtpo_core.stages import StageRecord
-from pipeline.stage_cache import CACHE, inject_fault, stage_dir
+from pipeline.stage import StageRecord, stage
 
 if TYPE_CHECKING:
     from configs.schema import EngineConfig, EvalConfig
 
 
-@task(name="evaluate_policy", task_run_name="evaluate_policy",
-      cache_policy=CACHE, persist_result=True)
-def evaluate_policy(evaluation: EvalConfig, engine: EngineConfig, policy: StageRecord,
-                    data: StageRecord, run_dir: str, code: str) -> StageRecord:
-    folder = stage_dir(run_dir, "eval", evaluation.stage_key(), engine, policy["digest"],
-                       data["digest"], code)
-    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
-        if hit:
-            return hit
-        inject_fault("evaluate_policy")
-        return stages.evaluate_checkpoint(policy["path"], data["path"], evaluation, engine, folder,
-                                          evaluation.split)
+@task(task_run_name="evaluate_policy", cache_policy=NO_CACHE)
+@stage("eval", code="evaluate_policy")
+def evaluate_policy(out: Path, evaluation: EvalConfig, engine: EngineConfig, policy: StageRecord,
+                    data: StageRecord) -> dict:
+    from transformers import AutoTokenizer
+
+    from ibtpo_core.data.splits import read_jsonl
+    from ibtpo_core.engines.held import stage_engine
+    from ibtpo_core.evaluation import accuracy_metrics
+    from ibtpo_core.training.retention import require_weights
+
+    require_weights(policy["path"])
+    rows = read_jsonl(Path(data["path"]) / f"{evaluation.split}.jsonl")[: evaluation.n]
+    rollout = stage_engine(engine.name, policy["path"], **engine.kwargs())
+    tok = AutoTokenizer.from_pretrained(policy["path"])
+    metrics = accuracy_metrics(rollout, tok, rows, evaluation.spec)
+    (out / "results.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

@@ -1,24 +1,21 @@
-"""Stage: build the dataset splits and save them (JSONL through ``datasets``)."""
+"""Stage: build the dataset splits and save them (``train/validation/test.jsonl``)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from ibtpo_core import stages
-from ibtpo_core.stages import StageRecord
-from pipeline.stage_cache import CACHE, inject_fault, stage_dir
+from pipeline.stage import stage
 
 if TYPE_CHECKING:
     from configs.schema import DataConfig
 
 
-@task(name="prepare_data", task_run_name="prepare_data",
-      cache_policy=CACHE, persist_result=True, retries=1)
-def prepare_data(data: DataConfig, run_dir: str, code: str) -> StageRecord:
-    folder = stage_dir(run_dir, "data", data, code)
-    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
-        if hit:
-            return hit
-        inject_fault("prepare_data")
-        return stages.prepare_data(data, folder)
+@task(task_run_name="prepare_data", cache_policy=NO_CACHE, retries=1)
+@stage("data", code="prepare_data")
+def prepare_data(out: Path, data: DataConfig) -> dict:
+    from ibtpo_core.data.splits import write_splits
+
+    return write_splits(out, data)

@@ -1,47 +1,34 @@
-"""Stage: create the tiny model (when the config asks for one) and warm it up."""
+"""Stage: supervised warm-up of the starting model on the training split's solution traces."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from ibtpo_core import stages
-from ibtpo_core.stages import StageRecord
-from pipeline.stage_cache import CACHE, inject_fault, stage_dir
+from pipeline.stage import StageRecord, stage
 
 if TYPE_CHECKING:
-    from configs.schema import ModelConfig, WarmupConfig
+    from configs.schema import WarmupConfig
     from ibtpo_core.data.countdown import CountdownSpec
 
 
-@task(name="create_model", task_run_name="create_model",
-      cache_policy=CACHE, persist_result=True)
-def create_model(model: ModelConfig, run_dir: str, code: str) -> StageRecord:
-    folder = stage_dir(run_dir, "model", model, code)
-    with stages.claim(folder) as hit:
-        return hit or stages.create_model(model, folder)
-
-
-@task(name="warm_up", task_run_name="warm_up",
-      cache_policy=CACHE, persist_result=True)
-def warm_up(warmup: WarmupConfig, task_spec: CountdownSpec, model: StageRecord, data: StageRecord,
-            run_dir: str, code: str) -> StageRecord:
+@task(task_run_name="warm_up", cache_policy=NO_CACHE)
+@stage("warmup", code="warm_up")
+def warm_up(out: Path, warmup: WarmupConfig, task_spec: CountdownSpec, model: StageRecord,
+            data: StageRecord) -> dict:
     from tqdm import tqdm
 
-    folder = stage_dir(run_dir, "warmup", warmup, task_spec, model["digest"], data["digest"], code)
-    with stages.claim(folder) as hit:  # one worker computes; others wait, then reuse
-        if hit:
-            return hit
-        bar = tqdm(total=warmup.spec.steps, desc="warm-up", unit="step", mininterval=2)
+    from ibtpo_core.data.splits import read_jsonl
+    from ibtpo_core.training.warmup import run_warmup
+
+    train = read_jsonl(Path(data["path"]) / "train.jsonl")
+    with tqdm(total=warmup.spec.steps, desc="warm-up", unit="step", mininterval=2) as bar:
 
         def progress(step, total, loss):
-            if step == total // 2:
-                inject_fault("warm_up")  # mid-stage
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-        try:
-            return stages.warm_up(model["path"], data["path"], task_spec, warmup.spec, folder,
-                                  progress=progress)
-        finally:
-            bar.close()
+        return run_warmup(model["path"], str(out), train, task_spec, warmup.spec,
+                          progress=progress)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WATCHED = tuple(str(ROOT / d) + "/" for d in ("ibtpo_core", "tasks", "configs"))
-# Prefect task name -> the stage kind whose code digest keys it (pipeline/stage_cache.py)
+# Prefect task name -> the stage kind whose code digest keys it (pipeline/code_digest.py)
 KIND = {"sample_trees": "rl", "estimate_scores": "rl", "update_policy": "rl"}
 
 

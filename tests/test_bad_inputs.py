@@ -60,7 +60,7 @@ CASES = [
     ("B_max below 2", ["algo.tree.B_max=1"], r"B_max must be >= 2"),
     ("clip low out of range", ["algo.loss.eps_low=1.5"], r"eps_low must be in \[0, 1\)"),
     ("clip high negative", ["algo.loss.eps_high=-0.1"], r"eps_high must be >= 0"),
-    ("beta negative", ["algo.tree.beta=-1"], r"beta must be >= 0"),
+    ("beta negative", ["algo.score.beta=-1"], r"beta must be >= 0"),
     ("unknown method", ["algo.method=ppo"], r"unknown method 'ppo'.*valid methods: ibtpo, grpo"),
     ("unknown engine", ["engine.name=sglang"], r"unknown engine 'sglang'; valid engines: hf, vllm"),
     (
@@ -73,7 +73,7 @@ CASES = [
         ["algo.advantage.name=gae"],
         r"unknown advantage 'gae'.*Valid names: grpo, ibtpo, tree_entropy",
     ),
-    ("unknown ib form", ["algo.tree.ib_form=product"], r"unknown ib_form 'product'.*Valid names"),
+    ("unknown ib form", ["algo.score.ib_form=product"], r"unknown ib_form 'product'.*Valid names"),
     (
         "rollout temperature 0",
         ["rl.rollout.temperature=0"],
@@ -155,7 +155,7 @@ def test_at_least_25_bad_inputs():
 
 
 def test_bad_rows_are_counted_at_data_preparation(fx, tmp_path):
-    from ibtpo_core import stages
+    from ibtpo_core.data import splits
 
     cfg = load_config(
         SMOKE,
@@ -165,12 +165,12 @@ def test_bad_rows_are_counted_at_data_preparation(fx, tmp_path):
         ],
     )
     with pytest.raises(ValueError, match=r"2 of 3 rows of split 'test' lack .*bad_rows: skip"):
-        stages.prepare_data(cfg.data, tmp_path / "data")
+        splits.write_splits(tmp_path / "data", cfg.data)
     assert not (tmp_path / "data").exists()  # nothing half-written
 
 
 def test_the_cli_reports_bad_input_without_starting_prefect(capsys):
-    from pipeline.cli import main
+    from ibtpo.cli import main
 
     assert main(["run", str(SMOKE), "--set", "algo.tree.G=1"]) == 2
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
-from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+from ibtpo_core.training.deepspeed_trainer import UpdateSpec, train_on_sequences
 from ibtpo_core.training.micro_batches import rank_micro_batches
 from ibtpo_core.training.policy import collate, response_logprobs, token_logprobs
 from tests.test_deepspeed_update import sequences
@@ -104,9 +104,9 @@ def test_token_budget_micro_batches_group_by_length():
 def test_the_memory_settings_leave_the_update_unchanged(tiny_model_dir, tmp_path):
     seqs = sequences(tiny_model_dir)
     loss = LossSpec()
-    old = update_policy(tiny_model_dir, str(tmp_path / "old"), seqs, loss,
+    old = train_on_sequences(tiny_model_dir, str(tmp_path / "old"), seqs, loss,
                         UpdateSpec(lr=1e-3, micro_batch_size=4, logprob_chunk_tokens=0))
-    new = update_policy(tiny_model_dir, str(tmp_path / "new"), seqs, loss,
+    new = train_on_sequences(tiny_model_dir, str(tmp_path / "new"), seqs, loss,
                         UpdateSpec(lr=1e-3, micro_batch_size=4, logprob_chunk_tokens=5,
                                    gradient_checkpointing=True, max_tokens_per_micro_batch=24))
     assert new["num_tokens"] == old["num_tokens"] == 42

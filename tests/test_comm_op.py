@@ -22,9 +22,9 @@ def test_a_one_process_update_builds_no_op(tiny_model_dir, tmp_path):
         import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
         from test_deepspeed_update import sequences
         from ibtpo_core.algo.losses import LossSpec
-        from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
-        update_policy({tiny_model_dir!r}, {str(tmp_path / 'out')!r}, sequences({tiny_model_dir!r}),
-                      LossSpec(), UpdateSpec(lr=1e-3))
+        from ibtpo_core.training.deepspeed_trainer import UpdateSpec, train_on_sequences
+        train_on_sequences({tiny_model_dir!r}, {str(tmp_path / 'out')!r},
+                           sequences({tiny_model_dir!r}), LossSpec(), UpdateSpec(lr=1e-3))
     """)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

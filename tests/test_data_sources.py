@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from configs.schema import DataConfig
-from ibtpo_core import stages
+from ibtpo_core.data import splits
 from ibtpo_core.data.sources import DatasetSource, load_split
 
 
@@ -22,15 +22,15 @@ def test_local_jsonl_through_datasets_with_mapped_fields(tmp_path):
     test = write(tmp_path / "test.jsonl", [{"nums": [1, 2, 3, 4], "answer": 10}])
     cfg = DataConfig(source="datasets", n_test=5, n_val=1, datasets=DatasetSource(
         data_files={"train": train, "test": test}, numbers_field="nums", target_field="answer"))
-    rec = stages.prepare_data(cfg, tmp_path / "out")
+    metrics = splits.write_splits(tmp_path / "out", cfg)
     out = {
-        s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
+        s: splits.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
         for s in ("train", "validation", "test")
     }
     assert out["test"] == [{"numbers": [1, 2, 3, 4], "target": 10, "key": "1 2 3 4->10"}]
     # both orders of the test problem are held out of training
     assert [r["target"] for r in out["train"]] == [26] and len(out["validation"]) == 1
-    assert rec["metrics"]["data/train_rows"] == 1.0
+    assert metrics["data/train_rows"] == 1.0
 
 
 def test_malformed_rows_fail_with_a_count_or_are_skipped(tmp_path):
@@ -73,7 +73,7 @@ def test_rows_parsed_on_read_give_the_same_prompts_as_rows_parsed_up_front(tmp_p
     assert len(lazy) == 7 and lazy[3] == rows[3] and lazy[5:] == rows[5:]  # the blank line skipped
     for iteration in (1, 2, 3):
         assert draw_prompts(lazy, iteration, 5, seed=4) == draw_prompts(
-            stages.read_jsonl(path), iteration, 5, seed=4)
+            splits.read_jsonl(path), iteration, 5, seed=4)
     with pytest.raises(ValueError, match="training split is empty"):
         draw_prompts(JsonlRows(write(tmp_path / "empty.jsonl", [])), 1, 5, seed=4)
 
@@ -96,7 +96,7 @@ def test_a_row_of_the_wrong_type_is_named_by_file_line_and_field(tmp_path):
     cfg = DataConfig(source="datasets", n_test=5, n_val=2,
                      datasets=DatasetSource(data_files=files))
     with pytest.raises(ValueError) as err:
-        stages.prepare_data(cfg, tmp_path / "out")
+        splits.write_splits(tmp_path / "out", cfg)
     msg = str(err.value)
     assert "split 'train'" in msg and f"{files['train']}:38" in msg
     assert "field 'target' is 'twelve', not an integer" in msg and "bad_rows: skip" in msg
@@ -110,8 +110,8 @@ def test_bad_rows_skip_leaves_out_rows_of_the_wrong_type_and_counts_them(tmp_pat
         f.write('{"numbers": [1, 2, 3, 4], "target": 13\n')  # not JSON: a line cut short
     cfg = DataConfig(source="datasets", n_test=5, n_val=2,
                      datasets=DatasetSource(data_files=files, bad_rows="skip"))
-    rec = stages.prepare_data(cfg, tmp_path / "out")
-    m = rec["metrics"]
+    metrics = splits.write_splits(tmp_path / "out", cfg)
+    m = metrics
     # 61 lines in train: 59 good ones, 2 left out; 2 of the good ones go to validation
     assert m["data/skipped_rows/train"] == 2.0 and m["data/skipped_rows/test"] == 0.0
     assert m["data/train_rows"] == 57.0 and m["data/validation_rows"] == 2.0

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
-from ibtpo_core.training.deepspeed_trainer import UpdateSpec, sequence_logprobs, update_policy
+from ibtpo_core.training.deepspeed_trainer import UpdateSpec, sequence_logprobs, train_on_sequences
 from ibtpo_core.training.policy import collate, token_logprobs
 
 
@@ -56,7 +56,7 @@ def test_one_update_matches_torch_and_moves_every_parameter(tiny_model_dir, tmp_
     seqs = sequences(tiny_model_dir)
     spec = UpdateSpec(lr=1e-3, micro_batch_size=4)  # two micro-batches, accumulated
     loss = LossSpec()
-    metrics = update_policy(tiny_model_dir, str(tmp_path / "ds"), seqs, loss, spec)
+    metrics = train_on_sequences(tiny_model_dir, str(tmp_path / "ds"), seqs, loss, spec)
     assert metrics["num_sequences"] == 6 and metrics["num_tokens"] == 42
     assert math.isfinite(metrics["loss/total"])
 
@@ -77,7 +77,7 @@ def test_mini_batches_are_sequential_steps_and_the_clip_binds(tiny_model_dir, tm
     it), the second and third with pi_theta != pi_old, so the clipped ratio is reported."""
     seqs = sequences(tiny_model_dir)
     loss = LossSpec(eps_low=0.001, eps_high=0.001)  # a narrow band: any policy change is clipped
-    metrics = update_policy(tiny_model_dir, str(tmp_path / "ds"), seqs, loss,
+    metrics = train_on_sequences(tiny_model_dir, str(tmp_path / "ds"), seqs, loss,
                             UpdateSpec(lr=1e-2, mini_batches=3))
     assert metrics["loss/clipfrac"] > 0
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -86,13 +86,14 @@ def test_mini_batches_are_sequential_steps_and_the_clip_binds(tiny_model_dir, tm
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ds[k], v, atol=2e-5, rtol=1e-4, msg=k)
     with pytest.raises(ValueError, match="cannot fill 7 mini-batches"):
-        update_policy(tiny_model_dir, str(tmp_path / "x"), seqs, loss, UpdateSpec(mini_batches=7))
+        train_on_sequences(tiny_model_dir, str(tmp_path / "x"), seqs, loss,
+                           UpdateSpec(mini_batches=7))
 
 
 def test_missing_deepspeed_config_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="DeepSpeed config .* does not exist"):
-        update_policy(tiny_model_dir, str(tmp_path / "x"), sequences(tiny_model_dir), LossSpec(),
-                      UpdateSpec(deepspeed_config="configs/deepspeed/nope.yaml"))
+        train_on_sequences(tiny_model_dir, str(tmp_path / "x"), sequences(tiny_model_dir),
+                           LossSpec(), UpdateSpec(deepspeed_config="configs/deepspeed/nope.yaml"))
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
@@ -103,7 +104,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, launcher):
 
     seqs = sequences(tiny_model_dir)
     save_sequences(seqs, tmp_path / "seqs.json")
-    one = update_policy(
+    one = train_on_sequences(
         tiny_model_dir, str(tmp_path / "one"), seqs, LossSpec(), UpdateSpec(lr=1e-3)
     )
     two = launch_update(tiny_model_dir, str(tmp_path / "two"), str(tmp_path / "seqs.json"),
@@ -181,7 +182,7 @@ def test_uneven_shards_across_micro_batches_train_like_one_process(tiny_model_di
 
     seqs = sequences(tiny_model_dir)[:5]
     save_sequences(seqs, tmp_path / "seqs.json")
-    one = update_policy(tiny_model_dir, str(tmp_path / "one"), seqs, LossSpec(),
+    one = train_on_sequences(tiny_model_dir, str(tmp_path / "one"), seqs, LossSpec(),
                         UpdateSpec(lr=1e-3, micro_batch_size=2))
     two = launch_update(tiny_model_dir, str(tmp_path / "two"), str(tmp_path / "seqs.json"),
                         LossSpec(), UpdateSpec(lr=1e-3, micro_batch_size=2, num_processes=2,

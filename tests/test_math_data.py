@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from configs.schema import DataConfig, ExperimentConfig
-from ibtpo_core import stages
+from ibtpo_core.data import splits
 from ibtpo_core.data.answers import final_answer, gold_answer, last_boxed
 from ibtpo_core.data.problems import prompt_text, verifier
 from ibtpo_core.data.sources import DatasetSource, load_split
@@ -22,9 +22,9 @@ def test_math_shape_boxed_answers_from_solutions_and_disjoint_splits(tmp_path):
                         format="math", answer_field="solution", answer_format="boxed",
                         prompt_template="Problem: {problem}\nAnswer in \\boxed{}.")
     cfg = DataConfig(source="datasets", n_test=10, n_val=1, datasets=src)
-    stages.prepare_data(cfg, tmp_path / "out")
+    splits.write_splits(tmp_path / "out", cfg)
     out = {
-        s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
+        s: splits.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
         for s in ("train", "validation", "test")
     }
     assert [r["answer"] for r in out["test"]] == ["7", "\\frac{3}{4}"]
@@ -107,10 +107,10 @@ def test_reasoning_gym_problems_and_their_checker(tmp_path):
     spec = ReasoningGymSpec(dataset="countdown", n_train=30,
                             config={"min_numbers": 3, "max_numbers": 3, "min_target": 5,
                                     "max_target": 30})
-    stages.prepare_data(DataConfig(source="reasoning_gym", n_test=5, n_val=2, reasoning_gym=spec),
-                        tmp_path / "out")
+    splits.write_splits(tmp_path / "out", DataConfig(source="reasoning_gym", n_test=5, n_val=2,
+                                                     reasoning_gym=spec))
     out = {
-        s: stages.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
+        s: splits.read_jsonl(tmp_path / "out" / f"{s}.jsonl")
         for s in ("train", "validation", "test")
     }
     assert len(out["test"]) == 5 and len(out["validation"]) == 2 and len(out["train"]) >= 20
@@ -133,8 +133,8 @@ def test_reasoning_gym_arithmetic_scored_by_math_verify(tmp_path):
 
     cfg = load_config(str(CONFIGS / "smollm2_arithmetic_ibtpo.yaml"),
                       ["data.n_test=3", "data.n_val=1", "data.reasoning_gym.n_train=20"])
-    stages.prepare_data(cfg.data, tmp_path / "out")
-    row = stages.read_jsonl(tmp_path / "out" / "test.jsonl")[0]
+    splits.write_splits(tmp_path / "out", cfg.data)
+    row = splits.read_jsonl(tmp_path / "out" / "test.jsonl")[0]
     assert row["verifier"] == "math"
     a, op, b = row["rg_metadata"]["expression"].split()
     gold = int(a) + int(b) if op == "+" else int(a) - int(b)

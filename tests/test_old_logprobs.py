@@ -10,7 +10,7 @@ import torch
 
 from ibtpo_core.algo.losses import LossSpec, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
-from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+from ibtpo_core.training.deepspeed_trainer import UpdateSpec, train_on_sequences
 from ibtpo_core.training.old_logprobs import corrected, mismatch_sums
 from tests.test_deepspeed_update import sequences
 
@@ -64,22 +64,23 @@ def shifted(seqs, by: float):
 def test_the_mismatch_is_logged_and_recompute_removes_it(tiny_model_dir, tmp_path):
     seqs = sequences(tiny_model_dir)  # old log-probs from the same fp32 model: no mismatch
     loss = LossSpec()
-    same = update_policy(tiny_model_dir, str(tmp_path / "same"), seqs, loss, UpdateSpec(lr=1e-3))
+    same = train_on_sequences(tiny_model_dir, str(tmp_path / "same"), seqs, loss,
+                              UpdateSpec(lr=1e-3))
     assert same["mismatch/ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # ratio 1 at step one
     assert same["mismatch/clipfrac"] == 0.0
 
-    off = update_policy(tiny_model_dir, str(tmp_path / "off"), shifted(seqs, 0.3), loss,
+    off = train_on_sequences(tiny_model_dir, str(tmp_path / "off"), shifted(seqs, 0.3), loss,
                         UpdateSpec(lr=1e-3))
     assert off["mismatch/ratio_mean"] == pytest.approx(math.exp(-0.3), abs=1e-5)
     assert off["mismatch/clipfrac"] == 1.0  # e^-0.3 = 0.74 < 0.8 on every token
     assert off["loss/total"] != pytest.approx(same["loss/total"], abs=1e-4)
 
-    fixed = update_policy(tiny_model_dir, str(tmp_path / "fixed"), shifted(seqs, 0.3), loss,
+    fixed = train_on_sequences(tiny_model_dir, str(tmp_path / "fixed"), shifted(seqs, 0.3), loss,
                           UpdateSpec(lr=1e-3, old_logprobs="recompute"))
     assert fixed["mismatch/ratio_mean"] == pytest.approx(math.exp(-0.3), abs=1e-5)
     assert fixed["loss/total"] == pytest.approx(same["loss/total"], abs=1e-5)  # as if none
 
-    weighted = update_policy(tiny_model_dir, str(tmp_path / "tis"), shifted(seqs, 0.3), loss,
+    weighted = train_on_sequences(tiny_model_dir, str(tmp_path / "tis"), shifted(seqs, 0.3), loss,
                              UpdateSpec(lr=1e-3, old_logprobs="recompute", rollout_is_cap=2.0))
     # every weight is exp(-0.3): the pg term scales by it (mean |A|-weighted), nothing capped
     assert weighted["mismatch/is_weight_mean"] == pytest.approx(math.exp(-0.3), abs=1e-5)

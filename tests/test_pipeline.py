@@ -103,10 +103,13 @@ def test_the_prefect_ui_names_stages_and_shows_the_result(harness):
 
 
 def test_rerun_is_cache_hits_only(harness, monkeypatch):
+    import ibtpo_core.data.splits
+    import ibtpo_core.evaluation
     import ibtpo_core.lm_eval_runner
+    import ibtpo_core.models.tiny
     import ibtpo_core.rl
-    import ibtpo_core.stages
     import ibtpo_core.training.deepspeed_trainer
+    import ibtpo_core.training.warmup
 
     first = _run(harness)
 
@@ -114,13 +117,13 @@ def test_rerun_is_cache_hits_only(harness, monkeypatch):
         raise AssertionError("a finished stage ran again")
 
     for mod, name in (
-        (ibtpo_core.stages, "prepare_data"),
-        (ibtpo_core.stages, "warm_up"),
-        (ibtpo_core.stages, "create_model"),
-        (ibtpo_core.stages, "evaluate_checkpoint"),
-        (ibtpo_core.rl, "sample_trees"),
+        (ibtpo_core.data.splits, "write_splits"),
+        (ibtpo_core.training.warmup, "run_warmup"),
+        (ibtpo_core.models.tiny, "create_tiny_model"),
+        (ibtpo_core.evaluation, "accuracy_metrics"),
+        (ibtpo_core.rl, "grow_trees"),
         (ibtpo_core.rl, "score_trees"),
-        (ibtpo_core.training.deepspeed_trainer, "update_policy"),
+        (ibtpo_core.training.deepspeed_trainer, "train_on_sequences"),
         (ibtpo_core.lm_eval_runner, "run_lm_eval"),
     ):
         monkeypatch.setattr(mod, name, boom)
@@ -142,7 +145,7 @@ def test_launch_settings_key_no_stage(harness, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("an update ran again for a launch setting")
 
-    monkeypatch.setattr(trainer, "update_policy", boom)
+    monkeypatch.setattr(trainer, "train_on_sequences", boom)
     launch = ["algo.update.launcher=deepspeed", "algo.update.rdzv_port=29555",
               "algo.update.node_launch='srun --nodes=1 --nodelist={host} bash -c'"]
     moved = _run(harness, *launch)
@@ -175,31 +178,39 @@ def test_stages_before_rl_computed_first_leave_the_run_nothing_to_compute(harnes
     """What a sweep computes once before its cells run side by side (flows.train.before_rl)
     is what each run then reads: data, model, warm-up, the evaluation before RL and the curve's
     first point; the run computes only its RL and the evaluations of its RL checkpoints."""
-    import ibtpo_core.stages
+    import ibtpo_core.data.splits
+    import ibtpo_core.engines.held
+    import ibtpo_core.models.tiny
+    import ibtpo_core.training.warmup
     from configs.schema import load_config
     from flows.train import before_rl, train
 
     state = harness / "shared"
     extra = ["eval.every=1", "benchmark.enabled=false"]
-    before_rl(load_config(SMOKE, [f"stage_cache_dir={state / 'stages'}", "threads=1", *extra]))
+    inputs = before_rl(load_config(SMOKE, [f"stage_cache_dir={state / 'stages'}", "threads=1",
+                                           *extra]))
     starts = {p.name for p in (state / "stages").iterdir() if p.name.startswith("warmup-")}
     assert len(starts) == 1
 
     def boom(*a, **k):
         raise AssertionError("a stage before RL ran again in the run")
 
-    for name in ("prepare_data", "warm_up", "create_model"):
-        monkeypatch.setattr(ibtpo_core.stages, name, boom)
-    evaluate, evaluated = ibtpo_core.stages.evaluate_checkpoint, []
+    for mod, name in ((ibtpo_core.data.splits, "write_splits"),
+                      (ibtpo_core.training.warmup, "run_warmup"),
+                      (ibtpo_core.models.tiny, "create_tiny_model")):
+        monkeypatch.setattr(mod, name, boom)
+    engine_for, evaluated = ibtpo_core.engines.held.stage_engine, []
 
-    def counted(policy_path, *a, **k):
-        evaluated.append(Path(policy_path).name)
-        return evaluate(policy_path, *a, **k)
+    def counted(name, model_path, **k):  # the evaluation stage's engine, built per checkpoint
+        evaluated.append(Path(model_path).name)
+        return engine_for(name, model_path, **k)
 
-    monkeypatch.setattr(ibtpo_core.stages, "evaluate_checkpoint", counted)
+    monkeypatch.setattr(ibtpo_core.engines.held, "stage_engine", counted)
     out = train(SMOKE, [f"output_dir={state / 'runs'}", f"stage_cache_dir={state / 'stages'}",
                         "threads=1", *extra])
-    assert out["accuracy_before"] >= 0
+    # the run reports the evaluation computed before it, not one of its own
+    assert out["accuracy_before"] == inputs.before["metrics"]["accuracy"]
+    assert out["accuracy_se_before"] == inputs.before["metrics"]["accuracy_se"]
     # curve points after iterations 1 and 2 (250 problems), then the final one (all 16)
     assert len(evaluated) == 3 and not set(evaluated) & starts, evaluated
 
@@ -213,13 +224,13 @@ def test_failed_iteration_resumes_there_and_logs_once(harness, monkeypatch):
         _run(harness, *other)
     monkeypatch.delenv("IBTPO_FAULT")
     calls = []
-    real = ibtpo_core.rl.sample_trees
+    real = ibtpo_core.rl.grow_trees
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(ibtpo_core.rl, "sample_trees", counting)
+    monkeypatch.setattr(ibtpo_core.rl, "grow_trees", counting)
     out = _run(harness, *other)
     assert len(calls) == 1  # iteration 1's trees were cached; only iteration 2 samples anew
     assert _history(out["mlflow_run_id"], "iteration") == [0, 1, 2]
@@ -237,30 +248,13 @@ def test_corrupted_checkpoint_is_recomputed(harness):
 
 def test_tasks_through_fn(tmp_path):
     from configs.schema import DataConfig
-    from pipeline.stage_cache import code_version
     from tasks.prepare_data import prepare_data
 
     cfg = DataConfig(n_test=10, n_val=5)
-    rec = prepare_data.fn(cfg, str(tmp_path), code_version())
+    rec = prepare_data.fn(cfg, store=str(tmp_path))
     assert rec["metrics"]["data/test_rows"] == 10.0
     assert (Path(rec["path"]) / "train.jsonl").is_file()
-    assert prepare_data.fn(cfg, str(tmp_path), code_version())["digest"] == rec["digest"]
-
-
-def test_typed_sections_key_stages_as_their_dicts_did(tmp_path):
-    # stage folders are named by a digest of their key parts: a typed section must give the same
-    # name as the dict slice of the whole config's model_dump() that the flow passed before
-    from configs.schema import load_config
-    from pipeline.stage_cache import stage_dir
-
-    cfg = load_config(SMOKE)
-    whole = cfg.model_dump()
-    assert stage_dir("r", "data", cfg.data, "c") == stage_dir("r", "data", whole["data"], "c")
-    assert stage_dir("r", "warmup", cfg.warmup, cfg.data.countdown) == \
-        stage_dir("r", "warmup", whole["warmup"], whole["data"]["countdown"])
-    assert stage_dir("r", "s", cfg.algo, cfg.rl.rollout, cfg.engine, 3) == \
-        stage_dir("r", "s", whole["algo"], whole["rl"]["rollout"], whole["engine"], 3)
-    assert stage_dir("r", "s", cfg.algo) != stage_dir("r", "s", cfg.rl.rollout)
+    assert prepare_data.fn(cfg, store=str(tmp_path))["digest"] == rec["digest"]
 
 
 def test_lost_tracking_connection_mid_run_then_rerun_logs_once(harness, monkeypatch):
@@ -327,7 +321,7 @@ def test_old_optimizer_states_are_deleted_and_the_run_still_resumes(harness, mon
     def boom(*a, **k):
         raise AssertionError("a finished update ran again")
 
-    monkeypatch.setattr(ibtpo_core.training.deepspeed_trainer, "update_policy", boom)
+    monkeypatch.setattr(ibtpo_core.training.deepspeed_trainer, "train_on_sequences", boom)
     assert _run(harness, *own)["checkpoint"] == out["checkpoint"]  # pruned outputs are cache hits
     monkeypatch.undo()
     weights = Path(out["checkpoint"]) / "model.safetensors"
@@ -343,13 +337,13 @@ def test_a_longer_run_continues_from_a_shorter_ones_iterations(harness, monkeypa
 
     common = [f"stage_cache_dir={harness / 'stages_budget'}", "benchmark.enabled=false"]
     short = _run(harness, f"output_dir={harness / 'budget_1x'}", *common)
-    real, calls = trainer.update_policy, []
+    real, calls = trainer.train_on_sequences, []
 
     def counted(*a, **k):
         calls.append(a[1])  # out_dir
         return real(*a, **k)
 
-    monkeypatch.setattr(trainer, "update_policy", counted)
+    monkeypatch.setattr(trainer, "train_on_sequences", counted)
     long = _run(harness, f"output_dir={harness / 'budget_3x'}", "rl.iterations=3", *common)
     assert len(calls) == 1 and "it0002-policy" in calls[0]
     assert long["iterations_dir"] == short["iterations_dir"]

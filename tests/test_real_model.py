@@ -52,7 +52,7 @@ def test_one_iteration_of_each_smollm2_config(harness, method):
     from mlflow.tracking import MlflowClient
 
     from flows.train import train
-    from ibtpo_core.stages import read_jsonl
+    from ibtpo_core.data.splits import read_jsonl
 
     out = train(str(CONFIGS / f"smollm2_countdown_{method}.yaml"),
                 [f"output_dir={harness / method}", f"stage_cache_dir={harness / 'stages'}", *SMALL])

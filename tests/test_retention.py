@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ibtpo_core import stages
 from ibtpo_core.artifacts import prune, pruned_files, read_manifest
+from pipeline import stage
 
 
 def _checkpoint(folder: Path, tag: str) -> dict:
@@ -18,8 +18,9 @@ def _checkpoint(folder: Path, tag: str) -> dict:
         (tmp / "optimizer.pt").write_bytes(b"x" * 100)
         (tmp / "zero_state" / "state").mkdir(parents=True)
         (tmp / "zero_state" / "state" / "rank0.pt").write_bytes(b"y" * 20)
+        return {"loss": 1.0}
 
-    return stages.publish(folder, write, {"loss": 1.0})
+    return stage.publish(folder, write)
 
 
 def test_prune_keeps_the_digest_and_the_output_valid(tmp_path):
@@ -30,7 +31,7 @@ def test_prune_keeps_the_digest_and_the_output_valid(tmp_path):
         "manifest.json",
         "model.safetensors",
     ]
-    again = stages.cached(tmp_path / "ck")
+    again = stage.cached(tmp_path / "ck")
     assert again == rec  # same digest, so stages keyed by it stay cache hits
     assert pruned_files(tmp_path / "ck") == ["optimizer.pt", "zero_state/state/rank0.pt"]
     assert prune(tmp_path / "ck", ("optimizer.pt", "zero_state")) == 0  # nothing left to remove
@@ -63,7 +64,7 @@ def test_only_the_last_n_optimizer_states_are_kept(tmp_path):
 def test_an_update_from_a_pruned_state_stops_with_the_fix(tmp_path):
     from ibtpo_core.algo.losses import LossSpec
     from ibtpo_core.algo.tree import TrainingSequence
-    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, train_on_sequences
     from ibtpo_core.training.launch import launch_update
 
     _checkpoint(tmp_path / "ck", "a")
@@ -71,7 +72,8 @@ def test_an_update_from_a_pruned_state_stops_with_the_fix(tmp_path):
     seq = TrainingSequence(prompt=[1], tokens=[2, 3], old_logprobs=[0.0, 0.0],
                            advantages=[1.0, 1.0], step_ids=[0, 0], reward=1.0)
     with pytest.raises(ValueError, match="keep_optimizer_states=null"):
-        update_policy(str(tmp_path / "ck"), str(tmp_path / "out"), [seq], LossSpec(), UpdateSpec())
+        train_on_sequences(str(tmp_path / "ck"), str(tmp_path / "out"), [seq], LossSpec(),
+                           UpdateSpec())
     with pytest.raises(ValueError, match="optimizer state was deleted"):
         launch_update(str(tmp_path / "ck"), str(tmp_path / "out"), "seqs.json", LossSpec(),
                       UpdateSpec(num_processes=2))
@@ -81,33 +83,35 @@ def test_weights_kept_are_the_last_n_and_every_kth(tmp_path):
     from ibtpo_core.training.retention import prune_checkpoints
 
     paths = [_checkpoint(tmp_path / f"it{k}", str(k))["path"] for k in range(6)]
-    digests = [stages.cached(Path(p))["digest"] for p in paths]
+    digests = [stage.cached(Path(p))["digest"] for p in paths]
     assert prune_checkpoints(paths, None, 2) == 0  # null keeps them all
     # the last 2 (after iterations 5 and 6) and every 2nd (after iterations 2 and 4) stay:
     # the weights after iterations 1 and 3 go, 9 bytes each ("weights 0", "weights 2")
     assert prune_checkpoints(paths, 2, 2) == 18
     kept = [(Path(p) / "model.safetensors").exists() for p in paths]
     assert kept == [False, True, False, True, True, True]
-    assert [stages.cached(Path(p))["digest"] for p in paths] == digests  # still cache hits
+    assert [stage.cached(Path(p))["digest"] for p in paths] == digests  # still cache hits
     assert (Path(paths[0]) / "optimizer.pt").exists()  # the optimizer state is the other knob
     assert prune_checkpoints(paths, 1, 0) == 3 * 9  # now only the last: 1, 3, 4 go too
 
 
 def test_reading_deleted_weights_stops_with_the_fix(tmp_path):
+    from configs.schema import EngineConfig, EvalConfig
     from ibtpo_core.algo.losses import LossSpec
     from ibtpo_core.algo.tree import TrainingSequence
-    from ibtpo_core.evaluation import EvalSpec
-    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, train_on_sequences
     from ibtpo_core.training.retention import prune_checkpoints
+    from tasks.evaluate_policy import evaluate_policy
 
     paths = [_checkpoint(tmp_path / f"it{k}", str(k))["path"] for k in range(2)]
     prune_checkpoints(paths, 1, 0)
     seq = TrainingSequence(prompt=[1], tokens=[2, 3], old_logprobs=[0.0, 0.0],
                            advantages=[1.0, 1.0], step_ids=[0, 0], reward=1.0)
     with pytest.raises(ValueError, match="weights were deleted by rl.keep_checkpoints"):
-        update_policy(paths[0], str(tmp_path / "out"), [seq], LossSpec(), UpdateSpec())
+        train_on_sequences(paths[0], str(tmp_path / "out"), [seq], LossSpec(), UpdateSpec())
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "test.jsonl").write_text('{"numbers": [1, 2], "target": 3}\n')
     with pytest.raises(ValueError, match="rl.keep_checkpoints=null"):
-        stages.evaluate_checkpoint(paths[0], tmp_path / "data", type("E", (), {
-            "n": None, "spec": EvalSpec()})(), None, tmp_path / "eval")
+        evaluate_policy.fn(EvalConfig(), EngineConfig(), stage.cached(Path(paths[0])),
+                           {"path": str(tmp_path / "data"), "digest": "d", "metrics": {}},
+                           store=str(tmp_path / "eval"))

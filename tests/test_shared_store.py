@@ -16,7 +16,7 @@ import pytest
 WORKER = r"""
 import json, os, sys, time
 from pathlib import Path
-from ibtpo_core import stages
+from pipeline import stage
 
 folder = Path(sys.argv[1])
 
@@ -24,12 +24,13 @@ def write(tmp):  # half the output, a pause (the worker may be killed here), the
     (tmp / "half.txt").write_text(os.getcwd())
     time.sleep(float(sys.argv[2]))
     (tmp / "out.txt").write_text(os.getcwd())
+    return {"worker/pid": float(os.getpid())}
 
 def compute():
     (folder.parent / f"computed-by-{os.getpid()}").write_text(os.getcwd())
-    return stages.publish(folder, write, {"worker/pid": float(os.getpid())})
+    return stage.publish(folder, write)
 
-with stages.claim(folder) as hit:
+with stage.claim(folder) as hit:
     rec = hit or compute()
 print(json.dumps(rec))
 """

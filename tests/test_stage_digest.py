@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ibtpo_core.engines.base import ENGINE_MODULES
-from pipeline.stage_cache import ROOT, STAGE_CODE, code_version, stage_files
+from pipeline.code_digest import ROOT, STAGE_TASKS, code_version, stage_files
 
 RL_STAGES = ("sample_trees", "estimate_scores", "update_policy")
 
@@ -58,7 +58,7 @@ def changes_digest(stage: str, root: Path, rel: str) -> bool:
 
 def test_the_trace_saw_every_stage_kind(traced):
     # the smoke run executes each stage kind at least once; the RL ones map to "rl"
-    assert set(traced) == set(STAGE_CODE)
+    assert set(traced) == set(STAGE_TASKS)
     assert "ibtpo_core/engines/hf.py" in traced["rl"]  # the engine, loaded by name, ran
 
 
@@ -67,7 +67,7 @@ def test_editing_any_file_a_stage_executes_changes_its_digest(traced, repo_copy)
               if not changes_digest(stage, repo_copy, rel)]
     assert not missed, (f"these files run inside a stage but do not key it (a stale cache hit "
                         f"after an edit): {missed}; add their module to STAGE_CODE or make the "
-                        f"stage's code load it where the digest can see it")
+                        f"stage's task module import it where the digest can see it")
 
 
 @pytest.mark.parametrize("stage", ["rl", "evaluate_policy"])
@@ -95,7 +95,7 @@ def test_an_edit_outside_a_stage_keys_nothing_of_it(repo_copy):
 def test_a_module_named_in_a_string_is_followed(tmp_path, monkeypatch):
     # a registry of its own that imports by name, as engines/base.py does, and a function entry
     # whose module registers a variant it dispatches to
-    from pipeline import stage_cache
+    from pipeline import code_digest
 
     lib = tmp_path / "ibtpo_core"
     (lib / "plugins").mkdir(parents=True)
@@ -111,8 +111,8 @@ def test_a_module_named_in_a_string_is_followed(tmp_path, monkeypatch):
         "def other():\n    from ibtpo_core.plugins import unused\n")
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "toy.py").write_text("")
-    monkeypatch.setitem(stage_cache.STAGE_CODE, "toy", ("toy.run",))
-    monkeypatch.setitem(stage_cache.STAGE_TASKS, "toy", "tasks/toy.py")
+    monkeypatch.setitem(code_digest.STAGE_CODE, "toy", ("toy.run",))
+    monkeypatch.setitem(code_digest.STAGE_TASKS, "toy", "tasks/toy.py")
     files = stage_files("toy", tmp_path)
     assert lib / "plugins" / "fast.py" in files and lib / "plugins" / "slow.py" in files
     assert lib / "plugins" / "unused.py" not in files  # what run() cannot reach keys nothing

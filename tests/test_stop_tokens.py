@@ -90,13 +90,14 @@ def test_a_checkpoint_without_any_eos_is_named(tmp_path):
 
 
 def test_tree_sampling_stops_at_the_models_end_of_text_and_scores_only_before_it(qwen_like):
-    from ibtpo_core.rl import sample_trees
+    from ibtpo_core.algo.ib_score import ScoreSpec
+    from ibtpo_core.rl import grow_trees
 
     tok, end = qwen_like
     steps = step_end_token_ids(tok, "\n")
     spec = TreeSpec(sampler="independent", G=2)
-    trees, metrics = sample_trees(Scripted(script(tok, end)), tok, [ROW], spec, steps,
-                                  max_new_tokens=40, temperature=1.0, seed=0)
+    trees, metrics = grow_trees(Scripted(script(tok, end)), tok, [ROW], spec, ScoreSpec(), steps,
+                                max_new_tokens=40, temperature=1.0, seed=0)
     tree = trees[0]
     leaves = tree.leaves()
     assert leaves and all(leaf.reward == 1.0 for leaf in leaves)  # the right answer, read alone
@@ -106,10 +107,10 @@ def test_tree_sampling_stops_at_the_models_end_of_text_and_scores_only_before_it
 
 
 def test_evaluation_stops_at_the_models_end_of_text(qwen_like):
-    from ibtpo_core.evaluation import EvalSpec, evaluate
+    from ibtpo_core.evaluation import EvalSpec, accuracy_metrics
 
     tok, end = qwen_like
-    m = evaluate(Scripted(script(tok, end)), tok, [ROW], EvalSpec(num_samples=2,
-                                                                    max_new_tokens=40))
+    m = accuracy_metrics(Scripted(script(tok, end)), tok, [ROW],
+                         EvalSpec(num_samples=2, max_new_tokens=40))
     assert m["accuracy"] == 1.0
     assert m["eval_decoded_tokens"] == 2 * (script(tok, end).index(end) + 1)

@@ -1,6 +1,6 @@
 """Launching one policy update over several processes or nodes: ``spec.num_processes`` ranks
 on each of ``spec.nodes`` nodes, through torchrun (a c10d rendezvous across nodes) or the deepspeed
-launcher; every rank runs ``deepspeed_trainer.update_policy`` (``update_main``), tethered to
+launcher; every rank runs ``deepspeed_trainer.train_on_sequences`` (``update_main``), tethered to
 this process so a killed run takes them with it.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ibtpo_core.training.retention import require_optimizer_state
 
 def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, spec: UpdateSpec,
                   ref_dir: str | None = None) -> dict[str, float]:
-    """Run ``update_policy`` in ``spec.num_processes`` ranks on each of ``spec.nodes`` nodes,
+    """Run ``train_on_sequences`` in ``spec.num_processes`` ranks on each of ``spec.nodes`` nodes,
     through torchrun or the deepspeed launcher (rank 0 saves and writes the metrics); returns
     the metrics."""
     import dataclasses

@@ -26,12 +26,12 @@ def main() -> None:
     torch.set_num_threads(1)
     from ibtpo_core.algo.losses import LossSpec
     from ibtpo_core.rl import load_sequences
-    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, update_policy
+    from ibtpo_core.training.deepspeed_trainer import UpdateSpec, train_on_sequences
 
     up = json.loads(a.update)
     up["betas"] = tuple(up["betas"])
-    metrics = update_policy(a.model, a.out, load_sequences(Path(a.sequences)),
-                            LossSpec(**json.loads(a.loss)), UpdateSpec(**up), ref_dir=a.ref)
+    metrics = train_on_sequences(a.model, a.out, load_sequences(Path(a.sequences)),
+                                 LossSpec(**json.loads(a.loss)), UpdateSpec(**up), ref_dir=a.ref)
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(a.out) / "update_metrics.json").write_text(json.dumps(metrics))
     # no rank leaves while another still writes; then leave at once, without the interpreter's

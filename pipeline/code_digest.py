@@ -1,52 +1,41 @@
-"""What every pipeline task shares: the cache policy and the stage-folder convention.
+"""The code digest of a stage: which files it can execute, and their hash.
 
-Tasks are cached on their inputs and their own source (``INPUTS + TASK_SOURCE``) with persisted
-results, so a rerun of a finished run is cache lookups only. Inputs are config sections, paths
-and digests (never models or tensors); ``code`` is a digest of the code a stage runs
-(``code_version(stage)``: its task module and every library module its entry functions can
-load, by import or by name, followed through the library), so editing the advantage function
-redoes the RL iterations but not the data, the warm-up or the evaluation of the warm-up
-checkpoint. Each task writes one folder whose name is a digest of its inputs, atomically, with a
-manifest; a folder already complete is reused.
+``code_version(kind)`` covers a stage's task module and every library module its entry points
+can load, by import or by name (a registry, a dotted path given to vLLM), followed through the
+library; it is part of every stage's key (``pipeline/stage.py``), so editing the advantage
+function redoes the RL iterations but not the data, the warm-up or the evaluation of the warm-up
+checkpoint. The stage machinery itself (``pipeline/stage.py``: where an output goes, how it is
+claimed and published) decides no output's content and keys nothing.
 """
 from __future__ import annotations
 
 import ast
-import dataclasses
 import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE
-
-from ibtpo_core.artifacts import digest_json
-
-CACHE = INPUTS + TASK_SOURCE
-
-
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 LIBRARY = ROOT / "ibtpo_core"
 
-# The library entry points of each stage kind (``module`` or ``module.function``); a stage's code
-# digest covers these and every library module they can execute (see ``stage_files``), so code
-# outside them (the CLI, preflight, reports) keys nothing.
-STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "rl": ("rl", "training.deepspeed_trainer", "training.launch", "training.update_main",
-           "engines.held", "data.tokenizer", "stages.claim", "stages.publish", "stages.read_jsonl"),
-    "prepare_data": ("stages.prepare_data",),
-    "create_model": ("stages.create_model",),
-    "warm_up": ("stages.warm_up",),
-    "evaluate_policy": ("stages.evaluate_checkpoint",),
-    "benchmark": ("lm_eval_runner", "stages.publish", "data.problems"),
-}
-# The Prefect task module of each stage kind (its source keys the stage too) and the other files
-# a stage runs that are not modules of the library: the lm-eval task hooks, and the schema whose
-# section methods (``engine.kwargs()``) run inside the RL and evaluation stages.
+# The stage kinds: each is keyed by its task module (its stage bodies run there), every library
+# module that module imports, and what those can load, transitively (``stage_files``).
 STAGE_TASKS: dict[str, str] = {
     "rl": "tasks/rl_iteration.py", "prepare_data": "tasks/prepare_data.py",
-    "create_model": "tasks/warm_up.py", "warm_up": "tasks/warm_up.py",
+    "create_model": "tasks/create_model.py", "warm_up": "tasks/warm_up.py",
     "evaluate_policy": "tasks/evaluate_policy.py", "benchmark": "tasks/benchmark.py",
 }
+# Library entry points a stage runs besides its task module's imports (``module`` or
+# ``module.function``): the module each update rank runs, the manifests every stage writes.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "rl": ("training.update_main", "artifacts"),
+    "prepare_data": ("artifacts",),
+    "create_model": ("artifacts",),
+    "warm_up": ("artifacts",),
+    "evaluate_policy": ("artifacts",),
+    "benchmark": ("artifacts", "data.problems"),
+}
+# Files a stage runs that are not modules of the library: the lm-eval task hooks, and the schema
+# whose section methods (``engine.kwargs()``) run inside the RL and evaluation stages.
 STAGE_EXTRA_GLOBS: dict[str, tuple[str, ...]] = {"benchmark": ("configs/lm_eval/**/*.py",),
                                                   "rl": ("configs/schema.py",),
                                                   "evaluate_policy": ("configs/schema.py",)}
@@ -121,14 +110,15 @@ def _reachable_defs(tree: ast.Module, func: str) -> list[ast.AST]:
 
 
 def stage_files(stage: str, root: Path = ROOT) -> list[Path]:
-    """Every file the code digest of ``stage`` covers: the files of its entry points (for a
-    ``module.function`` entry: what the function can run of its module, and the module's
-    top-level imports), every library module those can load, transitively, its task module, and
-    its extra files."""
+    """Every file the code digest of ``stage`` covers: its task module, the library modules it
+    imports, the files of its other entry points (for a ``module.function`` entry: what the
+    function can run of its module, and the module's top-level imports), every library module
+    those can load, transitively, and its extra files."""
     library = root / "ibtpo_core"
-    files: set[Path] = set()
-    todo: list[str] = []
-    for entry in STAGE_CODE[stage]:
+    task_module = root / STAGE_TASKS[stage]
+    files: set[Path] = {task_module}
+    todo: list[str] = sorted(_library_imports(library, ast.parse(task_module.read_text())))
+    for entry in STAGE_CODE.get(stage, ()):
         path = _module_file(library, entry)
         if path is None:  # module.function
             mod, func = entry.rsplit(".", 1)
@@ -153,7 +143,6 @@ def stage_files(stage: str, root: Path = ROOT) -> list[Path]:
         path = _module_file(library, mod)
         files.add(path)
         todo += sorted(_library_imports(library, ast.parse(path.read_text())))
-    files.add(root / STAGE_TASKS[stage])
     for pattern in STAGE_EXTRA_GLOBS.get(stage, ()):
         files.update(root.glob(pattern))
     return sorted(files)
@@ -163,44 +152,12 @@ def stage_files(stage: str, root: Path = ROOT) -> list[Path]:
 def code_version(stage: str | None = None, root: Path = ROOT) -> str:
     """Digest of the code ``stage`` runs (see ``stage_files``); without a stage, of the code of
     every stage (what a whole training run depends on)."""
-    if stage is not None and stage not in STAGE_CODE:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_CODE)}")
-    stages = [stage] if stage else list(STAGE_CODE)
+    if stage is not None and stage not in STAGE_TASKS:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_TASKS)}")
+    stages = [stage] if stage else list(STAGE_TASKS)
     files = sorted({f for s in stages for f in stage_files(s, root)})
     h = hashlib.sha256()
     for p in files:
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
-
-
-def plain(part):
-    """A stage key part as plain JSON data: a typed config section as its ``model_dump()``, a
-    spec dataclass as its fields (what the flow passed as dict slices before: same digests)."""
-    if hasattr(part, "model_dump"):
-        return part.model_dump()
-    if dataclasses.is_dataclass(part) and not isinstance(part, type):
-        return dataclasses.asdict(part)
-    return part
-
-
-def stage_dir(run_dir: str, stage: str, *key_parts) -> Path:
-    """The folder of a stage output: its name is a digest of what the stage is keyed on."""
-    return Path(run_dir) / f"{stage}-{digest_json([plain(p) for p in key_parts])[:12]}"
-
-
-def inject_fault(stage: str, iteration: int = -1) -> None:
-    """Testing hook: ``IBTPO_FAULT=stage[:iteration]`` makes that stage raise (or, with
-    ``IBTPO_FAULT_MODE=kill``, SIGKILL its own process) just before it writes its output."""
-    import os
-
-    spec = os.environ.get("IBTPO_FAULT", "")
-    if not spec:
-        return
-    name, _, it = spec.partition(":")
-    if name == stage and (not it or int(it) == iteration):
-        if os.environ.get("IBTPO_FAULT_MODE") == "kill":
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault in {stage} (iteration {iteration})")
