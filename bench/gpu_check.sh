@@ -32,7 +32,7 @@ if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
   gpus=${NUM_GPUS:-1}
   sets+=(--set engine.name=hf --set engine.device=cpu --set engine.dtype=float32
          --set 'engine.options={}' --set algo.update.deepspeed_config=configs/deepspeed/zero0_cpu.yaml
-         --set algo.tree.entropy_estimator=token_entropy --set threads=1)
+         --set algo.score.entropy_estimator=token_entropy --set threads=1)
 else
   device=cuda
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || {
@@ -59,7 +59,7 @@ t0=$(date +%s)
 "$PY" bench/check_model.py "$state/model" --hidden "$hidden" --layers "$layers"
 t_model=$(( $(date +%s) - t0 ))
 t0=$(date +%s)
-"$PY" -m pipeline.cli run configs/experiments/gpu_check.yaml \
+"$PY" -m ibtpo run configs/experiments/gpu_check.yaml \
   --set model.path="$state/model" --set output_dir="$state/run" --set stage_cache_dir="$state/stages" \
   --set rl.rollout.max_new_tokens="$resp" --set rl.rollout.prompts_per_iteration="$prompts" \
   --set algo.update.num_processes="$gpus" "${sets[@]}" > "$state/run.log" 2>&1 || {

@@ -9,7 +9,6 @@ the library stays free of pydantic and the schema is not written twice.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ibtpo_core.algo.advantages import AdvantageSpec
+from ibtpo_core.algo.ib_score import ScoreSpec
 from ibtpo_core.algo.losses import LossSpec
 from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
@@ -26,31 +26,35 @@ from ibtpo_core.engines.base import ENGINE_MODULES
 from ibtpo_core.evaluation import EvalSpec
 from ibtpo_core.models.gguf_checkpoint import GGUFSpec
 from ibtpo_core.models.tiny import TinyModelSpec
+from ibtpo_core.registry import closest
 from ibtpo_core.training.deepspeed_trainer import UpdateSpec
 from ibtpo_core.training.warmup import WarmupSpec
 
 # method.md §6: each method is a set of defaults under the algo section; explicit keys win.
 METHOD_PRESETS: dict[str, dict] = {
-    # IB-TPO: the method's defaults but for the local term, `diff` (V(s) - V(p)) instead of the
-    # log-ratio: chosen by configs/sweeps/deep_tuning.yaml on the VALIDATION split, 3 seeds, +8.4
-    # points over log_ratio [+4.8, +12.1] (docs/experiments.md). A preset changes only when a
-    # validation-split tuning sweep says so. Each baseline differs from its neighbour in the
-    # switches the table of docs/method.md §6 names.
-    "ibtpo": {"advantage": {"local_advantage": "diff"}},
+    # IB-TPO: the library's defaults (the local term's was chosen on the validation split:
+    # docs/results/local_term.md). A default or preset changes only when a validation-split
+    # tuning sweep says so. Each baseline differs from its neighbour in the switches the table of
+    # docs/method.md §6 names.
+    "ibtpo": {},
     "grpo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"}},
     "grpo_clip_higher": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
                          "loss": {"eps_high": 0.28}},
     "grpo_entropy": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
                      "loss": {"entropy_coef": 0.001}},
-    "tree_entropy": {"tree": {"select_by": "entropy"},
-                     "advantage": {"name": "tree_entropy", "local_advantage": "diff"}},
+    "tree_entropy": {"tree": {"select_by": "entropy"}, "advantage": {"name": "tree_entropy"}},
 }
+
+
+# keys that moved: an old config names the new place instead of failing with "unknown key"
+MOVED_KEYS = {("algo", "tree", k): f"algo.score.{k}" for k in ("beta", "ib_form",
+                                                                "entropy_estimator")}
 
 
 def one_of(kind: str, value: str, valid) -> str:
     if value not in valid:
-        close = difflib.get_close_matches(value, list(valid), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(value, valid)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise ValueError(f"unknown {kind} {value!r}{hint}; valid {kind}s: {', '.join(valid)}")
     return value
 
@@ -163,6 +167,7 @@ class AlgoConfig(Section):
 
     method: str = "ibtpo"
     tree: TreeSpec = TreeSpec()
+    score: ScoreSpec = ScoreSpec()
     advantage: AdvantageSpec = AdvantageSpec()
     loss: LossSpec = LossSpec()
     update: UpdateSpec = UpdateSpec()
@@ -255,9 +260,9 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _engine_entropies(self):
-        if self.engine.name == "vllm" and self.algo.tree.entropy_estimator == "token_entropy":
+        if self.engine.name == "vllm" and self.algo.score.entropy_estimator == "token_entropy":
             raise ValueError("engine vllm does not expose per-token entropies of the full "
-                             "distribution: set algo.tree.entropy_estimator: surprisal")
+                             "distribution: set algo.score.entropy_estimator: surprisal")
         return self
 
     @model_validator(mode="after")
@@ -314,15 +319,22 @@ def _valid_keys_at(loc: tuple) -> list[str]:
     return _model_fields(model)
 
 
-def format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def format_errors(err: ValidationError, source: str, what: str = "config",
+                  valid_keys=None) -> str:
+    """Every fault of a ``what`` file on one line each: an unknown key with its likely fix (a
+    key that moved, else the nearest valid one, else the valid ones), any other with the value
+    given. ``valid_keys(section_loc)``: the keys valid at a section (default: the experiment
+    schema's)."""
+    valid_keys = valid_keys or _valid_keys_at
+    lines = [f"invalid {what} {source}:"]
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(map(str, loc))
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            valid = _valid_keys_at(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            valid = valid_keys(loc[:-1])
+            close = closest(loc[-1], valid)
+            hint = (f"it moved to {MOVED_KEYS[loc]!r}" if loc in MOVED_KEYS else
+                    f"did you mean {close!r}?" if close else f"valid keys: {', '.join(valid)}")
             lines.append(f"  - unknown key {key!r}: {hint}")
         else:
             msg = e["msg"].removeprefix("Value error, ")

@@ -9,6 +9,12 @@ from typing import Callable, Generic, TypeVar
 Item = TypeVar("Item")  # what a registry holds (T means tokens elsewhere)
 
 
+def closest(name: str, valid) -> str | None:
+    """The valid name nearest ``name`` (a likely typo's fix), or None if none is near."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    return close[0] if close else None
+
+
 class Registry(Generic[Item]):
     """A named table of interchangeable implementations of one concept."""
 
@@ -27,8 +33,8 @@ class Registry(Generic[Item]):
 
     def get(self, name: str) -> Item:
         if name not in self._items:
-            close = difflib.get_close_matches(name, list(self._items), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            close = closest(name, self._items)
+            hint = f" Did you mean {close!r}?" if close else ""
             raise ValueError(
                 f"unknown {self.kind} {name!r}.{hint} Valid names: {', '.join(sorted(self._items))}"
             )

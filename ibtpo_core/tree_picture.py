@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from ibtpo_core.algo.ib_score import ScoreSpec
 from ibtpo_core.algo.tree import Tree
 from ibtpo_core.algo.tree_score import score_tree
 
@@ -54,7 +55,7 @@ def draw_tree(
     out_png: str | Path,
     decode: Callable[[list[int]], str] | None = None,
     title: str | None = None,
-    beta: float = 1.0,
+    beta: float | None = None,
 ) -> Path:
     """Write the picture of the tree in ``tree_json`` (the tree file format) to ``out_png``."""
     import matplotlib
@@ -65,8 +66,9 @@ def draw_tree(
 
     tree = Tree.from_json(tree_json)
     has_entropy = all(n.entropies for n in tree.nodes[1:] if n.tokens)
-    scores = score_tree(tree, beta=beta,
-                        entropy_estimator="token_entropy" if has_entropy else "surprisal")["nodes"]
+    spec = ScoreSpec(**({} if beta is None else {"beta": beta}),  # unset: ScoreSpec's default
+                     entropy_estimator="token_entropy" if has_entropy else "surprisal")
+    scores = score_tree(tree, spec)["nodes"]
     pos = _layout(tree)
     picks = picks_by_node(tree)
     ib = [s["IB"] for s in scores if s["IB"] is not None]
@@ -97,7 +99,7 @@ def draw_tree(
             ax.annotate(text[:18] + ("..." if len(text) > 18 else ""), (x, y), xytext=(0, -17),
                         textcoords="offset points", ha="center", fontsize=7)
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.6,
-                 label=f"IB-Score of internal nodes (H + {beta:g} I)")
+                 label=f"IB-Score of internal nodes (H + {spec.beta:g} I)")
     correct = sum(1 for n in tree.leaves() if (n.reward or 0) > 0.5)
     rounds = sorted({r for rs in picks.values() for r in rs})
     fill = tree.meta.get("fill_samples", 0)

@@ -306,13 +306,24 @@ def test_min_branch_entropy_drops_forced_steps_from_the_candidates():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(G=1), "G must be >= 2"), (dict(B_max=1), "B_max must be >= 2"),
-    (dict(beta=-0.5), "beta must be >= 0"), (dict(select_by="ibb"), "Valid names"),
-    (dict(budget_tokens=-5), "budget_tokens must be positive"), (dict(ib_form="x"), "Valid names"),
+    (dict(select_by="ibb"), "Valid names"),
+    (dict(budget_tokens=-5), "budget_tokens must be positive"),
     (dict(min_branch_entropy=-0.1), "min_branch_entropy must be >= 0"),
 ])
 def test_bad_tree_specs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TreeSpec(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(beta=-0.5), "beta must be >= 0"), (dict(ib_form="x"), "unknown ib_form 'x'"),
+    (dict(entropy_estimator="entropy"), "unknown entropy_estimator 'entropy'"),
+])
+def test_bad_score_specs(kwargs, match):
+    from ibtpo_core.algo.ib_score import ScoreSpec
+
+    with pytest.raises(ValueError, match=match):
+        ScoreSpec(**kwargs)
 
 
 def test_forced_steps_are_never_branched_in_the_sampler():

@@ -59,10 +59,10 @@ def test_a_variant_can_have_its_own_seeds(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ({"variants": [{"name": "a", "seeds": [1, 1]}]}, "seeds repeat"),
-    ({"grid": {"algo.tree.beta": []}}, "have no values"),
+    ({"grid": {"algo.score.beta": []}}, "have no values"),
     ({}, "the sweep has no cells"),
     ({"grid": {"seed": [1]}, "seedz": [1]}, "did you mean 'seeds'"),
-    ({"grid": {"algo.tree.beta": [1.0]}, "concurrency": 2}, "needs executor: deployment"),
+    ({"grid": {"algo.score.beta": [1.0]}, "concurrency": 2}, "needs executor: deployment"),
     ({"variants": [{"name": "a"}, {"name": "a"}]}, "variant names must be unique"),
     ({"variants": [{"name": "a"}], "seeds": []}, "seeds"),
     ({"grid": {"seed": [1]}, "ray_address": "10.0.0.1:6379"}, "read with executor: ray only"),
@@ -75,7 +75,7 @@ def test_bad_sweep_files_fail_with_the_fix(tmp_path, body, message):
 
 def test_bad_cell_config_is_named_before_any_work(tmp_path):
     spec = load_sweep(_write(tmp_path, {"name": "bad", "base": SMOKE,
-                                        "grid": {"algo.tree.betta": [1.0]}}))
+                                        "grid": {"algo.score.betta": [1.0]}}))
     with pytest.raises(ValueError, match=r"(?s)cell betta=1.0 \(seed 0\).*did you mean 'beta'"):
         check_cells(spec, expand(spec))
     with pytest.raises(FileNotFoundError, match="base config"):
@@ -141,7 +141,7 @@ def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
     assert "ib_probe/score_mean" in grpo.data.metrics
 
     # `ibtpo report` by the sweep's name writes the same table again, elsewhere
-    from pipeline.cli import main
+    from ibtpo.cli import main
 
     assert main(["report", "smoke", "--out", str(harness / "again")]) == 0
     assert (harness / "again" / "report.md").read_text() == Path(out["report"]).read_text()
@@ -150,7 +150,7 @@ def test_sweep_runs_cells_reports_and_reruns_from_cache(harness, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished cell trained again")
 
-    monkeypatch.setattr(ibtpo_core.rl, "sample_trees", boom)
+    monkeypatch.setattr(ibtpo_core.rl, "grow_trees", boom)
     again = sweep(path)
     assert set(again["cells"].values()) == {"cached"}
     assert again["sweep_run_id"] == out["sweep_run_id"]

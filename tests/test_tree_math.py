@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
-from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.ib_score import Forest, ScoreSpec, compute_stats
 from ibtpo_core.algo.tree import Tree, split_steps, training_sequences
 from ibtpo_core.algo.tree_score import score_tree
 from tests.tree_reference import reference
@@ -50,7 +50,7 @@ def test_hand_worked_values_and_ib_score():
 
 
 def test_hand_worked_ibtpo_advantages():
-    s = score_tree(hand_tree())["nodes"]
+    s = score_tree(hand_tree(), adv=AdvantageSpec(local_advantage="log_ratio"))["nodes"]
     assert s[0]["A"] is None and s[0]["A_GL"] is None
     # node 1: A_GL = 0.5 - 1/3 = 1/6; A_IB = ln(0.5 / (1/3)) = ln 1.5; A = (1/6 + ln 1.5) / sqrt 2
     # node 2: A_GL = -1/3; V = 0 < V(p) -> A_IB = -2; A = -7/3
@@ -67,8 +67,8 @@ def test_hand_worked_ibtpo_advantages():
 
 def test_hand_worked_diff_surprisal_beta_alpha():
     t = hand_tree()
-    s = score_tree(t, beta=2.0, entropy_estimator="surprisal", local_advantage_kind="diff",
-                   alpha=0.5)["nodes"]
+    s = score_tree(t, ScoreSpec(beta=2.0, entropy_estimator="surprisal"),
+                   AdvantageSpec(local_advantage="diff", alpha=0.5))["nodes"]
     # surprisal step means: node1 (0.1 + 0.2) / 2 = 0.15, node2 0.3, node3 0.4, node4 0.6, node5 1.0
     # H(0) = mean(0.15, 0.3) = 0.225; H(1) = mean(0.4, 0.6) = 0.5; H(2) = 1.0
     assert [s[i]["H"] for i in range(3)] == pytest.approx([0.225, 0.5, 1.0])
@@ -267,7 +267,7 @@ def test_insert_merges_equal_steps_and_keeps_duplicate_leaves():
 
 
 def test_tree_file_round_trip_and_cli(tmp_path, capsys):
-    from pipeline.cli import main
+    from ibtpo.cli import main
 
     path = tmp_path / "tree.json"
     path.write_text(json.dumps(hand_tree().to_json()))
@@ -281,6 +281,14 @@ def test_tree_file_round_trip_and_cli(tmp_path, capsys):
                  "--entropy-estimator", "surprisal"]) == 0
     by_id = {n["id"]: n for n in json.loads(capsys.readouterr().out)["nodes"]}
     assert by_id[5]["A"] == pytest.approx(-1 / 3)
+    # unset flags are the specs' defaults, what a config without them gets (one default each)
+    assert main(["tree-score", str(path)]) == 0
+    default = capsys.readouterr().out
+    given = ["--beta", str(ScoreSpec().beta), "--local-advantage", AdvantageSpec().local_advantage]
+    assert main(["tree-score", str(path), *given]) == 0
+    assert capsys.readouterr().out == default
+    assert main(["tree-score", str(path), "--local-advantage", "log_ratio"]) == 0
+    assert capsys.readouterr().out != default  # the local term changes A: the check can fail
 
 
 def _nodes():
@@ -307,7 +315,7 @@ def test_malformed_tree_files_name_the_node(mutate, match):
 
 
 def test_tree_score_cli_reports_bad_files(tmp_path, capsys):
-    from pipeline.cli import main
+    from ibtpo.cli import main
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -332,7 +340,7 @@ def test_tree_score_cli_reports_bad_files(tmp_path, capsys):
 ])
 def test_root_may_give_empty_or_no_logprobs_and_entropies(tmp_path, capsys, root):
     """A prompt is not sampled: the root carries neither (issue 13, item 6)."""
-    from pipeline.cli import main
+    from ibtpo.cli import main
 
     nodes = _nodes()
     nodes[0].pop("logprobs")

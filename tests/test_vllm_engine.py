@@ -113,12 +113,13 @@ def test_prefix_reuse_keeps_the_distribution(setup):
 
 
 def test_ibtree_sampling_runs_on_vllm(setup):
+    from ibtpo_core.algo.ib_score import ScoreSpec
     from ibtpo_core.algo.sampling import TreeSpec, sample
 
     tok, engine, model, stop, prompts = setup
-    spec = TreeSpec(G=4, entropy_estimator="surprisal")
+    spec = TreeSpec(G=4)
     result = sample("ibtree", engine, prompts[:2], spec, lambda i, toks: float(len(toks) % 2),
-                    stop, 24, 1.0, seed=11)
+                    stop, 24, 1.0, seed=11, ib=ScoreSpec(entropy_estimator="surprisal"))
     assert len(result.trees) == 2
     for tree in result.trees:
         leaves = [n for n in tree.nodes if n.reward is not None]

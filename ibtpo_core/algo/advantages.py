@@ -30,7 +30,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ibtpo_core.algo.ib_score import Forest, TreeStats, _scatter_sum, values
+from ibtpo_core.algo.ib_score import Forest, TreeStats, group_mean_std, subtree_sum, values
 from ibtpo_core.registry import Registry
 
 ADVANTAGES: Registry[Callable] = Registry("advantage")
@@ -44,7 +44,9 @@ class AdvantageSpec:
     __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
 
     name: str = "ibtpo"
-    local_advantage: Literal["log_ratio", "log_ratio_centred", "diff"] = "log_ratio"
+    # diff (V(s) - V(p)), not SPEC's log-ratio: chosen on the validation split
+    # (docs/results/local_term.md); every config and the tree-score command read this default
+    local_advantage: Literal["log_ratio", "log_ratio_centred", "diff"] = "diff"
     alpha: float = 1.0
     normalize: Literal["none", "tree_std"] = "none"
 
@@ -91,14 +93,7 @@ def local_advantage(f: Forest, V: torch.Tensor, kind: str, n: torch.Tensor) -> t
 
 
 def _tree_std_normalize(f: Forest, A: torch.Tensor) -> torch.Tensor:
-    nonroot = f.parent >= 0
-    num_trees = f.num_trees
-    cnt = _scatter_sum(f.tree, nonroot.double(), num_trees)
-    mean = _scatter_sum(f.tree, torch.where(nonroot, A, 0.0), num_trees) / cnt.clamp(min=1)
-    var = _scatter_sum(
-        f.tree, torch.where(nonroot, (A - mean[f.tree]) ** 2, 0.0), num_trees
-    ) / cnt.clamp(min=1)
-    std = var.sqrt()[f.tree]
+    _, std = group_mean_std(A, f.tree, f.parent >= 0)
     return torch.where(std > EPS, A / std.clamp(min=EPS), torch.zeros_like(A))
 
 
@@ -121,22 +116,12 @@ def tree_entropy_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> 
 
 @ADVANTAGES.register("grpo")
 def grpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
-    num_trees = f.num_trees
     leaf = f.is_leaf
     r = torch.where(leaf, f.reward, torch.zeros_like(f.reward))
-    cnt = _scatter_sum(f.tree, leaf.double(), num_trees)
-    mean = _scatter_sum(f.tree, r, num_trees) / cnt.clamp(min=1)
-    var = _scatter_sum(f.tree, torch.where(leaf, (r - mean[f.tree]) ** 2, 0.0), num_trees) / (
-        cnt - 1
-    ).clamp(min=1)
-    std = var.sqrt()[f.tree]
-    a_leaf = torch.where(leaf & (std > EPS), (r - mean[f.tree]) / (std + EPS), torch.zeros_like(r))
-    # internal nodes: mean over the leaves below (sum pushed up by depth, divided by n)
-    s = a_leaf.clone()
-    for d in range(int(f.depth.max()) if f.num_nodes else 0, 0, -1):
-        rows = (f.depth == d).nonzero().squeeze(1)
-        s = s.index_add(0, f.parent[rows], s[rows])
-    A = torch.where(leaf, a_leaf, s / stats.n.clamp(min=1))
+    mean, std = group_mean_std(r, f.tree, leaf, ddof=1)
+    a_leaf = torch.where(leaf & (std > EPS), (r - mean) / (std + EPS), torch.zeros_like(r))
+    # internal nodes: mean over the leaves below
+    A = torch.where(leaf, a_leaf, subtree_sum(f, a_leaf) / stats.n.clamp(min=1))
     A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
     return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A
 

@@ -45,6 +45,25 @@ def _surprisal(entropy: torch.Tensor, logprob: torch.Tensor) -> torch.Tensor:
     return -logprob
 
 
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What the IB-Score of a node reads (method.md §2): the sampler ranks candidates by it and
+    the scoring stage reports it. ``entropy_estimator: token_entropy`` falls back to surprisal
+    on trees without full entropies (``usable_estimator``)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
+
+    beta: float = 1.0
+    ib_form: str = "h_plus_bi"
+    entropy_estimator: str = "token_entropy"  # a name in ENTROPY_ESTIMATORS
+
+    def __post_init__(self):
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0 (got {self.beta})")
+        IB_FORMS.get(self.ib_form)
+        ENTROPY_ESTIMATORS.get(self.entropy_estimator)
+
+
 @dataclass
 class Forest:
     """A batch of trees flattened to index tensors. Node rows follow each tree's node order."""
@@ -127,17 +146,42 @@ def _scatter_sum(index: torch.Tensor, src: torch.Tensor, size: int) -> torch.Ten
     return torch.zeros(size, dtype=src.dtype).scatter_add_(0, index, src)
 
 
+def subtree_sum(f: Forest, x: torch.Tensor) -> torch.Tensor:
+    """(N,) the sum of ``x`` over each node and every node below it, pushed up depth by depth."""
+    for d in range(int(f.depth.max()) if f.num_nodes else 0, 0, -1):
+        rows = (f.depth == d).nonzero().squeeze(1)
+        x = x.index_add(0, f.parent[rows], x[rows])
+    return x
+
+
+def group_mean_std(x: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
+                   ddof: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of ``x`` over the ``mask``ed rows of each group (a tree),
+    returned per row; ``ddof`` 1 for the sample standard deviation. A group with no masked row
+    has mean 0; one with ``ddof`` or fewer rows, std 0."""
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+    cnt = _scatter_sum(group, mask.double(), num_groups)
+    mean = _scatter_sum(group, torch.where(mask, x, torch.zeros_like(x)), num_groups) / cnt.clamp(
+        min=1)
+    sq = torch.where(mask, (x - mean[group]) ** 2, torch.zeros_like(x))
+    var = _scatter_sum(group, sq, num_groups) / (cnt - ddof).clamp(min=1)
+    return mean[group], var.sqrt()[group]
+
+
 def values(f: Forest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(n, c, V)``: leaves, correct leaves and V = c / n below every node, bottom-up."""
-    N = f.num_nodes
-    n = f.is_leaf.double()
-    c = torch.where(f.is_leaf, f.reward, torch.zeros_like(f.reward))
-    for d in range(int(f.depth.max()) if N else 0, 0, -1):
-        rows = (f.depth == d).nonzero().squeeze(1)
-        n = n.index_add(0, f.parent[rows], n[rows])
-        c = c.index_add(0, f.parent[rows], c[rows])
+    n = subtree_sum(f, f.is_leaf.double())
+    c = subtree_sum(f, torch.where(f.is_leaf, f.reward, torch.zeros_like(f.reward)))
     V = torch.where(n > 0, c / n.clamp(min=1), torch.zeros_like(n))
     return n, c, V
+
+
+def usable_estimator(f: Forest, estimator: str) -> str:
+    """``estimator``, or ``surprisal`` where it is ``token_entropy`` and some token of ``f`` has
+    no entropy (an engine that returns log-probs only, GRPO's flat groups from vLLM)."""
+    if estimator == "token_entropy" and torch.isnan(f.tok_entropy).any():
+        return "surprisal"
+    return estimator
 
 
 def step_entropy(f: Forest, estimator: str) -> torch.Tensor:
@@ -207,12 +251,5 @@ def _zscore(H, I, beta, tree, cand):
 
 
 def _z(x: torch.Tensor, tree: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    num_trees = int(tree.max()) + 1 if tree.numel() else 0
-    xm = torch.where(mask, x, torch.zeros_like(x))
-    cnt = _scatter_sum(tree, mask.double(), num_trees)
-    mean = _scatter_sum(tree, xm, num_trees) / cnt.clamp(min=1)
-    var = _scatter_sum(
-        tree, torch.where(mask, (x - mean[tree]) ** 2, torch.zeros_like(x)), num_trees
-    ) / cnt.clamp(min=1)
-    std = var.sqrt()[tree]
-    return torch.where(std > 1e-12, (x - mean[tree]) / std.clamp(min=1e-12), torch.zeros_like(x))
+    mean, std = group_mean_std(x, tree, mask)
+    return torch.where(std > 1e-12, (x - mean) / std.clamp(min=1e-12), torch.zeros_like(x))

@@ -27,12 +27,12 @@ returns the verifier's reward, so this module knows nothing of tokenizers or tas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Optional
 
 import torch
 
-from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.ib_score import Forest, ScoreSpec, compute_stats, usable_estimator
 from ibtpo_core.algo.selection import PICK, SELECT_BY, candidate_mask, covered_mass, rank_candidates
 from ibtpo_core.algo.tree import StepSpec, Tree, split_steps
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
@@ -44,7 +44,8 @@ ScoreFn = Callable[[int, list[int]], float]
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """IBTree's knobs (method.md §3); ``None`` means the default derived from G."""
+    """IBTree's knobs (method.md §3); ``None`` means the default derived from G. What the
+    IB-Score it ranks by reads (beta, form, entropy estimator) is a ``ScoreSpec`` of its own."""
 
     __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
 
@@ -58,9 +59,6 @@ class TreeSpec:
     select_by: str = "ib"
     select: Literal["greedy", "softmax"] = "greedy"
     select_temperature: float = 1.0
-    beta: float = 1.0
-    ib_form: str = "h_plus_bi"
-    entropy_estimator: str = "token_entropy"  # a name in ib_score.ENTROPY_ESTIMATORS
     dedup_siblings: bool = False
     max_resamples: int = 2
     # an inner node whose children's first tokens had a mean entropy (nats) below this is no
@@ -87,8 +85,6 @@ class TreeSpec:
             raise ValueError(f"C must be >= 1 (got {self.C})")
         if self.M is not None and not 1 <= self.M:
             raise ValueError(f"M must be >= 1 (got {self.M})")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0 (got {self.beta})")
         if self.min_branch_entropy < 0:
             raise ValueError(
                 f"min_branch_entropy must be >= 0 nats (got {self.min_branch_entropy}); "
@@ -104,9 +100,6 @@ class TreeSpec:
                              f"leave it null to spend G x mean response length")
         SELECT_BY.get(self.select_by)
         PICK.get(self.select)
-        from ibtpo_core.algo.ib_score import ENTROPY_ESTIMATORS, IB_FORMS
-        IB_FORMS.get(self.ib_form)
-        ENTROPY_ESTIMATORS.get(self.entropy_estimator)
 
     @property
     def initial_samples(self) -> int:
@@ -134,7 +127,9 @@ def _attach(tree: Tree, node: int, comp, reward: float, step_ids, spec: StepSpec
 @SAMPLERS.register("ibtree")
 def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpec,
                   score_fn: ScoreFn, stop: StopConditions, max_new_tokens: int,
-                  temperature: float = 1.0, seed: int = 0) -> SampleResult:
+                  temperature: float = 1.0, seed: int = 0, ib: ScoreSpec | None = None
+                  ) -> SampleResult:
+    ib = ib or ScoreSpec()
     step_ids = frozenset(stop.step_end_token_ids)
     trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
     used = [0] * len(prompts)
@@ -156,12 +151,12 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
         if max(remaining) <= 0:
             break
         f = Forest.from_trees(trees)
-        stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator)
+        stats = compute_stats(f, ib.beta, ib.ib_form, ib.entropy_estimator)
         covered = covered_mass(trees)
         cand = candidate_mask(f, stats, spec.B_max, spec.root_branch_limit, spec.min_branch_entropy,
-                              spec.entropy_estimator, covered, spec.max_branch_cover)
-        if spec.ib_form == "zscore":  # z over this iteration's candidates
-            stats = compute_stats(f, spec.beta, spec.ib_form, spec.entropy_estimator, cand)
+                              ib.entropy_estimator, covered, spec.max_branch_cover)
+        if ib.ib_form == "zscore":  # z over this iteration's candidates
+            stats = compute_stats(f, ib.beta, ib.ib_form, ib.entropy_estimator, cand)
         cost = _expected_continuation(f, trees, cand) if spec.N_c is None else {}
         ranked = rank_candidates(f, stats, cand, spec.select_by, spec.select,
                                  spec.select_temperature, gen)
@@ -198,8 +193,7 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                          temperature, seed + 7919, step_ids, spec.steps) if spec.fill_budget else 0
     for t, u in enumerate(used):
         trees[t].meta["decoded_tokens"] = u
-    metrics = tree_metrics(trees, used, budget, mean_len, iterations, spec.beta, spec.ib_form,
-                           spec.entropy_estimator)
+    metrics = tree_metrics(trees, used, budget, mean_len, iterations, ib)
     metrics["tree/identical_sibling_frac"] = identical / branched if branched else 0.0
     # what identical_sibling_frac is expected to be, from pi_old's probabilities at the picks
     metrics["tree/expected_identical_frac"] = pick_cover / branched if branched else 0.0
@@ -359,7 +353,8 @@ def _leaves_below(tree: Tree, node: int) -> list[int]:
 @SAMPLERS.register("independent")
 def sample_independent(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpec,
                        score_fn: ScoreFn, stop: StopConditions, max_new_tokens: int,
-                       temperature: float = 1.0, seed: int = 0) -> SampleResult:
+                       temperature: float = 1.0, seed: int = 0, ib: ScoreSpec | None = None
+                       ) -> SampleResult:
     trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
     used = [0] * len(prompts)
     comps = engine.generate(prompts, num_samples=spec.G, temperature=temperature,
@@ -370,13 +365,15 @@ def sample_independent(engine: RolloutEngine, prompts: list[list[int]], spec: Tr
                                        reward=score_fn(c.prefix_index, c.token_ids),
                                        final=c.finish_reason == "eos")
     mean_len = sum(used) / max(1, len(comps))
-    return SampleResult(trees, tree_metrics(trees, used, spec.G * mean_len, mean_len, 1, spec.beta,
-                                            spec.ib_form, "surprisal"))
+    # flat groups: surprisal, as GRPO's metrics always were
+    flat = replace(ib or ScoreSpec(), entropy_estimator="surprisal")
+    return SampleResult(trees, tree_metrics(trees, used, spec.G * mean_len, mean_len, 1, flat))
 
 
 def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: float,
-                 iterations: int, beta: float, ib_form: str, estimator: str) -> dict[str, float]:
-    """Token accounting and the IB diagnostic (means over trees)."""
+                 iterations: int, ib: ScoreSpec) -> dict[str, float]:
+    """Token accounting, the leaves' reward (mean and spread) and the IB diagnostic (means over
+    trees)."""
     num_trees = max(1, len(trees))
     leaves = [t.leaves() for t in trees]
     num_leaves = [len(l) for l in leaves]
@@ -404,18 +401,23 @@ def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: fl
         "tree/decoded_per_budget": decoded / (num_trees * budget) if budget else 0.0,
         "tree/iterations": float(iterations),
         "tree/mean_response_tokens": mean_len,
-        "reward": sum(rewards) / max(1, len(rewards)),
+        **reward_metrics(rewards),
     }
-    out.update(ib_diagnostic(trees, beta, ib_form, estimator))
+    out.update(ib_diagnostic(trees, ib))
     return out
 
 
-def ib_diagnostic(trees: list[Tree], beta: float, ib_form: str, estimator: str) -> dict[str, float]:
+def reward_metrics(rewards: list[float]) -> dict[str, float]:
+    """``reward`` (the mean) and ``reward_std`` (population) of the leaves' rewards."""
+    mean = sum(rewards) / max(1, len(rewards))
+    var = sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards))
+    return {"reward": mean, "reward_std": var ** 0.5}
+
+
+def ib_diagnostic(trees: list[Tree], ib: ScoreSpec) -> dict[str, float]:
     """Mean IB-Score, H and I over internal nodes with >= 2 children (method.md §2)."""
     f = Forest.from_trees(trees)
-    if estimator == "token_entropy" and torch.isnan(f.tok_entropy).any():
-        estimator = "surprisal"
-    stats = compute_stats(f, beta, ib_form, estimator)
+    stats = compute_stats(f, ib.beta, ib.ib_form, usable_estimator(f, ib.entropy_estimator))
     m = stats.num_children >= 2
     if not bool(m.any()):
         return {"ib/score_mean": 0.0, "ib/h_mean": 0.0, "ib/i_mean": 0.0, "ib/branch_nodes": 0.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from ibtpo_core.algo.advantages import (
@@ -17,7 +18,7 @@ from ibtpo_core.algo.advantages import (
     global_advantage,
     local_advantage,
 )
-from ibtpo_core.algo.ib_score import Forest, compute_stats
+from ibtpo_core.algo.ib_score import Forest, ScoreSpec, compute_stats
 from ibtpo_core.algo.tree import Tree
 
 
@@ -25,14 +26,16 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-def score_tree(tree: Tree, beta: float = 1.0, entropy_estimator: str = "token_entropy",
-               local_advantage_kind: str = "log_ratio", ib_form: str = "h_plus_bi",
-               alpha: float = 1.0) -> dict:
+def score_tree(tree: Tree, ib: ScoreSpec | None = None, adv: AdvantageSpec | None = None
+               ) -> dict:
+    """Every node's quantities; ``A`` is IB-TPO's advantage under ``adv``'s local term (unset
+    specs: their defaults)."""
+    ib, adv = ib or ScoreSpec(), adv or AdvantageSpec()
     f = Forest.from_trees([tree])
-    stats = compute_stats(f, beta, ib_form, entropy_estimator)
+    stats = compute_stats(f, ib.beta, ib.ib_form, ib.entropy_estimator)
     a_gl = global_advantage(f, stats.V)
-    a_ib = local_advantage(f, stats.V, local_advantage_kind, stats.n)
-    A = compute_advantages(f, stats, AdvantageSpec("ibtpo", local_advantage_kind, alpha))
+    a_ib = local_advantage(f, stats.V, adv.local_advantage, stats.n)
+    A = compute_advantages(f, stats, replace(adv, name="ibtpo"))
     ids = tree.meta.get("original_ids", list(range(len(tree.nodes))))
     out = []
     for i, node in enumerate(tree.nodes):
@@ -54,8 +57,8 @@ def score_tree(tree: Tree, beta: float = 1.0, entropy_estimator: str = "token_en
     return {"nodes": out}
 
 
-def score_tree_file(path: str, beta: float = 1.0, entropy_estimator: str = "token_entropy",
-                    local_advantage: str = "log_ratio") -> dict:
+def score_tree_file(path: str, ib: ScoreSpec | None = None,
+                    adv: AdvantageSpec | None = None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"tree file {p} does not exist")
@@ -63,4 +66,4 @@ def score_tree_file(path: str, beta: float = 1.0, entropy_estimator: str = "toke
         obj = json.loads(p.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"tree file {p} is not valid JSON: {err}") from None
-    return score_tree(Tree.from_json(obj), beta, entropy_estimator, local_advantage)
+    return score_tree(Tree.from_json(obj), ib, adv)

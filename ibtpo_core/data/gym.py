@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ibtpo_core.registry import closest
+
 ANSWER_LINE = "Give your final answer alone on the last line."
 
 
@@ -32,14 +34,12 @@ class ReasoningGymSpec:
 
 def check_dataset(spec: ReasoningGymSpec) -> None:
     """Fail at once on an unknown dataset or option, naming the valid ones."""
-    import difflib
-
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
     if spec.dataset not in DATASETS:
-        close = difflib.get_close_matches(spec.dataset, list(DATASETS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(spec.dataset, DATASETS)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise ValueError(f"unknown reasoning-gym dataset {spec.dataset!r}{hint}; see "
                          f"reasoning_gym.factory.DATASETS for the {len(DATASETS)} names")
     try:
