@@ -164,7 +164,7 @@ def sweep_summary(path: str, report_only: bool,
     report's summary and the wall time."""
     from configs.sweep import load_sweep
     from flows.sweep import sweep
-    from ibtpo_core.servers import prefect_api
+    from pipeline.servers import prefect_api
 
     t0 = time.time()
     if report_only:
@@ -206,7 +206,7 @@ def main() -> int:
                     help="run and report each variant's first N seeds only (make bench: 5)")
     args = ap.parse_args()
     from ibtpo_core.runtime import set_offline_defaults
-    from ibtpo_core.servers import use_local_prefect_home
+    from pipeline.servers import use_local_prefect_home
 
     set_offline_defaults()
     use_local_prefect_home()  # before Prefect is imported, as the `ibtpo` command does

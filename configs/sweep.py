@@ -8,7 +8,6 @@ before the first one starts.
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from configs.schema import ExperimentConfig, load_config
+from configs.schema import ExperimentConfig, format_errors, load_config
 
 
 class Variant(BaseModel):
@@ -95,6 +94,11 @@ class Cell:
     overrides: tuple[str, ...]
     index: int = 0  # place in the sweep's expansion
 
+    def tags(self, sweep_tags: dict) -> dict:
+        """The MLflow tags of this cell's run: the sweep's, and which cell it is."""
+        return {**sweep_tags, "ibtpo.sweep_cell": self.label, "ibtpo.seed": str(self.seed),
+                "ibtpo.cell_index": str(self.index)}
+
 
 def _fmt(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
@@ -128,20 +132,11 @@ def expand(spec: SweepSpec) -> list[Cell]:
 
 
 def _sweep_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid sweep file {source}:"]
-    for e in err.errors():
-        key = ".".join(map(str, e["loc"]))
-        if e["type"] == "extra_forbidden":
-            section = {"report": ReportSpec}.get(str(e["loc"][0]), SweepSpec) \
-                if len(e["loc"]) > 1 else SweepSpec
-            close = difflib.get_close_matches(str(e["loc"][-1]), list(section.model_fields), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else \
-                f"valid keys: {', '.join(section.model_fields)}"
-            lines.append(f"  - unknown key {key!r}: {hint}")
-        else:
-            lines.append(f"  - {key or '(top level)'}: {e['msg'].removeprefix('Value error, ')} "
-                         f"(got {e.get('input')!r})")
-    return "\n".join(lines)
+    def valid_keys(section: tuple) -> list[str]:
+        spec = ReportSpec if section[:1] == ("report",) else SweepSpec
+        return list(spec.model_fields)
+
+    return format_errors(err, source, "sweep file", valid_keys)
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

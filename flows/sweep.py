@@ -27,8 +27,8 @@ from ibtpo_core.artifacts import digest_json
 from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_offline_defaults, set_threads
 from pipeline import summaries, tracking
+from pipeline.code_digest import code_version
 from pipeline.report import report_cell_tag, write_report
-from pipeline.stage_cache import code_version
 
 
 def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
@@ -157,17 +157,12 @@ def check_deployment(name: str) -> None:
                              f"from the repository root, or use executor: inline") from None
 
 
-def cell_tags(tags: dict, cell: Cell) -> dict:
-    return {**tags, "ibtpo.sweep_cell": cell.label, "ibtpo.seed": str(cell.seed),
-            "ibtpo.cell_index": str(cell.index)}
-
-
 def run_inline(spec: SweepSpec, cells: list[Cell], tags: dict) -> dict[str, str]:
     """Each cell as a subflow of this flow, one after another."""
     status = {}
     for cell in cells:
         state = train.with_options(flow_run_name=cell.name)(
-            spec.base, list(cell.overrides), cell_tags(tags, cell), return_state=True)
+            spec.base, list(cell.overrides), cell.tags(tags), return_state=True)
         status[cell.name] = "completed" if state.is_completed() else state.type.value.lower()
         if not state.is_completed():
             get_run_logger().error(f"cell {cell.name} ended {state.type.value}: {state.message}")
@@ -194,7 +189,7 @@ def run_on_pool(
                     parameters={
                         "config": spec.base,
                         "overrides": list(cell.overrides),
-                        "tags": cell_tags(tags, cell),
+                        "tags": cell.tags(tags),
                     },
                 )
                 running[cell.name] = fr.id

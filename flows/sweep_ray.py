@@ -24,8 +24,8 @@ from ibtpo_core.runtime import GRANTED_CPUS_ENV
 # code on the same inputs fails the same way)
 WORKER_DEATH_RETRIES = 1
 # one cell per worker process: what a cell held goes back to the OS when it ends, instead of
-# staying with a worker that the next cell reuses (a SmolLM2 cell on CPU reached 9.8 GB; a
-# worker that had run a second one held 10.4 GB, and Ray's memory monitor killed it)
+# staying with a worker that the next cell reuses (a worker that had run two SmolLM2 cells held
+# more than either, and Ray's memory monitor killed it: docs/results/bench_time.md)
 CELLS_PER_WORKER = 1
 
 
@@ -146,8 +146,6 @@ def run_on_ray(spec: SweepSpec, cells: list[Cell], tags: dict[str, str],
     import ray
     from prefect_ray.context import remote_options
 
-    from flows.sweep import cell_tags
-
     if not cells:  # every cell finished before: no Ray to start
         return {}
     log = get_run_logger()
@@ -166,7 +164,7 @@ def run_on_ray(spec: SweepSpec, cells: list[Cell], tags: dict[str, str],
                     # process title (ray::cell:<name>) say which cell it is
                     future = runner.submit(run_cell.with_options(name=f"cell:{cell.name}"), {
                         "name": cell.name, "base": spec.base, "overrides": list(cell.overrides),
-                        "tags": cell_tags(tags, cell), "workdir": os.getcwd(),
+                        "tags": cell.tags(tags), "workdir": os.getcwd(),
                         "env": cell_env(configs[cell.name])})
                 running[future.wrapped_future] = (cell, future)
                 log.info(f"cell {cell.name}: submitted to Ray ({res.num_cpus:g} CPU, "

@@ -1,6 +1,4 @@
-"""What runs the pipeline around the Prefect tasks: the command line, MLflow tracking, the
-sweep report and the Prefect artifacts, and the keys of the stage cache.
-
-Dependencies point down: ``pipeline.cli`` drives ``flows``; ``flows`` and ``tasks`` use the rest
-of this package; ``ibtpo_core`` imports none of it.
+"""What the tasks and flows stand on: the stage (``stage.py``: key, folder, claim, publish,
+the only cache) and its code digests (``code_digest.py``), MLflow tracking, sweep reports and the
+Prefect artifacts. It imports only the library and the configs (tests/test_layers.py).
 """

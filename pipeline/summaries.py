@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import re
 
-from ibtpo_core.servers import MLFLOW_UI_PORT
 from pipeline import tracking
+from pipeline.servers import MLFLOW_UI_PORT
 
 
 def artifact_key(kind: str, name: str) -> str:

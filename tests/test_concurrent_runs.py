@@ -31,7 +31,7 @@ def start(cwd: Path, experiment: str, name: str) -> subprocess.Popen:
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     env.pop("PREFECT_API_URL", None)
     env.pop("IBTPO_FAULT", None)
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", SMOKE, "--set", "threads=1",
+    cmd = [sys.executable, "-m", "ibtpo", "run", SMOKE, "--set", "threads=1",
            "--set", f"tracking.experiment={experiment}"]
     out, err = (cwd / f"{name}.out").open("w"), (cwd / f"{name}.err").open("w")
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)

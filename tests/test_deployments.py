@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from ibtpo_core.runtime import free_port
-from ibtpo_core.servers import wait_healthy
+from pipeline.servers import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")

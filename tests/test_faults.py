@@ -48,7 +48,7 @@ def run(state: Path, fault: str | None = None, tag: str | None = None, sets: tup
     env.pop("PREFECT_API_URL", None)
     if fault:
         env.update(IBTPO_FAULT=fault, IBTPO_FAULT_MODE="kill")
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", SMOKE, "--set", "threads=1",
+    cmd = [sys.executable, "-m", "ibtpo", "run", SMOKE, "--set", "threads=1",
            "--set", f"output_dir={state / 'runs'}", "--set", f"stage_cache_dir={state / 'stages'}"]
     for item in sets:
         cmd += ["--set", item]
@@ -132,7 +132,7 @@ def test_a_kill_inside_the_first_build_of_the_comm_op_does_not_hang_the_rerun(tm
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "ibtpo",
         "run",
         SMOKE,
         "--set",

@@ -102,7 +102,7 @@ def test_an_unknown_variant_lists_the_valid_ones():
 def test_tree_score_names_the_valid_variants_for_a_misspelt_one(tmp_path, capsys):
     import json
 
-    from pipeline.cli import main
+    from ibtpo.cli import main
 
     path = tmp_path / "tree.json"
     path.write_text(json.dumps(flat_group([1, 0, 0, 0]).to_json()))

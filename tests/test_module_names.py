@@ -2,8 +2,8 @@
 
 Prefect puts a flow file's folder on ``sys.path`` when it loads the flow, so ``flows/evaluate.py``
 made ``import evaluate`` (which lm-eval and its task hooks do) return our flow module. No module
-of flows/, tasks/, pipeline/ or ibtpo_core/ may share a name with another of them, and none may
-share a name with an installed or standard-library top-level module.
+of flows/, tasks/, pipeline/, ibtpo_core/ or ibtpo/ may share a name with another of them, and
+none may share a name with an installed or standard-library top-level module.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("flows", "tasks", "pipeline", "ibtpo_core")
+FOLDERS = ("flows", "tasks", "pipeline", "ibtpo_core", "ibtpo")
 
 
 def _modules() -> dict[str, list[str]]:

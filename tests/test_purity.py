@@ -63,7 +63,8 @@ def _first_party_imports(folder: Path) -> list[tuple[str, str]]:
 
 
 def test_the_library_imports_nothing_of_the_application_built_on_it():
-    # dependencies point down: pipeline.cli -> flows -> tasks -> pipeline helpers -> ibtpo_core
+    # dependencies point down (tests/test_layers.py): ibtpo -> flows -> tasks -> pipeline ->
+    # configs -> ibtpo_core
     above = ("flows", "tasks", "pipeline", "configs")
     bad = [f"{f}: {m}" for f, m in _first_party_imports(ALGO.parent) if m.split(".")[0] in above]
     assert not bad, bad

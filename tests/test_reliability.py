@@ -53,7 +53,7 @@ def test_a_write_that_dies_leaves_no_output(tmp_path):
 
 
 def test_ui_listens_on_loopback_by_default():
-    from pipeline.cli import build_parser
+    from ibtpo.cli import build_parser
 
     args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1"

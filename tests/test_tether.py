@@ -96,7 +96,7 @@ def test_a_missing_program_is_named():
 def test_prefect_state_defaults_to_this_folder_unless_the_user_chose(tmp_path, monkeypatch):
     """ibtpo's commands keep Prefect's state in ./.prefect, beside ./mlflow.db, so ibtpo ui sees
     what ibtpo run made; a user's own home or server (environment or active profile) wins."""
-    from ibtpo_core.servers import use_local_prefect_home
+    from pipeline.servers import use_local_prefect_home
 
     for k in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_PROFILE"):
         monkeypatch.delenv(k, raising=False)

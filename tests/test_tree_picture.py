@@ -53,7 +53,7 @@ def test_a_sampled_tree_file_draws(tmp_path):
 
 
 def test_tree_score_draws_the_picture_on_request(tmp_path, capsys):
-    from pipeline.cli import main
+    from ibtpo.cli import main
 
     path = tmp_path / "tree.json"
     path.write_text(json.dumps(sampled_tree().to_json()))

@@ -78,7 +78,7 @@ def start_ui(workdir: Path, tag: str, mlflow_port: int, prefect_port: int) -> su
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     urls = [f"http://127.0.0.1:{mlflow_port}/health", f"http://127.0.0.1:{prefect_port}/api/health"]
-    from ibtpo_core.servers import answers
+    from pipeline.servers import answers
 
     while not all(answers(u) for u in urls):
         assert proc.poll() is None, (workdir / f"ui-{tag[:6]}.log").read_text()[-3000:]

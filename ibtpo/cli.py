@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ibtpo_core.runtime import set_offline_defaults
-from ibtpo_core.servers import MLFLOW_UI_PORT, PREFECT_UI_PORT, prefect_api, use_local_prefect_home
+from pipeline.servers import MLFLOW_UI_PORT, PREFECT_UI_PORT, prefect_api, use_local_prefect_home
 
 
 def _cmd_run(args) -> int:
@@ -58,15 +58,19 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tree_score(args) -> int:
+    from ibtpo_core.algo.advantages import AdvantageSpec
+    from ibtpo_core.algo.ib_score import ScoreSpec
     from ibtpo_core.algo.tree_score import score_tree_file
 
-    print(json.dumps(score_tree_file(args.tree, beta=args.beta,
-                                     entropy_estimator=args.entropy_estimator,
-                                     local_advantage=args.local_advantage)))
+    given = {"beta": args.beta, "entropy_estimator": args.entropy_estimator}
+    ib = ScoreSpec(**{k: v for k, v in given.items() if v is not None})  # the rest: defaults
+    adv = AdvantageSpec() if args.local_advantage is None else AdvantageSpec(
+        local_advantage=args.local_advantage)
+    print(json.dumps(score_tree_file(args.tree, ib, adv)))
     if args.picture:
         from ibtpo_core.tree_picture import draw_tree
 
-        draw_tree(json.loads(Path(args.tree).read_text()), args.picture, beta=args.beta,
+        draw_tree(json.loads(Path(args.tree).read_text()), args.picture, beta=ib.beta,
                   title=Path(args.tree).name)
         print(f"picture: {args.picture}", file=sys.stderr)
     return 0
@@ -80,7 +84,8 @@ def _cmd_ui(args) -> int:
     import signal
     import time
 
-    from ibtpo_core import servers, tether
+    from ibtpo_core import tether
+    from pipeline import servers
     from pipeline.tracking import tracking_uri
 
     uri = tracking_uri()
@@ -143,13 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
     t = sub.add_parser("tree-score", help="print n, c, V, H, I, IB and advantages of a tree file")
     t.add_argument("tree")
-    t.add_argument("--beta", type=float, default=1.0)
-    # these two are checked against their registries when the tree is scored (an unknown name
-    # lists the valid ones): reading a registry here would import torch for every command
-    t.add_argument("--entropy-estimator", default="token_entropy",
-                   help="token_entropy or surprisal (docs/method.md §2)")
-    t.add_argument("--local-advantage", default="log_ratio",
-                   help="the local advantage variant (docs/method.md §4)")
+    # unset: the defaults of ScoreSpec and AdvantageSpec, what a config without them gets;
+    # names are checked against their registries when the tree is scored (reading a registry
+    # here would import torch for every command)
+    t.add_argument("--beta", type=float, help="beta of the IB-Score (default: ScoreSpec's)")
+    t.add_argument("--entropy-estimator",
+                   help="token_entropy or surprisal (docs/method.md §2; default: ScoreSpec's)")
+    t.add_argument("--local-advantage",
+                   help="the local advantage variant (docs/method.md §4; default: AdvantageSpec's)")
     t.add_argument("--picture", metavar="PNG", help="also draw the tree: steps coloured by "
                    "IB-Score, leaves by reward, the sampler's branching picks ringed")
     t.set_defaults(func=_cmd_tree_score)

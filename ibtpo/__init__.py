@@ -1,0 +1,1 @@
+"""The ``ibtpo`` command: the top floor, driving the flows (``ibtpo/cli.py``)."""
