@@ -41,7 +41,8 @@ def set_accelerator_default() -> None:
 
 
 def free_cores(sample_s: float = 0.3) -> int:
-    """Cores not busy right now (a busy core made 2-thread torch 15x slower on these machines).
+    """Cores not busy right now (a busy core slows torch's threads many times over:
+    docs/results/bench_time.md).
 
     Sampled over ``sample_s`` seconds: the load average lags by a minute and would count a job
     that has just ended (an install, say) as still running.

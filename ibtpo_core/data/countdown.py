@@ -213,8 +213,8 @@ def make_splits(spec: CountdownSpec, seed: int, n_test: int, n_val: int) -> dict
     warm-up or RL in any order of its numbers. Each row's numbers are put in a seeded random order
     (the prompt the model sees); train prompts may be re-ordered again at sampling time.
 
-    Why not reasoning-gym's generator: it costs about 3 ms a problem and draws the small space
-    with many repeats (a 20k-row disjoint split took 371 s); enumerating the space takes < 1 s.
+    Why not reasoning-gym's generator: it draws the small space slowly and with many repeats;
+    enumerating the space is far faster (docs/results/bench_time.md).
     ``generate_reasoning_gym`` remains for configs that want its distribution.
     """
     if spec.problems == "sample":

@@ -1,9 +1,10 @@
 """DeepSpeed's CPU communication op (a shared-memory all-reduce), and the lock of its build.
 
-DeepSpeed compiles this op with gcc at the first ``init_distributed`` of an environment (about
-40 s) into torch's extensions folder, under a ``lock`` file that torch creates, holds open while
-it builds, and removes afterwards. A process killed during that build leaves the file behind,
-and every later build then waits for it forever without a word. Two rules prevent that here:
+DeepSpeed compiles this op with gcc at the first ``init_distributed`` of an environment (tens of
+seconds: docs/results/bench_time.md) into torch's extensions folder, under a ``lock`` file that
+torch creates, holds open while it builds, and removes afterwards. A process killed during that
+build leaves the file behind, and every later build then waits for it forever without a word.
+Two rules prevent that here:
 
 - one process exchanges nothing, so the op is switched off there: no build, no lock;
 - several processes: before the build, a lock that no live process holds open is stale (its
