@@ -34,7 +34,7 @@ def evaluate(checkpoint: str, config: str = "configs/experiments/tiny_ibtpo.yaml
     preflight(cfg)
     tracking.check_tracking_store()
     set_threads(cfg.threads)
-    policy = external_record(checkpoint)
+    policy = external_record(checkpoint, store=cfg.stage_cache_dir)
     run = tracking.parent_run(
         cfg.tracking.experiment,
         digest_json([policy["digest"], cfg.model_dump(), code_version()]),

@@ -213,7 +213,7 @@ def before_rl(cfg: ExperimentConfig) -> BeforeRL:
     if cfg.model.path is None:
         start = create_model(cfg.model, store=shared)
     else:
-        start = external_record(cfg.model.path)
+        start = external_record(cfg.model.path, store=shared)
     if cfg.warmup.enabled:
         start = warm_up(cfg.warmup, cfg.data.countdown, start, data, store=shared)
     before = held_out_accuracy(cfg, start, data, cfg.eval.n, "before")

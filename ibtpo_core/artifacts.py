@@ -2,7 +2,9 @@
 
 A stage writes into a temporary sibling folder and renames it into place only when complete,
 so a killed write never leaves a half-written output that a rerun would trust. A manifest
-(written last) records the digest of every file; ``verify_manifest`` recomputes it.
+(written last) records the digest of every file, hashed once as it is written, and each file's
+size and modification time; ``read_manifest`` checks those and hashes only a file whose stat
+changed, so a cache hit reads none of an unaltered output.
 ``exclusive`` lets one worker of many compute a stage that several reach at once (a shared
 stage store): the others wait, then find the finished output.
 """
@@ -25,16 +27,50 @@ def digest_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of one file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != "manifest.json"]
+
+
 def digest_files(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 for every file below ``folder`` except the manifest."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            h = hashlib.sha256()
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[str(p.relative_to(folder))] = h.hexdigest()
+    return {str(p.relative_to(folder)): file_digest(p) for p in _files(folder)}
+
+
+def _fingerprint(path: Path) -> list[int]:
+    """What tells a file was changed without reading it: its size and modification time."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def digest_files_remembered(folder: Path, memo: Path) -> dict[str, str]:
+    """``digest_files(folder)`` for a folder no stage wrote (a checkpoint given by path), hashing
+    only the files whose size or modification time differ from what ``memo`` (a JSON file kept
+    beside the stage store) recorded when they were last hashed; ``memo`` is then rewritten."""
+    folder, memo = Path(folder), Path(memo)
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    out, seen = {}, {}
+    for p in _files(folder):
+        rel, fp = str(p.relative_to(folder)), _fingerprint(p)
+        old = known.get(rel)
+        out[rel] = old[1] if isinstance(old, list) and old[0] == fp else file_digest(p)
+        seen[rel] = [fp, out[rel]]
+    if seen != known:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(seen))
+        tmp.replace(memo)
     return out
 
 
@@ -106,9 +142,13 @@ def exclusive(final: Path, quiet: bool = False):
 
 
 def write_manifest(folder: Path, extra: dict) -> dict:
-    """Record every file's digest plus ``extra`` in ``folder/manifest.json``; return it."""
+    """Record every file's digest plus ``extra`` in ``folder/manifest.json``; return it. Each file
+    is hashed here, once; its size and modification time (``stat``) let ``read_manifest`` check
+    it later without reading it again."""
+    folder = Path(folder)
     files = digest_files(folder)
-    manifest = {"digest": folder_digest(files), "files": files, **extra}
+    stat = {rel: _fingerprint(folder / rel) for rel in files}
+    manifest = {"digest": folder_digest(files), "files": files, "stat": stat, **extra}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
@@ -126,14 +166,30 @@ def _load_manifest(folder: Path) -> dict | None:
 
 def read_manifest(folder: Path) -> dict | None:
     """The manifest of a complete, unaltered stage output; None if missing or corrupted. Files
-    removed by ``prune`` are not expected (nor checked, if a killed prune left them)."""
+    removed by ``prune`` are not expected (nor checked, if a killed prune left them).
+
+    Hashes nothing an unaltered output holds: a file whose size and modification time are the
+    ones recorded is taken as written; one whose stat changed (touched, copied, rewritten) is
+    hashed and must still match its digest; a missing or extra file fails at once. A manifest
+    written before stats were recorded is checked by hashing every file."""
     manifest = _load_manifest(folder)
     if manifest is None:
         return None
+    folder = Path(folder)
     pruned = manifest.get("pruned", {})
-    files = {k: v for k, v in digest_files(Path(folder)).items() if k not in pruned}
-    if files != manifest.get("files"):
+    want = manifest.get("files")
+    if not isinstance(want, dict):
         return None
+    present = {str(p.relative_to(folder)): p for p in _files(folder)}
+    present = {k: p for k, p in present.items() if k not in pruned}
+    if present.keys() != want.keys():
+        return None
+    stat = manifest.get("stat", {})
+    for rel, path in present.items():
+        if stat.get(rel) == _fingerprint(path):
+            continue
+        if file_digest(path) != want[rel]:
+            return None
     return manifest
 
 

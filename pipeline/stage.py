@@ -31,6 +31,7 @@ from ibtpo_core.artifacts import (
     atomic_dir,
     clear_dead_writes,
     digest_files,
+    digest_files_remembered,
     digest_json,
     exclusive,
     folder_digest,
@@ -83,13 +84,20 @@ def cached(folder: Path) -> StageRecord | None:
     return None if manifest is None else _record(Path(folder), manifest)
 
 
-def external_record(path: str) -> StageRecord:
+def external_record(path: str, store: str | None = None) -> StageRecord:
     """The record of a checkpoint no stage wrote (``model.path``: a folder, or a hub id resolved
-    to its local snapshot; checked by preflight): its path and content digest."""
+    to its local snapshot; checked by preflight): its path and content digest. With a ``store``,
+    its files are hashed once and remembered there by size and modification time, so a rerun
+    reads none of an unchanged checkpoint."""
     from ibtpo_core.models.hub import resolve_model_path
 
     path = resolve_model_path(path)
-    return {"path": path, "digest": folder_digest(digest_files(Path(path))), "metrics": {}}
+    if store is None:
+        files = digest_files(Path(path))
+    else:
+        memo = Path(store) / ".external" / f"{digest_json(str(Path(path).resolve()))[:16]}.json"
+        files = digest_files_remembered(Path(path), memo)
+    return {"path": path, "digest": folder_digest(files), "metrics": {}}
 
 
 def publish(folder: Path, write: Callable[[Path], dict | Output | None]) -> StageRecord:
@@ -151,10 +159,10 @@ def stage(folder: str, code: str):
             iteration = inputs.get("iteration", -1)
             key = [key_part(v) for v in inputs.values()] + [code_version(code)]
             out = Path(store) / f"{folder.format(**inputs)}-{digest_json(key)[:12]}"
-            if out.exists() and cached(out) is None:
-                print(f"{body.__name__}: the output {out} is incomplete or was altered; computing "
-                      f"it again", file=sys.stderr, flush=True)
             with claim(out) as hit:  # one worker computes; others wait, then reuse
+                if hit is None and out.exists():
+                    print(f"{body.__name__}: the output {out} is incomplete or was altered; "
+                          f"computing it again", file=sys.stderr, flush=True)
                 record = hit or _compute(body, out, inputs, iteration)
             inject_fault(f"after_{body.__name__}", iteration)
             return record
