@@ -56,7 +56,7 @@ test-ui: $(STAMP)
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults
 
-# bench/gpu_check.sh on CPU (GPU_CHECK_CPU=1), so the script a lent GPU runs cannot rot (~50 s)
+# bench/gpu_check.sh on CPU (GPU_CHECK_CPU=1), so the script a lent GPU runs cannot rot
 test-scripts: $(STAMP)
 	$(BIN)/python -m pytest -q -m scripts
 
