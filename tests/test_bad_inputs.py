@@ -74,6 +74,10 @@ CASES = [
         r"unknown advantage 'gae'.*Valid names: grpo, ibtpo, tree_entropy",
     ),
     ("unknown ib form", ["algo.score.ib_form=product"], r"unknown ib_form 'product'.*Valid names"),
+    ("a key that moved", ["algo.tree.beta=2"],
+     r"unknown key 'algo.tree.beta': it moved to 'algo.score.beta'"),
+    ("unknown entropy estimator", ["algo.score.entropy_estimator=exact"],
+     r"unknown entropy_estimator 'exact'.*Valid names: surprisal, token_entropy"),
     (
         "rollout temperature 0",
         ["rl.rollout.temperature=0"],
