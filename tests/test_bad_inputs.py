@@ -71,7 +71,7 @@ CASES = [
     (
         "unknown advantage",
         ["algo.advantage.name=gae"],
-        r"unknown advantage 'gae'.*Valid names: grpo, ibtpo, tree_entropy",
+        r"unknown advantage 'gae'.*Valid names: dr_grpo, grpo, ibtpo, tree_entropy",
     ),
     ("unknown ib form", ["algo.score.ib_form=product"], r"unknown ib_form 'product'.*Valid names"),
     ("a key that moved", ["algo.tree.beta=2"],

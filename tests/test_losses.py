@@ -75,8 +75,25 @@ def test_k3_kl_and_entropy_bonus():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(eps_low=1.2), "eps_low must be in"), (dict(eps_high=-0.1), "eps_high must be >= 0"),
-    (dict(beta_kl=-1), "beta_kl must be >= 0"), (dict(name="ppo"), "Valid names: ppo_clip"),
+    (dict(beta_kl=-1), "beta_kl must be >= 0"), (dict(name="ppo"), "Valid names: cispo, ppo_clip"),
 ])
 def test_bad_loss_specs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossSpec(**kwargs)
+
+
+def test_hand_worked_cispo_keeps_the_gradient_where_the_clip_drops_it():
+    spec = LossSpec(name="cispo", eps_high=0.28)
+    # r = 1.5, A = 1: the weight is truncated at 1.28 and held constant; loss = -1.28 A logp with
+    # logp = -1 + ln 1.5; the gradient is -1.28 (ppo_clip's is 0 here: the clip binds)
+    loss, m, g = one_token(1.5, 1.0, spec)
+    assert loss == pytest.approx(-1.28 * (-1.0 + math.log(1.5)))
+    assert g == pytest.approx(-1.28) and m["clip_ratio/high_mean"] == 1.0
+    assert one_token(1.5, 1.0, LossSpec(eps_high=0.28))[2] == 0.0
+    # r = 0.5, A = -1: no lower truncation, weight 0.5: gradient +0.5 (ppo_clip: 0, clipped below)
+    loss, m, g = one_token(0.5, -1.0, spec)
+    assert g == pytest.approx(0.5) and m["loss/clipfrac"] == 0.0
+    assert one_token(0.5, -1.0, LossSpec(eps_high=0.28))[2] == 0.0
+    # inside the band both give -A r: r = 1.1, A = 1
+    assert one_token(1.1, 1.0, spec)[2] == pytest.approx(-1.1)
+    assert one_token(1.1, 1.0, LossSpec(eps_high=0.28))[2] == pytest.approx(-1.1)

@@ -105,6 +105,25 @@ def test_grpo_advantage_hand_worked():
     assert float(A.sum()) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_dr_grpo_drops_the_std_and_so_weighs_lopsided_groups_less():
+    # group 1: rewards 1, 0, 0, 0 -> mean 0.25: A = 0.75, -0.25, -0.25, -0.25 (Dr. GRPO);
+    # GRPO divides by the sample std sqrt(0.25) = 0.5: 1.5, -0.5, -0.5, -0.5.
+    # group 2: rewards 1, 1, 0, 0 -> +-0.5 (Dr. GRPO); std sqrt(1/3): +-0.866 (GRPO).
+    # So GRPO gives group 1's right answer 1.5 / 0.866 = 1.73x group 2's; Dr. GRPO 1.5x.
+    trees = []
+    for rewards in ((1.0, 0.0, 0.0, 0.0), (1.0, 1.0, 0.0, 0.0)):
+        t = Tree([1])
+        for r in rewards:
+            t.add_node(0, [2], [-0.1], [0.1], reward=r)
+        trees.append(t)
+    f = Forest.from_trees(trees)
+    dr = compute_advantages(f, compute_stats(f), AdvantageSpec("dr_grpo")).tolist()
+    grpo = compute_advantages(f, compute_stats(f), AdvantageSpec("grpo")).tolist()
+    assert dr == pytest.approx([0, 0.75, -0.25, -0.25, -0.25, 0, 0.5, 0.5, -0.5, -0.5])
+    assert grpo == pytest.approx([0, 1.5, -0.5, -0.5, -0.5, 0, 0.866025, 0.866025, -0.866025,
+                                  -0.866025], abs=1e-5)
+
+
 def random_tree(rng: random.Random, max_depth=6, max_children=4) -> Tree:
     t = Tree([1, 2])
     frontier = [(0, 0)]

@@ -19,6 +19,7 @@ Every token of step s gets the advantage of node s; roots get 0.
 ``grpo``: each leaf gets (r - mean) / (std + eps) over the leaves of its tree (its group; std
     is the unbiased sample std, as in verl); an internal node gets the mean of the leaves below
     it (GRPO trees are flat: root -> G leaves, so this only matters for probe trees).
+``dr_grpo``: the same without the division by std (Dr. GRPO): r - mean.
 ``normalize: tree_std`` divides each tree's non-root advantages by their std (zeros if ~0).
 A tree whose leaves all share one reward gets all-zero advantages under every estimator.
 Pure torch.
@@ -114,16 +115,34 @@ def tree_entropy_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> 
     return _tree_advantage(f, stats, "diff", spec)
 
 
-@ADVANTAGES.register("grpo")
-def grpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+def _group_relative(f: Forest, stats: TreeStats, spec: AdvantageSpec, by_std: bool
+                    ) -> torch.Tensor:
+    """Each leaf's reward minus its group's (tree's) mean, divided by the group's sample std when
+    ``by_std`` (0 where the rewards are all equal); an internal node gets the mean over the
+    leaves below it."""
     leaf = f.is_leaf
     r = torch.where(leaf, f.reward, torch.zeros_like(f.reward))
     mean, std = group_mean_std(r, f.tree, leaf, ddof=1)
-    a_leaf = torch.where(leaf & (std > EPS), (r - mean) / (std + EPS), torch.zeros_like(r))
-    # internal nodes: mean over the leaves below
+    if by_std:
+        a_leaf = torch.where(leaf & (std > EPS), (r - mean) / (std + EPS), torch.zeros_like(r))
+    else:
+        a_leaf = torch.where(leaf, r - mean, torch.zeros_like(r))
     A = torch.where(leaf, a_leaf, subtree_sum(f, a_leaf) / stats.n.clamp(min=1))
     A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
     return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A
+
+
+@ADVANTAGES.register("grpo")
+def grpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    return _group_relative(f, stats, spec, by_std=True)
+
+
+@ADVANTAGES.register("dr_grpo")
+def dr_grpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    """Dr. GRPO's advantage (Liu et al. 2025, "Understanding R1-Zero-Like Training"): GRPO's
+    without the division by the group's std, which up-weights groups that are nearly all
+    right or all wrong."""
+    return _group_relative(f, stats, spec, by_std=False)
 
 
 def compute_advantages(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:

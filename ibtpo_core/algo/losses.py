@@ -3,11 +3,14 @@
     fn(logprobs, old_logprobs, advantages, mask, spec, ref_logprobs=None, entropy=None)
         -> (loss, metrics)
 
-all tensors (B, T); ``mask`` marks response tokens. ``ppo_clip``, token-mean over the batch:
+all tensors (B, T); ``mask`` marks response tokens; every loss is a token mean over the batch.
 
     r_t  = exp(logprobs - old_logprobs)
-    loss = -mean_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
-           + beta_kl * mean_t KL_k3(pi_theta || pi_ref)  - entropy_coef * mean_t H_t
+    ppo_clip:  loss = -mean_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
+    cispo:     loss = -mean_t sg(min(r_t, 1 + eps_high)) A_t log pi_theta(t)
+               (MiniMax-M1's CISPO: the importance weight truncated above and held constant, so
+               every token keeps its gradient A_t w_t, however far its ratio moved; eps_low unused)
+    both:      + beta_kl * mean_t KL_k3(pi_theta || pi_ref)  - entropy_coef * mean_t H_t
     KL_k3 = exp(ref - logp) - (ref - logp) - 1     (Schulman's k3 estimator, >= 0)
 
 Metrics (masked token means): ``loss/clipfrac`` (share of tokens where the clipped term is the
@@ -80,6 +83,29 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
                 masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)
             ),
         }
+    return _regularised(loss, metrics, logprobs, mask, spec, ref_logprobs, entropy)
+
+
+@LOSSES.register("cispo")
+def cispo_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
+               ref_logprobs=None, entropy=None):
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    weight = ratio.clamp(max=1.0 + spec.eps_high).detach()
+    pg = -weight * advantages * logprobs
+    loss = masked_mean(pg, mask)
+    with torch.no_grad():
+        truncated = masked_mean((ratio > 1 + spec.eps_high).float(), mask)
+        metrics = {
+            "loss/pg": float(loss),
+            "loss/clipfrac": float(truncated),  # tokens whose weight was truncated
+            "loss/approx_kl": float(masked_mean(kl_k3(logprobs, old_logprobs), mask)),
+            "clip_ratio/high_mean": float(truncated),
+        }
+    return _regularised(loss, metrics, logprobs, mask, spec, ref_logprobs, entropy)
+
+
+def _regularised(loss, metrics: dict, logprobs, mask, spec: LossSpec, ref_logprobs, entropy):
+    """``loss`` with the KL term to the reference and the entropy bonus, and their metrics."""
     if ref_logprobs is not None and spec.beta_kl > 0:
         kl = masked_mean(kl_k3(logprobs, ref_logprobs), mask)
         loss = loss + spec.beta_kl * kl
