@@ -75,7 +75,8 @@ def test_k3_kl_and_entropy_bonus():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(eps_low=1.2), "eps_low must be in"), (dict(eps_high=-0.1), "eps_high must be >= 0"),
-    (dict(beta_kl=-1), "beta_kl must be >= 0"), (dict(name="ppo"), "Valid names: cispo, ppo_clip"),
+    (dict(beta_kl=-1), "beta_kl must be >= 0"),
+    (dict(name="ppo"), "Valid names: cispo, gspo, ppo_clip"),
 ])
 def test_bad_loss_specs(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -97,3 +98,28 @@ def test_hand_worked_cispo_keeps_the_gradient_where_the_clip_drops_it():
     # inside the band both give -A r: r = 1.1, A = 1
     assert one_token(1.1, 1.0, spec)[2] == pytest.approx(-1.1)
     assert one_token(1.1, 1.0, LossSpec(eps_high=0.28))[2] == pytest.approx(-1.1)
+
+
+def test_hand_worked_gspo_gives_a_sequence_one_ratio_and_one_clip():
+    # one sequence of two tokens, ratios 1.2 and 0.9, A = 1, a third position masked out
+    old = torch.full((1, 3), -1.0)
+    ratios = torch.tensor([[1.2, 0.9, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+
+    def grads(spec):
+        logp = (old + ratios.log()).requires_grad_(True)
+        loss, m = policy_loss(logp, old, torch.ones(1, 3), mask, spec)
+        loss.backward()
+        return float(loss), m, logp.grad[0].tolist()
+
+    # s = exp((ln 1.2 + ln 0.9) / 2) = sqrt(1.08) = 1.03923, inside the band: loss -s; each
+    # token's gradient -s / 2 (token-level ppo_clip: its own -r_t / 2, -0.6 and -0.45)
+    loss, m, g = grads(LossSpec(name="gspo"))
+    assert loss == pytest.approx(-math.sqrt(1.08))
+    assert g == pytest.approx([-math.sqrt(1.08) / 2] * 2 + [0.0])
+    assert grads(LossSpec())[2] == pytest.approx([-0.6, -0.45, 0.0])
+    # GSPO's own band (3e-4, 4e-4): s = 1.039 > 1.0004 with A > 0, so the whole sequence is
+    # clipped and neither token moves, though token 2's ratio (0.9) would not be clipped above
+    loss, m, g = grads(LossSpec(name="gspo", eps_low=3e-4, eps_high=4e-4))
+    assert loss == pytest.approx(-1.0004) and g == [0.0, 0.0, 0.0]
+    assert m["clip_ratio/high_mean"] == 1.0 and m["loss/clipfrac"] == 1.0

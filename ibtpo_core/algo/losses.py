@@ -10,6 +10,10 @@ all tensors (B, T); ``mask`` marks response tokens; every loss is a token mean o
     cispo:     loss = -mean_t sg(min(r_t, 1 + eps_high)) A_t log pi_theta(t)
                (MiniMax-M1's CISPO: the importance weight truncated above and held constant, so
                every token keeps its gradient A_t w_t, however far its ratio moved; eps_low unused)
+    gspo:      s_i  = exp(mean over sequence i's tokens of log r_t)   (one ratio per row)
+               loss = -mean_t min(s_i A_t, clip(s_i, 1 - eps_low, 1 + eps_high) A_t)
+               (GSPO's sequence-level ratio and clip, aggregated over tokens as TRL's
+               importance_sampling_level: sequence does; the paper's band is 3e-4 / 4e-4)
     both:      + beta_kl * mean_t KL_k3(pi_theta || pi_ref)  - entropy_coef * mean_t H_t
     KL_k3 = exp(ref - logp) - (ref - logp) - 1     (Schulman's k3 estimator, >= 0)
 
@@ -100,6 +104,30 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
             "loss/clipfrac": float(truncated),  # tokens whose weight was truncated
             "loss/approx_kl": float(masked_mean(kl_k3(logprobs, old_logprobs), mask)),
             "clip_ratio/high_mean": float(truncated),
+        }
+    return _regularised(loss, metrics, logprobs, mask, spec, ref_logprobs, entropy)
+
+
+@LOSSES.register("gspo")
+def gspo_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
+              ref_logprobs=None, entropy=None):
+    m = mask.to(logprobs.dtype)
+    log_s = ((logprobs - old_logprobs) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(
+        min=1.0)  # (B, 1): one ratio per sequence
+    ratio = torch.exp(log_s).expand_as(logprobs)  # (B, T)
+    clipped = ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)
+    surr1, surr2 = ratio * advantages, clipped * advantages
+    pg = -torch.minimum(surr1, surr2)
+    loss = masked_mean(pg, mask)
+    with torch.no_grad():
+        metrics = {
+            "loss/pg": float(loss),
+            "loss/clipfrac": float(masked_mean(((surr2 < surr1) & mask.bool()).float(), mask)),
+            "loss/approx_kl": float(masked_mean(kl_k3(logprobs, old_logprobs), mask)),
+            "clip_ratio/low_mean": float(
+                masked_mean(((ratio < 1 - spec.eps_low) & (advantages < 0)).float(), mask)),
+            "clip_ratio/high_mean": float(
+                masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)),
         }
     return _regularised(loss, metrics, logprobs, mask, spec, ref_logprobs, entropy)
 
