@@ -27,7 +27,7 @@ from ibtpo_core.preflight import preflight
 from ibtpo_core.runtime import set_accelerator_default, set_offline_defaults, set_threads
 from pipeline import summaries, tracking
 from pipeline.code_digest import code_version
-from pipeline.stage import StageRecord, external_record, key_part
+from pipeline.stage import StageRecord, external_record, key_digest
 from tasks.benchmark import benchmark
 from tasks.create_model import create_model
 from tasks.evaluate_policy import evaluate_policy
@@ -161,9 +161,8 @@ def rl_lineage_dir(cfg: ExperimentConfig, start: StageRecord, data: StageRecord)
     the run's name, so a longer run of the same config continues from a shorter one's stages
     (the table's 3x budget reuses the default budget's first iterations), and a run under
     another name or sweep reuses them all. Each stage is still keyed on its own inputs."""
-    key = [key_part(part) for part in (cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, start,
-                                       data)] + [code_version("rl")]
-    return Path(cfg.stage_cache_dir) / f"rl-{digest_json(key)[:12]}"
+    key = key_digest([cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, start, data], "rl")
+    return Path(cfg.stage_cache_dir) / f"rl-{key[:12]}"
 
 
 def link_iterations(run: Run, rl_dir: Path) -> Path:

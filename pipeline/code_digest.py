@@ -25,14 +25,12 @@ STAGE_TASKS: dict[str, str] = {
     "evaluate_policy": "tasks/evaluate_policy.py", "benchmark": "tasks/benchmark.py",
 }
 # Library entry points a stage runs besides its task module's imports (``module`` or
-# ``module.function``): the module each update rank runs, the manifests every stage writes.
+# ``module.function``): the manifests every stage writes (``EVERY_STAGE``), the module each update
+# rank runs, the row helpers the lm-eval hooks import.
+EVERY_STAGE: tuple[str, ...] = ("artifacts",)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "rl": ("training.update_main", "artifacts"),
-    "prepare_data": ("artifacts",),
-    "create_model": ("artifacts",),
-    "warm_up": ("artifacts",),
-    "evaluate_policy": ("artifacts",),
-    "benchmark": ("artifacts", "data.problems"),
+    "rl": ("training.update_main",),
+    "benchmark": ("data.problems",),
 }
 # Files a stage runs that are not modules of the library: the lm-eval task hooks, and the schema
 # whose section methods (``engine.kwargs()``) run inside the RL and evaluation stages.
@@ -118,13 +116,13 @@ def stage_files(stage: str, root: Path = ROOT) -> list[Path]:
     task_module = root / STAGE_TASKS[stage]
     files: set[Path] = {task_module}
     todo: list[str] = sorted(_library_imports(library, ast.parse(task_module.read_text())))
-    for entry in STAGE_CODE.get(stage, ()):
+    for entry in EVERY_STAGE + STAGE_CODE.get(stage, ()):
         path = _module_file(library, entry)
         if path is None:  # module.function
-            mod, func = entry.rsplit(".", 1)
-            path = _module_file(library, mod)
+            mod, _, func = entry.rpartition(".")
+            path = _module_file(library, mod) if mod else None
             if path is None:
-                raise ValueError(f"stage code entry {entry!r}: no module ibtpo_core.{mod}")
+                raise ValueError(f"stage code entry {entry!r}: no module ibtpo_core.{mod or entry}")
             tree = ast.parse(path.read_text())
             reach = _reachable_defs(tree, func)
             if not reach:

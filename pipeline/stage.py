@@ -30,7 +30,6 @@ from typing import Callable, TypedDict
 from ibtpo_core.artifacts import (
     atomic_dir,
     clear_dead_writes,
-    digest_files,
     digest_files_remembered,
     digest_json,
     exclusive,
@@ -73,6 +72,12 @@ def key_part(value):
     return value
 
 
+def key_digest(parts, code: str) -> str:
+    """The digest that names a stage's folder: its inputs as key parts, and the digest of the
+    code of stage kind ``code``."""
+    return digest_json([key_part(v) for v in parts] + [code_version(code)])
+
+
 def _record(folder: Path, manifest: dict) -> StageRecord:
     return {"path": str(folder), "digest": manifest["digest"],
             "metrics": manifest.get("metrics", {})}
@@ -84,19 +89,16 @@ def cached(folder: Path) -> StageRecord | None:
     return None if manifest is None else _record(Path(folder), manifest)
 
 
-def external_record(path: str, store: str | None = None) -> StageRecord:
+def external_record(path: str, store: str) -> StageRecord:
     """The record of a checkpoint no stage wrote (``model.path``: a folder, or a hub id resolved
-    to its local snapshot; checked by preflight): its path and content digest. With a ``store``,
-    its files are hashed once and remembered there by size and modification time, so a rerun
-    reads none of an unchanged checkpoint."""
+    to its local snapshot; checked by preflight): its path and content digest. Its files are
+    hashed once and remembered in ``store`` by size and modification time, so a rerun reads none
+    of an unchanged checkpoint."""
     from ibtpo_core.models.hub import resolve_model_path
 
     path = resolve_model_path(path)
-    if store is None:
-        files = digest_files(Path(path))
-    else:
-        memo = Path(store) / ".external" / f"{digest_json(str(Path(path).resolve()))[:16]}.json"
-        files = digest_files_remembered(Path(path), memo)
+    memo = Path(store) / ".external" / f"{digest_json(str(Path(path).resolve()))[:16]}.json"
+    files = digest_files_remembered(Path(path), memo)
     return {"path": path, "digest": folder_digest(files), "metrics": {}}
 
 
@@ -157,8 +159,8 @@ def stage(folder: str, code: str):
             inputs = public.bind(*args, store=store, **kwargs).arguments
             del inputs["store"]
             iteration = inputs.get("iteration", -1)
-            key = [key_part(v) for v in inputs.values()] + [code_version(code)]
-            out = Path(store) / f"{folder.format(**inputs)}-{digest_json(key)[:12]}"
+            key = key_digest(inputs.values(), code)
+            out = Path(store) / f"{folder.format(**inputs)}-{key[:12]}"
             with claim(out) as hit:  # one worker computes; others wait, then reuse
                 if hit is None and out.exists():
                     print(f"{body.__name__}: the output {out} is incomplete or was altered; "
@@ -168,7 +170,6 @@ def stage(folder: str, code: str):
             return record
 
         run.__signature__ = public
-        run.stage_folder, run.stage_code = folder, code
         return run
 
     return wrap

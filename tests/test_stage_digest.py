@@ -111,6 +111,7 @@ def test_a_module_named_in_a_string_is_followed(tmp_path, monkeypatch):
         "def other():\n    from ibtpo_core.plugins import unused\n")
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "toy.py").write_text("")
+    monkeypatch.setattr(code_digest, "EVERY_STAGE", ())  # the toy library writes no manifests
     monkeypatch.setitem(code_digest.STAGE_CODE, "toy", ("toy.run",))
     monkeypatch.setitem(code_digest.STAGE_TASKS, "toy", "tasks/toy.py")
     files = stage_files("toy", tmp_path)

@@ -69,25 +69,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
                   ref_logprobs=None, entropy=None):
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    clipped = ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)
-    surr1, surr2 = ratio * advantages, clipped * advantages
-    pg = -torch.minimum(surr1, surr2)
-    loss = masked_mean(pg, mask)
-    m = mask.bool()
-    with torch.no_grad():
-        took_clip = (surr2 < surr1) & m
-        metrics = {
-            "loss/pg": float(masked_mean(pg, mask)),
-            "loss/clipfrac": float(masked_mean(took_clip.float(), mask)),
-            "loss/approx_kl": float(masked_mean(kl_k3(logprobs, old_logprobs), mask)),
-            "clip_ratio/low_mean": float(
-                masked_mean(((ratio < 1 - spec.eps_low) & (advantages < 0)).float(), mask)
-            ),
-            "clip_ratio/high_mean": float(
-                masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)
-            ),
-        }
-    return _regularised(loss, metrics, logprobs, mask, spec, ref_logprobs, entropy)
+    return _clipped(ratio, logprobs, old_logprobs, advantages, mask, spec, ref_logprobs, entropy)
 
 
 @LOSSES.register("cispo")
@@ -115,19 +97,29 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
     log_s = ((logprobs - old_logprobs) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(
         min=1.0)  # (B, 1): one ratio per sequence
     ratio = torch.exp(log_s).expand_as(logprobs)  # (B, T)
+    return _clipped(ratio, logprobs, old_logprobs, advantages, mask, spec, ref_logprobs, entropy)
+
+
+def _clipped(ratio, logprobs, old_logprobs, advantages, mask, spec: LossSpec, ref_logprobs,
+             entropy):
+    """The clipped surrogate of ``ratio`` (per token, or a sequence's broadcast over its tokens)
+    and its metrics, then ``_regularised``."""
     clipped = ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)
     surr1, surr2 = ratio * advantages, clipped * advantages
     pg = -torch.minimum(surr1, surr2)
     loss = masked_mean(pg, mask)
     with torch.no_grad():
+        took_clip = (surr2 < surr1) & mask.bool()
         metrics = {
             "loss/pg": float(loss),
-            "loss/clipfrac": float(masked_mean(((surr2 < surr1) & mask.bool()).float(), mask)),
+            "loss/clipfrac": float(masked_mean(took_clip.float(), mask)),
             "loss/approx_kl": float(masked_mean(kl_k3(logprobs, old_logprobs), mask)),
             "clip_ratio/low_mean": float(
-                masked_mean(((ratio < 1 - spec.eps_low) & (advantages < 0)).float(), mask)),
+                masked_mean(((ratio < 1 - spec.eps_low) & (advantages < 0)).float(), mask)
+            ),
             "clip_ratio/high_mean": float(
-                masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)),
+                masked_mean(((ratio > 1 + spec.eps_high) & (advantages > 0)).float(), mask)
+            ),
         }
     return _regularised(loss, metrics, logprobs, mask, spec, ref_logprobs, entropy)
 
