@@ -3,7 +3,13 @@
     fn(logprobs, old_logprobs, advantages, mask, spec, ref_logprobs=None, entropy=None)
         -> (loss, metrics)
 
-all tensors (B, T); ``mask`` marks response tokens; every loss is a token mean over the batch.
+all tensors (B, T); ``mask`` marks response tokens. The per-token loss is aggregated over the
+batch by ``agg`` (``aggregate``; the KL and entropy terms stay token means):
+
+    token_mean            sum_{i,t} l_it / sum_i |y_i|      (DAPO's token-level loss; default)
+    seq_mean_token_mean   mean_i (sum_t l_it / |y_i|)       (GRPO as first published)
+    seq_sum_norm          sum_{i,t} l_it / (B * agg_tokens) (Dr. GRPO: a constant normaliser,
+                          agg_tokens = the rollout's max_new_tokens unless set)
 
     r_t  = exp(logprobs - old_logprobs)
     ppo_clip:  loss = -mean_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
@@ -25,7 +31,7 @@ clipped at 1 - eps_low with A < 0), ``clip_ratio/high_mean`` (at 1 + eps_high wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -43,9 +49,14 @@ class LossSpec:
     eps_high: float = 0.2
     beta_kl: float = 0.0
     entropy_coef: float = 0.0
+    agg: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = "token_mean"
+    agg_tokens: Optional[int] = None  # seq_sum_norm's constant; the config fills in max_new_tokens
 
     def __post_init__(self):
         LOSSES.get(self.name)
+        if self.agg_tokens is not None and self.agg_tokens < 1:
+            raise ValueError(f"agg_tokens must be >= 1 (got {self.agg_tokens}); leave it null for "
+                             f"the rollout's max_new_tokens")
         if not 0 <= self.eps_low < 1:
             raise ValueError(f"eps_low must be in [0, 1) (got {self.eps_low})")
         if self.eps_high < 0:
@@ -57,6 +68,30 @@ class LossSpec:
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """The batch loss from per-token losses (B, T) by ``spec.agg`` (module docstring)."""
+    m = mask.to(per_token.dtype)
+    if spec.agg == "token_mean":
+        return masked_mean(per_token, mask)
+    rows = m.sum(-1)
+    has = rows > 0
+    if spec.agg == "seq_mean_token_mean":
+        return ((per_token * m).sum(-1)[has] / rows[has]).sum() / has.sum().clamp(min=1)
+    if spec.agg_tokens is None:
+        raise ValueError("agg seq_sum_norm needs agg_tokens (the config sets it to "
+                         "rl.rollout.max_new_tokens)")
+    return (per_token * m).sum() / (has.sum().clamp(min=1) * spec.agg_tokens)
+
+
+def agg_units(lengths: list[int], spec: LossSpec) -> float:
+    """What ``aggregate`` divides by, in units that add over micro-batches: response tokens for
+    ``token_mean``, sequences (with a response) otherwise. A micro-batch's loss weighs
+    units(micro) / units(mini-batch) in the mini-batch's."""
+    if spec.agg == "token_mean":
+        return float(sum(lengths))
+    return float(sum(1 for n in lengths if n > 0))
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -78,7 +113,7 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, spec: LossSpec,
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     weight = ratio.clamp(max=1.0 + spec.eps_high).detach()
     pg = -weight * advantages * logprobs
-    loss = masked_mean(pg, mask)
+    loss = aggregate(pg, mask, spec)
     with torch.no_grad():
         truncated = masked_mean((ratio > 1 + spec.eps_high).float(), mask)
         metrics = {
@@ -107,7 +142,7 @@ def _clipped(ratio, logprobs, old_logprobs, advantages, mask, spec: LossSpec, re
     clipped = ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)
     surr1, surr2 = ratio * advantages, clipped * advantages
     pg = -torch.minimum(surr1, surr2)
-    loss = masked_mean(pg, mask)
+    loss = aggregate(pg, mask, spec)
     with torch.no_grad():
         took_clip = (surr2 < surr1) & mask.bool()
         metrics = {

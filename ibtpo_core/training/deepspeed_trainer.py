@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ibtpo_core.algo.losses import LossSpec, policy_loss
+from ibtpo_core.algo.losses import LossSpec, agg_units, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
 from ibtpo_core.training.comm_op import prepare_comm_op
 from ibtpo_core.training.micro_batches import rank_micro_batches
@@ -245,8 +245,9 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
     if ref_dir is not None and loss.beta_kl > 0:
         ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=model.dtype).to(device).eval()
     # the batch is cut into mini-batches (one optimizer step each, in order); every rank reads
-    # all sequences and trains on its shard of each; the loss is the token mean over the
-    # mini-batch, and DeepSpeed averages gradients over ranks, hence the world-size factor
+    # all sequences and trains on its shard of each; the loss is aggregated over the mini-batch
+    # (``loss.agg``: a micro-batch weighs its share of the mini-batch's units), and DeepSpeed
+    # averages gradients over ranks, hence the world-size factor
     total_tokens = sum(len(s.tokens) for s in seqs)
     rank = int(os.environ.get("RANK", "0"))
     n_mini = spec.mini_batches
@@ -259,7 +260,7 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
         seqs = recompute_old_logprobs(engine, tok.pad_token_id, seqs, spec, loss, rank, world,
                                       total_tokens, sums, top)
     for m, (mini, micro) in enumerate(rank_schedule(seqs, spec, rank, world)):
-        mini_tokens = sum(len(s.tokens) for s in mini)
+        mini_units = agg_units([len(s.tokens) for s in mini], loss)
         for k, (chunk, weight) in enumerate(micro):
             batch = collate(chunk, tok.pad_token_id).to(device)
             logp, ent = sequence_logprobs(engine, batch, spec, entropy_grad=loss.entropy_coef != 0)
@@ -281,8 +282,9 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
                 entropy=ent,
             )
             tokens = float(batch.response_mask.sum()) * weight  # 0: a stand-in (rank_micro_batches)
+            share = agg_units([len(s.tokens) for s in chunk], loss) * weight / mini_units
             engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-            engine.backward(value * (tokens / mini_tokens) * world, scale_wrt_gas=False)
+            engine.backward(value * share * world, scale_wrt_gas=False)
             engine.step()
             for key, v in metrics.items():  # token-weighted over the whole batch
                 sums[key] = sums.get(key, 0.0) + v * tokens / total_tokens
