@@ -16,8 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ibtpo_core.algo.advantages import AdvantageSpec
+from ibtpo_core.algo.filter_groups import FilterSpec
 from ibtpo_core.algo.ib_score import ScoreSpec
 from ibtpo_core.algo.losses import LossSpec
+from ibtpo_core.algo.reward_shaping import RewardSpec
 from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
 from ibtpo_core.data.gym import ReasoningGymSpec
@@ -43,6 +45,24 @@ METHOD_PRESETS: dict[str, dict] = {
     "grpo_entropy": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
                      "loss": {"entropy_coef": 0.001}},
     "tree_entropy": {"tree": {"select_by": "entropy"}, "advantage": {"name": "tree_entropy"}},
+    # the peers a 2026 paper is compared against, each with its paper's defaults (docs/method.md
+    # §6 cites the paper and the reference code for every one)
+    "dapo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
+             "loss": {"eps_low": 0.2, "eps_high": 0.28, "agg": "token_mean"},
+             "reward": {"overlong_buffer_frac": 0.2, "overlong_factor": 1.0},
+             "filter_groups": {"enabled": True, "max_draws": 10}},
+    "dr_grpo": {"tree": {"sampler": "independent"}, "advantage": {"name": "dr_grpo"},
+                "loss": {"agg": "seq_sum_norm"}},
+    "gspo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
+             "loss": {"name": "gspo", "eps_low": 3e-4, "eps_high": 4e-4}},
+    "cispo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
+              "loss": {"name": "cispo", "eps_high": 0.28}},
+    "treerl": {"tree": {"sampler": "eptree", "C": 2, "fork_top_n": 2, "fork_branches": 2},
+               "advantage": {"name": "treerl"}},
+    "treepo": {"tree": {"sampler": "treepo", "M": 2, "segment_branches": 2},
+               "advantage": {"name": "treepo"}, "loss": {"eps_high": 0.28},
+               "reward": {"overlong_buffer_frac": 0.07, "overlong_factor": 1.0},
+               "filter_groups": {"enabled": True, "max_draws": 10}},
 }
 
 
@@ -171,6 +191,8 @@ class AlgoConfig(Section):
     advantage: AdvantageSpec = AdvantageSpec()
     loss: LossSpec = LossSpec()
     update: UpdateSpec = UpdateSpec()
+    reward: RewardSpec = RewardSpec()
+    filter_groups: FilterSpec = FilterSpec()
 
     @field_validator("method")
     @classmethod
@@ -195,6 +217,10 @@ class RolloutConfig(Section):
 
 class RLConfig(Section):
     iterations: int = Field(40, ge=0)
+    decoded_tokens: Optional[int] = Field(
+        None, ge=1, description="stop RL once this many tokens were decoded (rl.iterations is "
+        "then the most): equal decoded tokens for methods that decode unequal amounts an "
+        "iteration (DAPO's refills); null: rl.iterations alone")
     rollout: RolloutConfig = RolloutConfig()
     keep_optimizer_states: Optional[int] = Field(
         2, ge=1, description="optimizer states kept on disk, of the last iterations' checkpoints "
@@ -366,14 +392,23 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def apply_method_preset(raw: dict) -> dict:
-    """Fill the algo section with the defaults of its ``method`` (explicit keys win)."""
+    """Fill the algo section with the defaults of its ``method`` (explicit keys win), and
+    Dr. GRPO's constant normaliser (``algo.loss.agg: seq_sum_norm``) with the rollout's
+    ``max_new_tokens`` where it is not given."""
     algo = raw.get("algo")
     if not isinstance(algo, dict):
         return raw
     preset = METHOD_PRESETS.get(algo.get("method", "ibtpo"))
     if preset is None:
         return raw  # the validator names the unknown method
-    return {**raw, "algo": _merge(preset, algo)}
+    algo = _merge(preset, algo)
+    loss = algo.get("loss")
+    if isinstance(loss, dict) and loss.get("agg") == "seq_sum_norm" and loss.get(
+            "agg_tokens") is None:
+        rollout = (raw.get("rl") or {}).get("rollout") or {}
+        limit = rollout.get("max_new_tokens", RolloutConfig.model_fields["max_new_tokens"].default)
+        algo = _merge(algo, {"loss": {"agg_tokens": limit}})
+    return {**raw, "algo": algo}
 
 
 def read_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -122,6 +122,8 @@ def train_steps(run: Run) -> dict:
     rl = RLProgress(policy=start)
     bar = tqdm(total=cfg.rl.iterations, desc="RL iterations", unit="it")
     for k in range(cfg.rl.iterations):
+        if cfg.rl.decoded_tokens and rl.decoded >= cfg.rl.decoded_tokens:
+            break  # the run's token budget is spent (rl.decoded_tokens)
         metrics = rl_iteration(run, k, rl, start, data)
         after_iteration(run, k + 1, rl, data)
         bar.update(1)
@@ -250,8 +252,11 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     """Iteration ``k``: sample trees with the current policy, score them, update the policy;
     logs the iteration's metrics and returns them."""
     cfg = run.cfg
+    # DAPO's refills stop where the run's token budget does (rl.decoded_tokens)
+    cap = (cfg.rl.decoded_tokens - rl.decoded
+           if cfg.rl.decoded_tokens and cfg.algo.filter_groups.enabled else None)
     trees = sample_trees(k, cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, rl.policy, data,
-                         store=run.rl_dir)
+                         cap, store=run.rl_dir)
     scores = estimate_scores(k, cfg.algo, trees, store=run.rl_dir)
     new = update_policy(k, cfg.algo, rl.policy, scores, reference, store=run.rl_dir)
     metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"]}
@@ -293,11 +298,11 @@ def final_records(run: Run, before: StageRecord, after: StageRecord, rl: RLProgr
     cfg, parent, policy = run.cfg, run.mlflow_id, rl.policy
     eval_run = tracking.child_run(parent, "evaluate")
     tracking.log_metrics_once(eval_run, 0, before["metrics"])
-    tracking.log_metrics_once(eval_run, cfg.rl.iterations, after["metrics"])
+    tracking.log_metrics_once(eval_run, len(rl.checkpoints), after["metrics"])
     if cfg.benchmark.enabled:
         b = labelled(benchmark, "final")(cfg.benchmark, policy, data, store=cfg.stage_cache_dir)
         bench_run = tracking.child_run(parent, "benchmark")
-        tracking.log_metrics_once(bench_run, cfg.rl.iterations, b["metrics"])
+        tracking.log_metrics_once(bench_run, len(rl.checkpoints), b["metrics"])
         tracking.log_artifact_once(bench_run, str(Path(b["path"]) / "lm_eval_results.json"))
     tracking.log_lineage(parent, run.run_dir, rl.checkpoints, policy, data, reference)
     last_trees = rl.samples[-1] if rl.samples else None

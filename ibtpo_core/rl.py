@@ -10,8 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ibtpo_core.algo.advantages import AdvantageSpec, compute_advantages, eff_rate
+from ibtpo_core.algo.filter_groups import FilterSpec, informative, next_draw_size
 from ibtpo_core.algo.ib_score import Forest, ScoreSpec, compute_stats, usable_estimator
-from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic, sample
+from ibtpo_core.algo.reward_shaping import RewardSpec, shaped_reward
+from ibtpo_core.algo.samplers import sample
+from ibtpo_core.algo.sampling import TreeSpec, ib_diagnostic
 from ibtpo_core.algo.tree import TrainingSequence, Tree, training_sequences
 from ibtpo_core.data.problems import prompt_text, row_verifier
 from ibtpo_core.data.prompts import encode_prompt
@@ -38,11 +41,13 @@ class JsonlRows(Sequence):
         return json.loads(self._lines[i])
 
 
-def draw_prompts(train_rows: Sequence[dict], iteration: int, n: int, seed: int) -> list[dict]:
-    """The problems of RL iteration ``iteration`` (seeded; a countdown row's numbers re-ordered)."""
+def draw_prompts(train_rows: Sequence[dict], iteration: int, n: int, seed: int,
+                 draw: int = 0) -> list[dict]:
+    """The problems of RL iteration ``iteration`` (seeded; a countdown row's numbers re-ordered);
+    ``draw`` > 0: the iteration's refills (``grow_informative``), each a stream of its own."""
     if not train_rows:
         raise ValueError("the training split is empty: no prompts to sample")
-    rng = random.Random(f"{seed}-{iteration}")
+    rng = random.Random(f"{seed}-{iteration}" + (f"-{draw}" if draw else ""))
     rows = []
     for _ in range(n):
         r = dict(rng.choice(train_rows))
@@ -54,8 +59,10 @@ def draw_prompts(train_rows: Sequence[dict], iteration: int, n: int, seed: int) 
 
 def grow_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeSpec,
                ib: ScoreSpec, step_end_ids: tuple[int, ...], max_new_tokens: int,
-               temperature: float, seed: int, verifier: str = "countdown"):
-    """Trees (one per row) and the sampler's metrics."""
+               temperature: float, seed: int, verifier: str = "countdown",
+               reward: RewardSpec | None = None):
+    """Trees (one per row) and the sampler's metrics; leaves scored by the verifier, shaped by
+    ``reward`` (DAPO's overlong penalty) where given."""
     verify = [row_verifier(r, verifier) for r in rows]
     prompts = [encode_prompt(tokenizer, prompt_text(r)) for r in rows]
 
@@ -63,11 +70,45 @@ def grow_trees(engine: RolloutEngine, tokenizer, rows: list[dict], spec: TreeSpe
 
     def score(i: int, toks: list[int]) -> float:  # nothing after the first stop is scored
         text = tokenizer.decode(before_stop(toks, stop.eos_token_ids), skip_special_tokens=True)
-        return verify[i](text, rows[i])
+        r = verify[i](text, rows[i])
+        return r if reward is None else shaped_reward(r, len(toks), max_new_tokens, reward)
 
     result = sample(spec.sampler, engine, prompts, spec, score, stop, max_new_tokens,
                     temperature, seed, ib=ib)
     return result.trees, result.metrics
+
+
+def grow_informative(grow, train_rows: Sequence[dict], iteration: int, n: int, seed: int,
+                     spec: FilterSpec, token_cap: float | None = None):
+    """DAPO's dynamic sampling (``filter_groups``): ``grow(rows, draw)`` -> (trees, metrics) on
+    the iteration's ``n`` prompts, then on refills while fewer than ``n`` trees are informative,
+    up to ``spec.max_draws`` draws and, with ``token_cap``, while fewer tokens than it were
+    decoded. Returns the first ``n`` informative trees (the first draw's trees if none was), their
+    rows, and the first draw's metrics
+    with ``tree/decoded_tokens`` over every draw and ``filter/*`` counts."""
+    kept: list[tuple[Tree, dict]] = []
+    decoded = drawn = draws = 0
+    first: dict = {}
+    first_draw: list[tuple[Tree, dict]] = []
+    while draws < spec.max_draws and len(kept) < n:
+        if draws and token_cap is not None and decoded >= token_cap:
+            break
+        size = n if not draws else next_draw_size(n - len(kept), len(kept), drawn)
+        rows = draw_prompts(train_rows, iteration, size, seed, draw=draws)
+        trees, metrics = grow(rows, draws)
+        first = first or metrics
+        first_draw = first_draw or list(zip(trees, rows))
+        decoded += metrics["tree/decoded_tokens"]
+        drawn += len(rows)
+        draws += 1
+        kept += [(t, r) for t, r in zip(trees, rows) if informative(t)]
+    out = {**first, "tree/decoded_tokens": float(decoded), "filter/draws": float(draws),
+           "filter/drawn_groups": float(drawn), "filter/kept_groups": float(min(len(kept), n)),
+           "filter/dropped_frac": 1.0 - len(kept) / drawn if drawn else 0.0}
+    kept = kept[:n] or first_draw  # nothing informative: the first draw (zero advantages)
+    for i, (t, _) in enumerate(kept):  # the batch's own order
+        t.meta["prompt_index"] = i
+    return [t for t, _ in kept], [r for _, r in kept], out
 
 
 def probe_diagnostic(engine: RolloutEngine, tokenizer, rows: list[dict], G: int,

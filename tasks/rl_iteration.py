@@ -26,25 +26,42 @@ if TYPE_CHECKING:
 @task(task_run_name="sample_trees[it {iteration}]", cache_policy=NO_CACHE)
 @stage("it{iteration:04d}-sample", code="rl")
 def sample_trees(out: Path, iteration: int, algo: AlgoConfig, rollout: RolloutConfig,
-                 engine: EngineConfig, seed: int, policy: StageRecord, data: StageRecord) -> dict:
+                 engine: EngineConfig, seed: int, policy: StageRecord, data: StageRecord,
+                 token_cap: float | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from ibtpo_core.data.splits import read_jsonl
     from ibtpo_core.data.tokenizer import step_end_token_ids
     from ibtpo_core.engines.held import held_engine
-    from ibtpo_core.rl import JsonlRows, draw_prompts, grow_trees, probe_diagnostic, save_trees
+    from ibtpo_core.rl import (
+        JsonlRows,
+        draw_prompts,
+        grow_informative,
+        grow_trees,
+        probe_diagnostic,
+        save_trees,
+    )
     from ibtpo_core.training.retention import require_weights
 
     t0 = time.time()
     train = JsonlRows(Path(data["path"]) / "train.jsonl")
-    rows = draw_prompts(train, iteration, rollout.prompts_per_iteration, seed)
     require_weights(policy["path"])
     tok = AutoTokenizer.from_pretrained(policy["path"])
     rollout_engine = held_engine(engine.name, policy["path"], **engine.kwargs())
     steps = step_end_token_ids(tok, algo.tree.steps.delimiter)
-    trees, metrics = grow_trees(rollout_engine, tok, rows, algo.tree, algo.score, steps,
-                                rollout.max_new_tokens, rollout.temperature,
-                                seed * 100_003 + iteration)
+
+    def grow(rows: list[dict], draw: int):
+        return grow_trees(rollout_engine, tok, rows, algo.tree, algo.score, steps,
+                          rollout.max_new_tokens, rollout.temperature,
+                          seed * 100_003 + iteration + 7_919 * draw, reward=algo.reward)
+
+    if algo.filter_groups.enabled:  # DAPO's dynamic sampling: refills for uniform groups
+        trees, rows, metrics = grow_informative(grow, train, iteration,
+                                                rollout.prompts_per_iteration, seed,
+                                                algo.filter_groups, token_cap)
+    else:
+        rows = draw_prompts(train, iteration, rollout.prompts_per_iteration, seed)
+        trees, metrics = grow(rows, 0)
     metrics["timing_s/sample_trees"] = time.time() - t0
     if rollout.probe_every and rollout.probe_prompts and iteration % rollout.probe_every == 0:
         t1 = time.time()

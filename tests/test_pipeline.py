@@ -389,3 +389,24 @@ def test_validation_scoring_without_a_validation_split_fails_before_any_work(tmp
                               f"stage_cache_dir={tmp_path}/s"])
     with pytest.raises(ValueError, match="set data.n_val"):
         preflight(cfg)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("treerl", []),
+    ("treepo", ["algo.filter_groups.max_draws=2"]),
+    # DAPO's refills stop at the run's token budget, and the run stops there too
+    ("dapo", ["rl.iterations=3", "rl.decoded_tokens=1"]),
+])
+def test_the_peers_methods_run_through_the_flow(harness, method, extra):
+    from mlflow.tracking import MlflowClient
+
+    out = _run(harness, f"algo.method={method}", f"name=smoke_{method}", *extra)
+    run = MlflowClient().get_run(out["mlflow_run_id"])
+    assert run.data.params["algo.method"] == method and out["decoded_tokens"] > 0
+    lineage = json.loads(Path(MlflowClient().download_artifacts(
+        run.info.run_id, "lineage.json")).read_text())
+    assert len(lineage["checkpoints"]) == (1 if method == "dapo" else 2)
+    if method != "treerl":
+        assert _history(run.info.run_id, "filter/draws") == ([0] if method == "dapo" else [0, 1])
+    else:
+        assert run.data.metrics["tree/shared_prefix_frac"] > 0  # forks share prefixes

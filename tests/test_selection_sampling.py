@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ibtpo_core.algo.ib_score import Forest, compute_stats
-from ibtpo_core.algo.sampling import TreeSpec, sample, within_budget
+from ibtpo_core.algo.samplers import sample
+from ibtpo_core.algo.sampling import TreeSpec, within_budget
 from ibtpo_core.algo.selection import candidate_mask, covered_mass, rank_candidates
 from ibtpo_core.algo.tree import Tree
 from ibtpo_core.engines.base import Completion, RolloutEngine, StopConditions

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ibtpo_core.algo.sampling import TreeSpec, sample
+from ibtpo_core.algo.samplers import sample
+from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.algo.tree import Tree
 from ibtpo_core.engines.base import StopConditions
 from ibtpo_core.tree_picture import draw_tree, picks_by_node

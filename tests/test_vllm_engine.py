@@ -114,7 +114,8 @@ def test_prefix_reuse_keeps_the_distribution(setup):
 
 def test_ibtree_sampling_runs_on_vllm(setup):
     from ibtpo_core.algo.ib_score import ScoreSpec
-    from ibtpo_core.algo.sampling import TreeSpec, sample
+    from ibtpo_core.algo.samplers import sample
+    from ibtpo_core.algo.sampling import TreeSpec
 
     tok, engine, model, stop, prompts = setup
     spec = TreeSpec(G=4)

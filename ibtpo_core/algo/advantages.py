@@ -20,6 +20,16 @@ Every token of step s gets the advantage of node s; roots get 0.
     is the unbiased sample std, as in verl); an internal node gets the mean of the leaves below
     it (GRPO trees are flat: root -> G leaves, so this only matters for probe trees).
 ``dr_grpo``: the same without the division by std (Dr. GRPO): r - mean.
+``treerl`` (TreeRL's, Hou et al. 2025 §3.2): leaf rewards get a leave-one-out baseline within
+    their tree, r'_i = r_i - mean_{j != i} r_j; V'(s) = the mean of r' over the leaves below s;
+    A(s) = ((V'(s) - V'(p)) + V'(s)) / sqrt(n(s)). Since r'_i = n/(n-1) (r_i - mean) for a
+    tree of n leaves, this is ``tree_entropy``'s A_GL + A_local scaled by n/(n-1).
+``treepo`` (TreePO's subgroup advantage, Li et al. 2025 §3.3): a leaf i's advantage is the mean,
+    over the subgroups it belongs to -- the leaves below the root and below each ancestor that
+    branches (two or more children) -- of r_i minus the subgroup's mean reward; then divided
+    by the std of the leaves' advantages over the whole batch (REINFORCE++ with a baseline, the
+    reference's ``tree_reinforce_plus_plus_baseline``); an internal node gets the mean of the
+    leaves below it, as ``grpo``'s.
 ``normalize: tree_std`` divides each tree's non-root advantages by their std (zeros if ~0).
 A tree whose leaves all share one reward gets all-zero advantages under every estimator.
 Pure torch.
@@ -143,6 +153,46 @@ def dr_grpo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch
     without the division by the group's std, which up-weights groups that are nearly all
     right or all wrong."""
     return _group_relative(f, stats, spec, by_std=False)
+
+
+@ADVANTAGES.register("treerl")
+def treerl_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    leaf = f.is_leaf
+    r = torch.where(leaf, f.reward, torch.zeros_like(f.reward))
+    ones = torch.where(leaf, 1.0, 0.0).double()
+    total = torch.zeros(f.num_trees, dtype=torch.float64).index_add(0, f.tree, r)[f.tree]
+    count = torch.zeros(f.num_trees, dtype=torch.float64).index_add(0, f.tree, ones)[f.tree]
+    loo = torch.where(leaf & (count > 1), r - (total - r) / (count - 1).clamp(min=1),
+                      torch.zeros_like(r))
+    V = subtree_sum(f, loo) / stats.n.clamp(min=1)
+    Vp = V[f.parent.clamp(min=0)]
+    A = ((V - Vp) + V) / stats.n.clamp(min=1).sqrt()
+    A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
+    return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A
+
+
+@ADVANTAGES.register("treepo")
+def treepo_advantage(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:
+    leaf = f.is_leaf
+    r = torch.where(leaf, f.reward, torch.zeros_like(f.reward))
+    mean = subtree_sum(f, r) / stats.n.clamp(min=1)  # each node's subgroup mean
+    groups = (f.parent < 0) | (stats.num_children >= 2)  # the root and the branching nodes
+    # top-down: over each node's strict ancestors that define a subgroup, sum of their means
+    # and their count
+    s_mean = torch.zeros_like(r)
+    s_cnt = torch.zeros_like(r)
+    for d in range(1, int(f.depth.max()) + 1 if f.num_nodes else 0):
+        rows = (f.depth == d).nonzero().squeeze(1)
+        p = f.parent[rows]
+        g = groups[p].double()
+        s_mean[rows] = s_mean[p] + g * mean[p]
+        s_cnt[rows] = s_cnt[p] + g
+    a_leaf = torch.where(leaf, (r * s_cnt - s_mean) / s_cnt.clamp(min=1), torch.zeros_like(r))
+    std = a_leaf[leaf].std(unbiased=False) if bool(leaf.any()) else torch.tensor(0.0)
+    a_leaf = a_leaf / std if float(std) > EPS else torch.zeros_like(a_leaf)
+    A = torch.where(leaf, a_leaf, subtree_sum(f, a_leaf) / stats.n.clamp(min=1))
+    A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
+    return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A
 
 
 def compute_advantages(f: Forest, stats: TreeStats, spec: AdvantageSpec) -> torch.Tensor:

@@ -20,6 +20,9 @@
     count as decoded): the kept step is then drawn from pi_old conditioned on differing while
     its stored log-probs are pi_old's, so the update is off-policy there; off by default.
 ``independent`` (GRPO): G responses per prompt as a flat tree (root -> G leaves, no steps).
+``eptree`` (TreeRL's token-level forks, ``algo.eptree``) and ``treepo`` (TreePO's segment tree,
+``algo.treepo``) build on this module's pieces and register in SAMPLERS; ``algo.samplers.sample``
+runs any of them by name.
 
 Token accounting counts decoded tokens only: a shared prefix is prompt for the engine.
 The engine is passed in (the core never builds one); ``score_fn(prompt_index, token_ids)``
@@ -49,7 +52,7 @@ class TreeSpec:
 
     __pydantic_config__ = {"extra": "forbid"}  # config validation: unknown keys fail
 
-    sampler: Literal["ibtree", "independent"] = "ibtree"
+    sampler: Literal["ibtree", "independent", "eptree", "treepo"] = "ibtree"
     G: int = 8
     M: Optional[int] = None  # G // 2
     B_max: int = 3
@@ -73,6 +76,12 @@ class TreeSpec:
     fill_budget: bool = True
     budget_tokens: Optional[int] = None  # per prompt
     steps: StepSpec = field(default_factory=StepSpec)
+    # eptree (TreeRL): forks per initial response and round (N), continuations per fork (T)
+    fork_top_n: int = 2
+    fork_branches: int = 2
+    # treepo: tokens per segment (None: max_new_tokens // 4), children per branching path
+    segment_tokens: Optional[int] = None
+    segment_branches: int = 2
 
     def __post_init__(self):
         if self.G < 2:
@@ -98,6 +107,12 @@ class TreeSpec:
         if self.budget_tokens is not None and self.budget_tokens < 1:
             raise ValueError(f"budget_tokens must be positive (got {self.budget_tokens}); "
                              f"leave it null to spend G x mean response length")
+        for key in ("fork_top_n", "fork_branches", "segment_branches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
+        if self.segment_tokens is not None and self.segment_tokens < 1:
+            raise ValueError(f"segment_tokens must be >= 1 (got {self.segment_tokens}); leave it "
+                             f"null for max_new_tokens // 4")
         SELECT_BY.get(self.select_by)
         PICK.get(self.select)
 
@@ -424,6 +439,3 @@ def ib_diagnostic(trees: list[Tree], ib: ScoreSpec) -> dict[str, float]:
     return {"ib/score_mean": float(stats.IB[m].mean()), "ib/h_mean": float(stats.H[m].mean()),
             "ib/i_mean": float(stats.I[m].mean()), "ib/branch_nodes": float(m.sum()) / f.num_trees}
 
-
-def sample(name: str, *args, **kwargs) -> SampleResult:
-    return SAMPLERS.get(name)(*args, **kwargs)

@@ -144,6 +144,48 @@ class Tree:
                                  reward=reward if last else None, final=last and final_last)
         return node
 
+    def split(self, node_id: int, offset: int) -> tuple[int, dict[int, int]]:
+        """Cut node ``node_id``'s step before its token ``offset`` (0 < offset < its length):
+        the node keeps the tokens before it and gets one child holding the rest (and the node's
+        children, reward and final flag), so a branch can start at that token (a token-level
+        fork, TreeRL's). Node ids are renumbered so that parents precede children; returns the
+        first part's new id and the old -> new id map (``meta.picks`` is remapped)."""
+        n = self.nodes[node_id]
+        if not 0 < offset < len(n.tokens):
+            raise ValueError(f"offset {offset} must be inside node {node_id}'s "
+                             f"{len(n.tokens)} tokens")
+        tail = Node(len(self.nodes), node_id, n.tokens[offset:], n.logprobs[offset:],
+                    None if n.entropies is None else n.entropies[offset:], n.reward, n.final,
+                    n.children)
+        for c in tail.children:
+            self.nodes[c].parent = tail.id
+        self.nodes.append(tail)
+        n.tokens, n.logprobs = n.tokens[:offset], n.logprobs[:offset]
+        n.entropies = None if n.entropies is None else n.entropies[:offset]
+        n.reward, n.final, n.children = None, False, [tail.id]
+        remap = self._renumber()
+        if "picks" in self.meta:
+            self.meta["picks"] = [[r, remap[k]] for r, k in self.meta["picks"]]
+        return remap[node_id], remap
+
+    def _renumber(self) -> dict[int, int]:
+        """Ids in depth-first preorder (children in order): parents precede children."""
+        order, stack = [], [0]
+        while stack:
+            k = stack.pop()
+            order.append(k)
+            stack.extend(reversed(self.nodes[k].children))
+        remap = {old: new for new, old in enumerate(order)}
+        nodes = []
+        for old in order:
+            n = self.nodes[old]
+            n.id = remap[old]
+            n.parent = None if n.parent is None else remap[n.parent]
+            n.children = [remap[c] for c in n.children]
+            nodes.append(n)
+        self.nodes = nodes
+        return remap
+
     # --- the JSON tree file format -------------------------------------------------------
     def to_json(self) -> dict:
         nodes = []
