@@ -42,14 +42,16 @@ def torch_steps(model, parts, loss, lr):
     clipped at norm 1.0 as the DeepSpeed config does."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    norms = []
     for part in parts:
         b = collate(part, 0)
         lp, ent = sequence_logprobs(model, b, UpdateSpec())  # the trainer's log-probs
         value, _ = policy_loss(lp, b.old_logprobs, b.advantages, b.response_mask, loss, entropy=ent)
         opt.zero_grad()
         value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         opt.step()
+    return norms  # before the clip
 
 
 def test_one_update_matches_torch_and_moves_every_parameter(tiny_model_dir, tmp_path):
@@ -63,7 +65,10 @@ def test_one_update_matches_torch_and_moves_every_parameter(tiny_model_dir, tmp_
     # the same step in plain torch: full-batch token mean, clip at 1.0, AdamW
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    torch_steps(ref, [seqs], loss, lr=1e-3)
+    norms = torch_steps(ref, [seqs], loss, lr=1e-3)
+    # the gradient norm before the clip, and whether the clip at 1.0 bound
+    assert metrics["grad_norm"] == pytest.approx(norms[0], rel=1e-4)
+    assert metrics["update/clipped_frac"] == float(norms[0] > 1.0)
     ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").state_dict()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ds[k], v, atol=2e-6, rtol=1e-5, msg=k)
@@ -81,7 +86,10 @@ def test_mini_batches_are_sequential_steps_and_the_clip_binds(tiny_model_dir, tm
                             UpdateSpec(lr=1e-2, mini_batches=3))
     assert metrics["loss/clipfrac"] > 0
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch_steps(ref, [seqs[0:2], seqs[2:4], seqs[4:6]], loss, lr=1e-2)
+    norms = torch_steps(ref, [seqs[0:2], seqs[2:4], seqs[4:6]], loss, lr=1e-2)
+    assert metrics["grad_norm"] == pytest.approx(sum(norms) / 3, rel=1e-4)
+    assert metrics["grad_norm_max"] == pytest.approx(max(norms), rel=1e-4)
+    assert metrics["update/clipped_frac"] == pytest.approx(sum(n > 1.0 for n in norms) / 3)
     ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").state_dict()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ds[k], v, atol=2e-5, rtol=1e-4, msg=k)

@@ -255,6 +255,7 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
         raise ValueError(f"{len(seqs)} sequences cannot fill {n_mini} mini-batches x {world} "
                          f"processes; lower algo.update.mini_batches or num_processes")
     sums: dict[str, float] = {}
+    norms: list = []  # each optimizer step's gradient norm, before the clip
     top = {"mismatch/ratio_max": 0.0}  # reduced with max over ranks, not summed
     if spec.old_logprobs == "recompute":
         seqs = recompute_old_logprobs(engine, tok.pad_token_id, seqs, spec, loss, rank, world,
@@ -283,12 +284,15 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
             )
             tokens = float(batch.response_mask.sum()) * weight  # 0: a stand-in (rank_micro_batches)
             share = agg_units([len(s.tokens) for s in chunk], loss) * weight / mini_units
-            engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            boundary = k == len(micro) - 1
+            engine.set_gradient_accumulation_boundary(boundary)
             engine.backward(value * share * world, scale_wrt_gas=False)
+            own = grad_norm_before_step(model) if boundary and not sharded else None
             engine.step()
+            if boundary:  # ZeRO's optimizers report the norm; stage 0 with torch's does not
+                norms.append(own if own is not None else engine.get_global_grad_norm())
             for key, v in metrics.items():  # token-weighted over the whole batch
                 sums[key] = sums.get(key, 0.0) + v * tokens / total_tokens
-    grad_norm = engine.get_global_grad_norm()
     if world > 1:  # metric shares are relative to the global token count: sum them
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
@@ -303,9 +307,27 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
     sums["num_tokens"] = float(total_tokens)
     sums["num_sequences"] = float(len(seqs))
     sums["world_size"] = float(world)  # ranks that took the step together
-    if grad_norm is not None and not math.isnan(float(grad_norm)):
-        sums["grad_norm"] = float(grad_norm)
+    sums.update(clip_metrics(norms, float(ds_cfg.get("gradient_clipping", 0.0) or 0.0)))
     return sums
+
+
+def grad_norm_before_step(model) -> float:
+    """The 2-norm of the accumulated gradients (what the clip compares with its threshold);
+    unsharded gradients only (ranks hold the same averaged gradients after the reduction)."""
+    grads = [p.grad.detach().double().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def clip_metrics(norms: list, clip: float) -> dict[str, float]:
+    """``grad_norm`` (the mean over the iteration's optimizer steps, before clipping),
+    ``grad_norm_max`` and ``update/clipped_frac`` (the share of steps the clip at ``clip``
+    scaled down; 0 when there is no clip): whether the clip binds, i.e. whether the advantages'
+    scale is a hidden step size."""
+    vals = [float(n) for n in norms if n is not None and not math.isnan(float(n))]
+    if not vals:
+        return {}
+    return {"grad_norm": sum(vals) / len(vals), "grad_norm_max": max(vals),
+            "update/clipped_frac": (sum(v > clip for v in vals) / len(vals)) if clip > 0 else 0.0}
 
 
 def load_for_training(model_dir: str, ds_cfg: dict):
