@@ -95,7 +95,7 @@ def test_an_unknown_variant_lists_the_valid_ones():
     from ibtpo_core.algo.advantages import local_advantage
 
     f = Forest.from_trees([flat_group([1, 0])])
-    with pytest.raises(ValueError, match="diff, log_ratio, log_ratio_centred"):
+    with pytest.raises(ValueError, match="diff, ib_info, ib_trade, log_ratio, log_ratio_centred"):
         local_advantage(f, torch.zeros(3, dtype=torch.float64), "log_ratios", compute_stats(f).n)
 
 
@@ -109,7 +109,7 @@ def test_tree_score_names_the_valid_variants_for_a_misspelt_one(tmp_path, capsys
     assert main(["tree-score", str(path), "--local-advantage", "log_ratio_centered"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "diff, log_ratio, log_ratio_centred" in captured.err
+    assert "diff, ib_info, ib_trade, log_ratio, log_ratio_centred" in captured.err
     assert main(["tree-score", str(path), "--local-advantage", "log_ratio_centred"]) == 0
 
 
@@ -128,3 +128,60 @@ def test_grpo_advantage_on_a_tree_by_hand():
     assert float(A[l1]) == pytest.approx(1.1547, abs=1e-4)
     assert float(A[l2]) == float(A[l3]) == pytest.approx(-0.57735, abs=1e-4)
     assert float(A[a]) == pytest.approx(0.28868, abs=1e-4) and float(A[0]) == 0.0
+
+
+def ib_tree() -> Tree:
+    """root -> a (h 0.1) -> {l1 r=1 (h 0.2), l2 r=0 (h 0.4)};  root -> l3 r=0 (h 0.5)."""
+    t = Tree([9])
+    a = t.add_node(0, [10, 3], [-0.1, -0.1], [0.1, 0.1])
+    t.add_node(a, [11, 1], [-0.1, -0.1], [0.2, 0.2], reward=1.0, final=True)
+    t.add_node(a, [12, 1], [-0.1, -0.1], [0.4, 0.4], reward=0.0, final=True)
+    t.add_node(0, [13, 3, 14, 1], [-0.1] * 4, [0.5] * 4, reward=0.0, final=True)
+    return t
+
+
+# V(root) = 1/3, V(a) = 1/2, V(l1) = 1, V(l2) = V(l3) = 0; nodes in order root, a, l1, l2, l3
+#   i(s) = (V(s)/V(p)) ln(V(s)/V(p)):  i(a) = 1.5 ln 1.5 = 0.608198, i(l3) = 0,
+#                                      i(l1) = 2 ln 2 = 1.386294, i(l2) = 0
+#   I(root) = (2/3) 0.608198 = 0.405465;  I(a) = (1/2) 1.386294 = 0.693147
+#   ib_info = i - I(p):  a 0.202733, l3 -0.405465, l1 0.693147, l2 -0.693147
+#   h - H_n(p), leaf-weighted: H_n(root) = (2 x 0.1 + 0.5) / 3 = 0.233333, H_n(a) = 0.3:
+#             a -0.133333, l3 +0.266667, l1 -0.1, l2 +0.1
+#   ib_trade (ib_beta 1): a 0.069400, l3 -0.138798, l1 0.593147, l2 -0.593147
+#   diff = V(s) - V(p): a 1/6, l3 -1/3, l1 1/2, l2 -1/2
+IB_LOCAL = {
+    "ib_info": [0.0, 0.202733, 0.693147, -0.693147, -0.405465],
+    "ib_trade": [0.0, 0.069400, 0.593147, -0.593147, -0.138798],
+    "diff": [0.0, 1 / 6, 0.5, -0.5, -1 / 3],
+}
+
+
+@pytest.mark.parametrize("local", list(IB_LOCAL))
+def test_hand_worked_ib_objective_local_terms(local):
+    from ibtpo_core.algo.advantages import local_advantage
+
+    f = Forest.from_trees([ib_tree()])
+    stats = compute_stats(f)
+    got = local_advantage(f, stats.V, local, stats.n, stats).tolist()
+    assert got == pytest.approx(IB_LOCAL[local], abs=1e-6)
+    # every variant sums to zero under each parent, leaf-weighted (n(a) = 2)
+    assert 2 * got[1] + got[4] == pytest.approx(0.0, abs=1e-6)
+    assert got[2] + got[3] == pytest.approx(0.0, abs=1e-6)
+    # the full advantage: (A_GL + A_IB) / sqrt(n); l1's A_GL = 2/3
+    A = compute_advantages(f, stats, AdvantageSpec("ibtpo", local))
+    assert float(A[2]) == pytest.approx(2 / 3 + IB_LOCAL[local][2], abs=1e-6)
+
+
+def test_ib_trade_weighs_information_against_diversity():
+    """ib_beta 0 leaves the diversity term alone: the high-entropy step wins although it failed;
+    a large ib_beta makes the information term decide."""
+    from ibtpo_core.algo.advantages import local_advantage
+
+    f = Forest.from_trees([ib_tree()])
+    stats = compute_stats(f)
+    only_h = local_advantage(f, stats.V, "ib_trade", stats.n, stats, ib_beta=0.0).tolist()
+    assert only_h[3] > only_h[2] and only_h[3] == pytest.approx(0.1)
+    mostly_i = local_advantage(f, stats.V, "ib_trade", stats.n, stats, ib_beta=10.0).tolist()
+    assert mostly_i[2] > 0 > mostly_i[3]
+    with pytest.raises(ValueError, match="tree statistics"):
+        local_advantage(f, stats.V, "ib_trade", stats.n)

@@ -14,6 +14,14 @@ Every token of step s gets the advantage of node s; roots get 0.
                          rewards 1,0,0,0 gets per-leaf advantages summing to -4.61, a push down
                          on every sampled token.)
       diff               V(s) - V(p)  (TreeRL's local term)
+      ib_info            i(s) - I(p), with i(s) = (V(s) / V(p)) log(V(s) / V(p)) the step's own term
+                         of the relevance I(p) = sum_k w_k i(k) (method.md §2; 0 where V(p) = 0):
+                         what the step tells about success, centred so that it sums to zero
+                         (leaf-weighted) under p
+      ib_trade           (h(s) - H_n(p)) + ib_beta (i(s) - I(p)): the step's centred share of
+                         IB(p) = H(p) + beta I(p), h(s) its mean per-token entropy and H_n(p) the
+                         leaf-weighted mean of its siblings' (H(p) weighs them alike); diversity
+                         against information, both summing to zero (leaf-weighted) under p
     A(s)    = (A_GL(s) + alpha * A_IB(s)) / sqrt(n(s))
 ``tree_entropy`` (TreeRL-like): the same with local_advantage forced to ``diff``.
 ``grpo``: each leaf gets (r - mean) / (std + eps) over the leaves of its tree (its group; std
@@ -57,8 +65,10 @@ class AdvantageSpec:
     name: str = "ibtpo"
     # diff (V(s) - V(p)), not SPEC's log-ratio: chosen on the validation split
     # (docs/results/local_term.md); every config and the tree-score command read this default
-    local_advantage: Literal["log_ratio", "log_ratio_centred", "diff"] = "diff"
+    local_advantage: Literal["log_ratio", "log_ratio_centred", "diff", "ib_info",
+                             "ib_trade"] = "diff"
     alpha: float = 1.0
+    ib_beta: float = 1.0  # ib_trade: the weight of the information term against diversity
     normalize: Literal["none", "tree_std"] = "none"
 
     def __post_init__(self):
@@ -70,36 +80,76 @@ def global_advantage(f: Forest, V: torch.Tensor) -> torch.Tensor:
     return torch.where(f.parent >= 0, V - V[f.root], torch.zeros_like(V))
 
 
+@dataclass(frozen=True)
+class LocalContext:
+    """What the IB variants read beyond V and n: the forest's statistics and ib_beta."""
+
+    stats: TreeStats | None = None
+    ib_beta: float = 1.0
+
+
 @LOCAL_ADVANTAGES.register("diff")
-def _diff(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+def _diff(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor,
+          ctx: LocalContext) -> torch.Tensor:
     return V - Vp
 
 
 @LOCAL_ADVANTAGES.register("log_ratio")
-def _log_ratio(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+def _log_ratio(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor,
+               ctx: LocalContext | None = None) -> torch.Tensor:
     safe = torch.log(V.clamp(min=1e-300) / Vp.clamp(min=1e-300)).clamp(-A_IB_CLIP, A_IB_CLIP)
     return torch.where(Vp <= 0, torch.zeros_like(V), torch.where(V <= 0, -A_IB_CLIP, safe))
 
 
-@LOCAL_ADVANTAGES.register("log_ratio_centred")
-def _log_ratio_centred(
-    f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor
-) -> torch.Tensor:
+def _centred(f: Forest, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``a`` minus its ``weight``-weighted mean over the children of each node's parent."""
     nonroot = f.parent >= 0
-    a = torch.where(nonroot, _log_ratio(f, V, Vp, n), torch.zeros_like(V))
+    a = torch.where(nonroot, a, torch.zeros_like(a))
     p = f.parent.clamp(min=0)
-    # leaf-weighted mean over the children of each parent: sum_k n(k) a(k) / sum_k n(k)
-    num = torch.zeros_like(V).index_add(0, p, torch.where(nonroot, n * a, 0.0))
-    den = torch.zeros_like(V).index_add(0, p, torch.where(nonroot, n, 0.0))
+    num = torch.zeros_like(a).index_add(0, p, torch.where(nonroot, weight * a, 0.0))
+    den = torch.zeros_like(a).index_add(0, p, torch.where(nonroot, weight, 0.0))
     return a - num[p] / den[p].clamp(min=1e-300)
 
 
-def local_advantage(f: Forest, V: torch.Tensor, kind: str, n: torch.Tensor) -> torch.Tensor:
+@LOCAL_ADVANTAGES.register("log_ratio_centred")
+def _log_ratio_centred(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor,
+                       ctx: LocalContext) -> torch.Tensor:
+    # leaf-weighted mean over the children of each parent: sum_k n(k) a(k) / sum_k n(k)
+    return _centred(f, _log_ratio(f, V, Vp, n), n)
+
+
+def _info_term(V: torch.Tensor, Vp: torch.Tensor) -> torch.Tensor:
+    """i(s) = (V(s) / V(p)) log(V(s) / V(p)); 0 where V(p) = 0 or V(s) = 0 (0 log 0 = 0)."""
+    ratio = torch.where(Vp > 0, V / Vp.clamp(min=1e-300), torch.zeros_like(V))
+    return torch.where(ratio > 0, ratio * torch.log(ratio.clamp(min=1e-300)),
+                       torch.zeros_like(V))
+
+
+@LOCAL_ADVANTAGES.register("ib_info")
+def _ib_info(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor,
+             ctx: LocalContext) -> torch.Tensor:
+    return _centred(f, _info_term(V, Vp), n)  # the leaf-weighted mean of i over p's children: I(p)
+
+
+@LOCAL_ADVANTAGES.register("ib_trade")
+def _ib_trade(f: Forest, V: torch.Tensor, Vp: torch.Tensor, n: torch.Tensor,
+              ctx: LocalContext) -> torch.Tensor:
+    if ctx.stats is None:
+        raise ValueError("local_advantage ib_trade needs the tree statistics (step entropies)")
+    h = torch.nan_to_num(ctx.stats.step_entropy, nan=0.0)
+    has = (~torch.isnan(ctx.stats.step_entropy)).to(V.dtype)
+    diversity = _centred(f, h, has * n)  # h(s) - H_n(p), so that it sums to zero under p
+    return diversity * has + ctx.ib_beta * _ib_info(f, V, Vp, n, ctx)
+
+
+def local_advantage(f: Forest, V: torch.Tensor, kind: str, n: torch.Tensor,
+                    stats: TreeStats | None = None, ib_beta: float = 1.0) -> torch.Tensor:
     """A_IB(s) of ``kind`` (a name in LOCAL_ADVANTAGES); 0 for roots. ``n``: leaves below each
-    node (``TreeStats.n``; ``log_ratio_centred`` weights by it)."""
+    node (``TreeStats.n``; the centred terms weight by it); ``stats``: what ``ib_trade`` reads
+    (the step entropies)."""
     fn = LOCAL_ADVANTAGES.get(kind)
     Vp = V[f.parent.clamp(min=0)]
-    out = fn(f, V, Vp, n.to(V.dtype))
+    out = fn(f, V, Vp, n.to(V.dtype), LocalContext(stats, ib_beta))
     return torch.where(f.parent >= 0, out, torch.zeros_like(V))
 
 
@@ -109,7 +159,8 @@ def _tree_std_normalize(f: Forest, A: torch.Tensor) -> torch.Tensor:
 
 
 def _tree_advantage(f: Forest, stats: TreeStats, local: str, spec: AdvantageSpec) -> torch.Tensor:
-    A = global_advantage(f, stats.V) + spec.alpha * local_advantage(f, stats.V, local, stats.n)
+    A = global_advantage(f, stats.V) + spec.alpha * local_advantage(f, stats.V, local, stats.n,
+                                                                    stats, spec.ib_beta)
     A = A / stats.n.clamp(min=1).sqrt()
     A = torch.where(f.parent >= 0, A, torch.zeros_like(A))
     return _tree_std_normalize(f, A) if spec.normalize == "tree_std" else A

@@ -34,7 +34,7 @@ def score_tree(tree: Tree, ib: ScoreSpec | None = None, adv: AdvantageSpec | Non
     f = Forest.from_trees([tree])
     stats = compute_stats(f, ib.beta, ib.ib_form, ib.entropy_estimator)
     a_gl = global_advantage(f, stats.V)
-    a_ib = local_advantage(f, stats.V, adv.local_advantage, stats.n)
+    a_ib = local_advantage(f, stats.V, adv.local_advantage, stats.n, stats, adv.ib_beta)
     A = compute_advantages(f, stats, replace(adv, name="ibtpo"))
     ids = tree.meta.get("original_ids", list(range(len(tree.nodes))))
     out = []
