@@ -153,6 +153,13 @@ def test_ibtree_spends_the_budget_and_reports_accounting():
         assert n == 1 and all(lim <= 32 for lim in limits)
     assert 0 < m["tree/shared_prefix_frac"] < 1
     assert m["tree/num_leaves"] > 4
+    # where the rounds branched, by depth: shares that add up to one, and their mean
+    shares = [m[f"tree/pick_depth_{k}"] for k in ("0", "1", "2plus")]
+    assert sum(shares) == pytest.approx(1.0)
+    picks = [(t, node) for t in r.trees for _, node in t.meta["picks"]]
+    depth = [len(t.path(node)) for t, node in picks]  # the root's path is empty: depth 0
+    assert m["tree/pick_depth_mean"] == pytest.approx(sum(depth) / len(depth))
+    assert m["tree/pick_depth_0"] == pytest.approx(depth.count(0) / len(depth))
 
 
 def test_independent_sampler_builds_flat_groups():
@@ -450,3 +457,25 @@ def test_expected_identical_frac_predicts_the_repeats_and_the_cover_rule_cuts_th
     assert on["tree/expected_identical_frac"] < off["tree/expected_identical_frac"] - 0.1
     assert on["tree/leaves_per_budget"] >= 1.0
     assert on["tree/decoded_tokens"] == pytest.approx(off["tree/decoded_tokens"], rel=0.05)
+
+
+def test_select_cost_moves_picks_from_the_root_to_cheaper_mid_path_nodes():
+    """tree_for_selection: by IB, node 2 (IB 2.0) ranks before node 1 (0.993) and the root; a
+    penalty of each row's cost reorders them, and in the sampler a positive select_cost takes
+    picks deeper on average (a pick at the root costs a whole response)."""
+    f = Forest.from_trees([tree_for_selection()])
+    s = compute_stats(f)
+    g = torch.Generator().manual_seed(0)
+    cand = candidate_mask(f, s, 3, 8)
+    assert rank_candidates(f, s, cand, "ib", "greedy", 1.0, g)[0] == [2, 1, 0]
+    penalty = torch.tensor([0.0, 0.0, 1.5, 0, 0, 0], dtype=torch.float64)  # 2.0 - 1.5 < 0.993
+    assert rank_candidates(f, s, cand, "ib", "greedy", 1.0, g, penalty)[0] == [1, 2, 0]
+    stop = StopConditions((EOS,), (NL,))
+    depth = {}
+    for cost in (0.0, 5.0):
+        r = sample("ibtree", RepetitiveEngine(), [[100 + k] for k in range(16)],
+                   TreeSpec(G=8, select_cost=cost), score_even, stop, 32, 1.0, 0)
+        depth[cost] = r.metrics["tree/pick_depth_mean"]
+    assert depth[5.0] > depth[0.0]
+    with pytest.raises(ValueError, match="select_cost"):
+        TreeSpec(select_cost=-1.0)

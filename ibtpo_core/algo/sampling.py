@@ -5,7 +5,9 @@
     iteration 1: M independent responses per prompt, cut into steps, inserted, verified
     iterations 2..C, while a tree's decoded tokens < its budget:
         recompute n, c, V, H, I, IB bottom-up (all trees at once)
-        each tree ranks its candidates by select_by / select (see ``selection``) and takes
+        each tree ranks its candidates by select_by / select (see ``selection``; with
+        select_cost, each score less select_cost x its expected continuation in mean
+        responses) and takes
         them best first while their expected continuation tokens (mean below each node) stay
         within remaining / iterations left, to the nearest pick (``within_budget``; N_c, when
         set, takes a fixed number instead); one continuation per pick from the prefix ending
@@ -62,6 +64,9 @@ class TreeSpec:
     select_by: str = "ib"
     select: Literal["greedy", "softmax"] = "greedy"
     select_temperature: float = 1.0
+    # each candidate's score less select_cost x its expected continuation in mean responses, so
+    # a pick near the root (a whole response) loses to a cheaper mid-path one that ranks close
+    select_cost: float = 0.0
     dedup_siblings: bool = False
     max_resamples: int = 2
     # an inner node whose children's first tokens had a mean entropy (nats) below this is no
@@ -94,6 +99,9 @@ class TreeSpec:
             raise ValueError(f"C must be >= 1 (got {self.C})")
         if self.M is not None and not 1 <= self.M:
             raise ValueError(f"M must be >= 1 (got {self.M})")
+        if self.select_cost < 0:
+            raise ValueError(f"select_cost must be >= 0 (got {self.select_cost}); 0 ranks by the "
+                             f"score alone")
         if self.min_branch_entropy < 0:
             raise ValueError(
                 f"min_branch_entropy must be >= 0 nats (got {self.min_branch_entropy}); "
@@ -172,9 +180,15 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                               ib.entropy_estimator, covered, spec.max_branch_cover)
         if ib.ib_form == "zscore":  # z over this iteration's candidates
             stats = compute_stats(f, ib.beta, ib.ib_form, ib.entropy_estimator, cand)
-        cost = _expected_continuation(f, trees, cand) if spec.N_c is None else {}
+        cost = (_expected_continuation(f, trees, cand)
+                if spec.N_c is None or spec.select_cost else {})
+        penalty = None
+        if spec.select_cost:
+            penalty = torch.zeros(f.num_nodes, dtype=torch.float64)
+            for row, c in cost.items():
+                penalty[row] = spec.select_cost * c / max(mean_len, 1.0)
         ranked = rank_candidates(f, stats, cand, spec.select_by, spec.select,
-                                 spec.select_temperature, gen)
+                                 spec.select_temperature, gen, penalty)
         rows = sorted(
             r
             for order, rem in zip(ranked, remaining)
@@ -418,8 +432,27 @@ def tree_metrics(trees: list[Tree], used: list[int], budget: float, mean_len: fl
         "tree/mean_response_tokens": mean_len,
         **reward_metrics(rewards),
     }
+    out.update(pick_depths(trees))
     out.update(ib_diagnostic(trees, ib))
     return out
+
+
+def pick_depths(trees: list[Tree]) -> dict[str, float]:
+    """Where the rounds branched (``meta.picks``), by the picked node's depth (the root 0, a
+    first step 1, ...): the share of picks at depth 0, 1 and 2 or more, and their mean depth
+    (all 0 without picks, as for independent samples)."""
+    depths = []
+    for t in trees:
+        for _, node in t.meta.get("picks", []):
+            d = 0
+            while t.nodes[node].parent is not None:
+                node, d = t.nodes[node].parent, d + 1
+            depths.append(d)
+    k = max(1, len(depths))
+    return {"tree/pick_depth_0": sum(d == 0 for d in depths) / k,
+            "tree/pick_depth_1": sum(d == 1 for d in depths) / k,
+            "tree/pick_depth_2plus": sum(d >= 2 for d in depths) / k,
+            "tree/pick_depth_mean": sum(depths) / k}
 
 
 def reward_metrics(rewards: list[float]) -> dict[str, float]:

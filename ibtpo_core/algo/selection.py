@@ -131,11 +131,15 @@ def pick_softmax(scores: torch.Tensor, gen: torch.Generator, temperature: float)
 
 
 def rank_candidates(f: Forest, stats: TreeStats, cand: torch.Tensor, select_by: str, select: str,
-                    temperature: float, gen: torch.Generator) -> list[list[int]]:
+                    temperature: float, gen: torch.Generator,
+                    penalty: torch.Tensor | None = None) -> list[list[int]]:
     """Per tree, its candidate rows (``cand``, from ``candidate_mask``) best first: by the
-    ``select_by`` score (``greedy``; ties to the lower row) or in the order of a draw without
-    replacement (``softmax``)."""
-    keys = PICK.get(select)(SELECT_BY.get(select_by)(stats, gen), gen, temperature)
+    ``select_by`` score less ``penalty`` (per row, e.g. a cost; ``greedy``: ties to the lower
+    row) or in the order of a draw without replacement (``softmax``)."""
+    scores = SELECT_BY.get(select_by)(stats, gen)
+    if penalty is not None:
+        scores = scores - penalty
+    keys = PICK.get(select)(scores, gen, temperature)
     order = torch.sort(-keys, stable=True).indices.tolist()
     ranked: list[list[int]] = [[] for _ in range(f.num_trees)]
     cand_l, tree_l = cand.tolist(), f.tree.tolist()
