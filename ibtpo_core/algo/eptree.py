@@ -30,8 +30,8 @@ from ibtpo_core.algo.sampling import (
     ScoreFn,
     TreeSpec,
     _attach,
-    _fill_budget,
-    tree_metrics,
+    finish,
+    first_round,
     within_budget,
 )
 from ibtpo_core.algo.tree import Node, Tree
@@ -109,16 +109,8 @@ def sample_eptree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                   ) -> SampleResult:
     ib = ib or ScoreSpec()
     step_ids = frozenset(stop.step_end_token_ids)
-    trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
-    used = [0] * len(prompts)
-    first = engine.generate(prompts, num_samples=spec.initial_samples, temperature=temperature,
-                            max_new_tokens=max_new_tokens, stop=stop, seed=seed)
-    for c in first:
-        used[c.prefix_index] += len(c.token_ids)
-        _attach(trees[c.prefix_index], 0, c, score_fn(c.prefix_index, c.token_ids), step_ids,
-                spec.steps)
-    mean_len = sum(len(c.token_ids) for c in first) / max(1, len(first))
-    budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
+    trees, used, mean_len, budget = first_round(engine, prompts, spec, score_fn, stop,
+                                                max_new_tokens, temperature, seed)
     T = spec.fork_branches
     rounds = 1
     for it in range(2, spec.C + 1):
@@ -146,10 +138,5 @@ def sample_eptree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
             trees[t].meta.setdefault("picks", []).append([it, hang.id])
             _attach(trees[t], hang.id, c, score_fn(t, trees[t].response_tokens(hang.id)
                                                    + c.token_ids), step_ids, spec.steps)
-    fills = _fill_budget(engine, trees, used, budget, mean_len, score_fn, stop, max_new_tokens,
-                         temperature, seed + 7919, step_ids, spec.steps) if spec.fill_budget else 0
-    for t, u in enumerate(used):
-        trees[t].meta["decoded_tokens"] = u
-    metrics = tree_metrics(trees, used, budget, mean_len, rounds, ib)
-    metrics["tree/fill_samples"] = fills / max(1, len(trees))
-    return SampleResult(trees, metrics)
+    return SampleResult(trees, finish(engine, trees, used, budget, mean_len, spec, score_fn, stop,
+                                      max_new_tokens, temperature, seed, rounds, ib))

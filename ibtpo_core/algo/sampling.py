@@ -154,18 +154,9 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                   ) -> SampleResult:
     ib = ib or ScoreSpec()
     step_ids = frozenset(stop.step_end_token_ids)
-    trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
-    used = [0] * len(prompts)
     gen = torch.Generator().manual_seed(seed)
-    first = engine.generate(prompts, num_samples=spec.initial_samples, temperature=temperature,
-                            max_new_tokens=max_new_tokens, stop=stop, seed=seed)
-    for c in first:
-        used[c.prefix_index] += len(c.token_ids)
-        _attach(
-            trees[c.prefix_index], 0, c, score_fn(c.prefix_index, c.token_ids), step_ids, spec.steps
-        )
-    mean_len = sum(len(c.token_ids) for c in first) / max(1, len(first))
-    budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
+    trees, used, mean_len, budget = first_round(engine, prompts, spec, score_fn, stop,
+                                                max_new_tokens, temperature, seed)
     iterations = 1
     branched = identical = 0  # branch continuations, and those whose first step a sibling had
     pick_cover = 0.0  # the picks' chances of repeating a sibling's first step, summed
@@ -218,16 +209,47 @@ def sample_ibtree(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                 step_ids,
                 spec.steps,
             )
+    metrics = finish(engine, trees, used, budget, mean_len, spec, score_fn, stop, max_new_tokens,
+                     temperature, seed, iterations, ib)
+    metrics["tree/identical_sibling_frac"] = identical / branched if branched else 0.0
+    # what identical_sibling_frac is expected to be, from pi_old's probabilities at the picks
+    metrics["tree/expected_identical_frac"] = pick_cover / branched if branched else 0.0
+    return SampleResult(trees, metrics)
+
+
+def first_round(engine, prompts, spec: TreeSpec, score_fn: ScoreFn, stop: StopConditions,
+                max_new_tokens: int, temperature: float, seed: int):
+    """``spec.initial_samples`` independent responses per prompt, cut into steps and verified:
+    the trees, tokens decoded per tree, the mean response length and the per-tree budget
+    (``budget_tokens``, else G x that mean)."""
+    step_ids = frozenset(stop.step_end_token_ids)
+    trees = [Tree(p, {"prompt_index": i}) for i, p in enumerate(prompts)]
+    used = [0] * len(prompts)
+    first = engine.generate(prompts, num_samples=spec.initial_samples, temperature=temperature,
+                            max_new_tokens=max_new_tokens, stop=stop, seed=seed)
+    for c in first:
+        used[c.prefix_index] += len(c.token_ids)
+        _attach(trees[c.prefix_index], 0, c, score_fn(c.prefix_index, c.token_ids), step_ids,
+                spec.steps)
+    mean_len = sum(len(c.token_ids) for c in first) / max(1, len(first))
+    budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
+    return trees, used, mean_len, budget
+
+
+def finish(engine, trees: list[Tree], used: list[int], budget: float, mean_len: float,
+           spec: TreeSpec, score_fn: ScoreFn, stop: StopConditions, max_new_tokens: int,
+           temperature: float, seed: int, rounds: int, ib: ScoreSpec) -> dict[str, float]:
+    """A tree sampler's last part: the budget's rest as independent samples (``fill_budget``),
+    each tree's decoded tokens in its meta, and the metrics (``tree_metrics``,
+    ``tree/fill_samples``)."""
+    step_ids = frozenset(stop.step_end_token_ids)
     fills = _fill_budget(engine, trees, used, budget, mean_len, score_fn, stop, max_new_tokens,
                          temperature, seed + 7919, step_ids, spec.steps) if spec.fill_budget else 0
     for t, u in enumerate(used):
         trees[t].meta["decoded_tokens"] = u
-    metrics = tree_metrics(trees, used, budget, mean_len, iterations, ib)
-    metrics["tree/identical_sibling_frac"] = identical / branched if branched else 0.0
-    # what identical_sibling_frac is expected to be, from pi_old's probabilities at the picks
-    metrics["tree/expected_identical_frac"] = pick_cover / branched if branched else 0.0
+    metrics = tree_metrics(trees, used, budget, mean_len, rounds, ib)
     metrics["tree/fill_samples"] = fills / max(1, len(trees))
-    return SampleResult(trees, metrics)
+    return metrics
 
 
 def _repeats_a_sibling(tree: Tree, node: int, comp, step_ids, spec: StepSpec) -> bool:

@@ -27,8 +27,7 @@ from ibtpo_core.algo.sampling import (
     SampleResult,
     ScoreFn,
     TreeSpec,
-    _fill_budget,
-    tree_metrics,
+    finish,
 )
 from ibtpo_core.algo.tree import Tree
 from ibtpo_core.engines.base import RolloutEngine, StopConditions
@@ -104,13 +103,8 @@ def sample_treepo(engine: RolloutEngine, prompts: list[list[int]], spec: TreeSpe
                 frontier.append((t, node, k))
     mean_len = sum(lengths) / max(1, len(lengths))
     budget = float(spec.budget_tokens) if spec.budget_tokens else spec.G * mean_len
-    step_ids = frozenset(stop.step_end_token_ids)
-    fills = _fill_budget(engine, trees, used, budget, mean_len, score_fn, stop, max_new_tokens,
-                         temperature, seed + 7919, step_ids, spec.steps) if spec.fill_budget else 0
-    for t, u in enumerate(used):
-        trees[t].meta["decoded_tokens"] = u
-    metrics = tree_metrics(trees, used, budget, mean_len, depth, ib)
-    metrics["tree/fill_samples"] = fills / max(1, len(trees))
+    metrics = finish(engine, trees, used, budget, mean_len, spec, score_fn, stop, max_new_tokens,
+                     temperature, seed, depth, ib)
     metrics["tree/repetition_stops"] = sum(t.meta.get("repetition_stops", 0)
                                            for t in trees) / max(1, len(trees))
     return SampleResult(trees, metrics)
