@@ -41,13 +41,16 @@ def sample_trees(out: Path, iteration: int, algo: AlgoConfig, rollout: RolloutCo
         probe_diagnostic,
         save_trees,
     )
+    from ibtpo_core.training.resident import weights_for
     from ibtpo_core.training.retention import require_weights
 
     t0 = time.time()
     train = JsonlRows(Path(data["path"]) / "train.jsonl")
     require_weights(policy["path"])
     tok = AutoTokenizer.from_pretrained(policy["path"])
-    rollout_engine = held_engine(engine.name, policy["path"], **engine.kwargs())
+    # the resident trainer's weights in memory, where it wrote this checkpoint (no file read)
+    rollout_engine = held_engine(engine.name, policy["path"], weights_for(policy["path"]),
+                                 **engine.kwargs())
     steps = step_end_token_ids(tok, algo.tree.steps.delimiter)
 
     def grow(rows: list[dict], draw: int):

@@ -75,6 +75,12 @@ class RolloutEngine(ABC):
     def load_weights(self, path: str) -> None:
         """Replace the policy's weights with the checkpoint at ``path`` (same architecture)."""
 
+    def load_state(self, state: dict) -> bool:
+        """Replace the weights with ``state``, a state dict in memory (the resident trainer's);
+        False where the engine takes weights from a checkpoint only (the caller then calls
+        ``load_weights``)."""
+        return False
+
     def reset_prefix_cache(self) -> None:  # noqa: B027 - a no-op unless the engine keeps prefixes
         """Forget reusable prefixes, so results depend only on the inputs of this call on."""
 

@@ -3,7 +3,9 @@
 Building a vLLM engine costs tens of seconds and most of a GPU's free memory, so the RL
 iterations and the evaluations of one run share a single engine: it is built on first use and,
 when a later stage asks for another checkpoint of the same config, the new weights are loaded
-into it. A different engine config replaces it.
+into it: from memory where the resident trainer still holds them (training/resident.py) and the
+engine takes a state dict (the HF engines), else from the checkpoint's files. A different engine
+config replaces it.
 """
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ from ibtpo_core.engines.base import RolloutEngine, build_engine, engine_class
 _HELD: dict = {}
 
 
-def held_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:
-    """The process's engine for ``name`` / ``kwargs``, holding the weights of ``model_path``.
-    Its reusable prefixes are cleared, so a stage's samples depend on its inputs only."""
+def held_engine(name: str, model_path: str, weights: dict | None = None,
+                **kwargs) -> RolloutEngine:
+    """The process's engine for ``name`` / ``kwargs``, holding the weights of ``model_path``;
+    ``weights``: that checkpoint's state dict already in memory (the resident trainer's), taken
+    instead of reading the file where the engine can. Its reusable prefixes are cleared, so a
+    stage's samples depend on its inputs only."""
     key = json.dumps([name, kwargs], sort_keys=True, default=str)
     engine = _HELD.get("engine")
     if engine is None or _HELD.get("key") != key:
@@ -24,8 +29,11 @@ def held_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:
         engine = build_engine(name, model_path=model_path, **kwargs)
         _HELD.update(engine=engine, key=key, path=model_path)
     elif _HELD.get("path") != model_path:
-        engine.load_weights(model_path)
+        in_memory = weights is not None and engine.load_state(weights)
+        if not in_memory:
+            engine.load_weights(model_path)
         _HELD["path"] = model_path
+        _HELD["loads_in_memory"] = _HELD.get("loads_in_memory", 0) + int(in_memory)
     engine.reset_prefix_cache()
     return engine
 

@@ -60,10 +60,18 @@ class HFEngine(RolloutEngine):
         state = {}
         for f in files:
             state.update(load_file(f, device=str(self.device)))
+        self._apply(state, f"checkpoint {path}")
+
+    def load_state(self, state: dict) -> bool:
+        """The weights copied from a state dict in memory (no file read)."""
+        self._apply(state, "the state given")
+        return True
+
+    def _apply(self, state: dict, source: str) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match the engine's model: missing "
+            raise ValueError(f"{source} does not match the engine's model: missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}")
         self.model.tie_weights()
         self.decoder.refresh()

@@ -11,6 +11,8 @@ DeepSpeed's own Adam.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 
 from ibtpo_core.algo.losses import LossSpec, agg_units, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
+from ibtpo_core.training import resident
 from ibtpo_core.training.comm_op import prepare_comm_op
 from ibtpo_core.training.micro_batches import rank_micro_batches
 from ibtpo_core.training.old_logprobs import corrected, mismatch_sums, response_slice
@@ -36,7 +39,10 @@ from ibtpo_core.training.retention import (
 # The split of the world size into nodes x processes is one of them (two nodes of one rank take
 # the step one node of two ranks takes, to 2e-6: tests/test_deepspeed_update.py); the world size
 # itself keys the update (it sets the float order of the gradient all-reduce).
-LAUNCH_SETTINGS = ("launcher", "num_processes", "nodes", "node_hosts", "node_launch", "rdzv_port")
+# ``resident`` (one process: keep the engine and optimizer in memory between iterations,
+# resident.py) takes the same step as a rebuild from disk, bit for bit (tests/test_resident.py).
+LAUNCH_SETTINGS = ("launcher", "num_processes", "nodes", "node_hosts", "node_launch", "rdzv_port",
+                   "resident")
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,10 @@ class UpdateSpec:
     # min(pi_old / pi_rollout, cap) (truncated importance sampling; 0: off)
     old_logprobs: Literal["rollout", "recompute"] = "rollout"
     rollout_is_cap: float = 0.0
+    # one process: the engine, optimizer and reference stay in memory between iterations and
+    # the rollout engine gets the new weights in memory (resident.py); the checkpoint is still
+    # written every iteration
+    resident: bool = True
 
     @property
     def world_size(self) -> int:
@@ -204,46 +214,29 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
         model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
         spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
     """``spec.mini_batches`` optimizer steps on ``seqs`` (one per slice, in order); saves the new
-    policy (and optimizer state) to ``out_dir``."""
-    import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    policy (and optimizer state) to ``out_dir``. One process with ``spec.resident``: the engine
+    that wrote ``model_dir`` is reused if it is still held (resident.py), else built from it."""
     if not seqs:
         raise ValueError("no training sequences: every prompt of the iteration failed to sample")
-    require_optimizer_state(model_dir)
     world = _ensure_dist_env()
     if not torch.cuda.is_available():
         prepare_comm_op(world)  # one rank builds nothing; a killed build's lock is cleared
     if not torch.distributed.is_initialized():
         init_process_group()
-    require_weights(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
     ds_cfg = _ds_config(spec.deepspeed_config, spec.micro_batch_size, world)
-    model, zero3_loading = load_for_training(model_dir, ds_cfg)
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    keep = spec.resident and world == 1
+    key = json.dumps([dataclasses.asdict(spec), ds_cfg, ref_dir if loss.beta_kl > 0 else None],
+                     sort_keys=True, default=str)
+    state = resident.take(model_dir, key) if keep else None
+    if state is None:
+        state = build_trainer(model_dir, spec, loss, ds_cfg, ref_dir, key)
+    for g in state.optimizer.param_groups:
+        g["lr"] = spec.lr
+    engine, optimizer, tok, ref, sharded = (state.engine, state.optimizer, state.tok, state.ref,
+                                            state.sharded)
+    model = engine.module
     model.train()
-    sharded = ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
-                            betas=spec.betas)
-    opt_path = Path(model_dir) / OPTIMIZER_FILE
-    if not sharded and opt_path.is_file():
-        opt.load_state_dict(torch.load(opt_path, weights_only=True))
-        for g in opt.param_groups:
-            g["lr"] = spec.lr
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
-    del zero3_loading  # kept alive until the engine holds the partitioned model
-    zero_dir = Path(model_dir) / ZERO_STATE_DIR
-    if sharded and zero_dir.is_dir():  # the previous iteration's sharded optimizer state
-        engine.load_checkpoint(str(zero_dir), tag="state", load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
-        for g in optimizer.param_groups:
-            g["lr"] = spec.lr
     device = engine.device
-    ref = None
-    if ref_dir is not None and loss.beta_kl > 0:
-        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=model.dtype).to(device).eval()
     # the batch is cut into mini-batches (one optimizer step each, in order); every rank reads
     # all sequences and trains on its shard of each; the loss is aggregated over the mini-batch
     # (``loss.agg``: a micro-batch weighs its share of the mini-batch's units), and DeepSpeed
@@ -304,6 +297,8 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
     if "mismatch/ratio_mean" in sums:
         sums.update(top)
     save_policy(engine, optimizer, tok, out_dir, rank, sharded)
+    if keep:
+        resident.hold(state, out_dir)
     sums["num_tokens"] = float(total_tokens)
     sums["num_sequences"] = float(len(seqs))
     sums["world_size"] = float(world)  # ranks that took the step together
@@ -328,6 +323,40 @@ def clip_metrics(norms: list, clip: float) -> dict[str, float]:
         return {}
     return {"grad_norm": sum(vals) / len(vals), "grad_norm_max": max(vals),
             "update/clipped_frac": (sum(v > clip for v in vals) / len(vals)) if clip > 0 else 0.0}
+
+
+def build_trainer(model_dir: str, spec: UpdateSpec, loss: LossSpec, ds_cfg: dict,
+                  ref_dir: str | None, key: str) -> resident.TrainerState:
+    """The DeepSpeed engine over ``model_dir``'s weights, with its optimizer state (one file for
+    ZeRO 0, the sharded checkpoint for ZeRO 1-3) and, with a KL term, the reference model."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_optimizer_state(model_dir)
+    require_weights(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model, zero3_loading = load_for_training(model_dir, ds_cfg)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    sharded = ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
+                            betas=spec.betas)
+    opt_path = Path(model_dir) / OPTIMIZER_FILE
+    if not sharded and opt_path.is_file():
+        opt.load_state_dict(torch.load(opt_path, weights_only=True))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    del zero3_loading  # kept alive until the engine holds the partitioned model
+    zero_dir = Path(model_dir) / ZERO_STATE_DIR
+    if sharded and zero_dir.is_dir():  # the previous iteration's sharded optimizer state
+        engine.load_checkpoint(str(zero_dir), tag="state", load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    ref = None
+    if ref_dir is not None and loss.beta_kl > 0:
+        ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=model.dtype).to(
+            engine.device).eval()
+    return resident.TrainerState(engine, optimizer, tok, ref, sharded, key)
 
 
 def load_for_training(model_dir: str, ds_cfg: dict):

@@ -1,0 +1,88 @@
+"""The resident update worker of a one-process run (issue 29, item 1): the DeepSpeed engine,
+its optimizer and the reference model stay in memory from one RL iteration's update to the
+next, instead of being rebuilt from the checkpoint on disk each time.
+
+A held state answers only for the checkpoint it wrote itself and left unaltered: it remembers
+the device, inode, size and modification time of the weights file it saved, which the stage's
+rename into place keeps. The next update asks for its parent checkpoint by path; a state whose
+fingerprint matches that path's weights file is taken, anything else (a cache hit on another
+process's checkpoint, a resume in a new process, a changed or rewritten file, other update or
+loss settings) is dropped and the update builds from disk as before. The rollout engine is
+handed the same weights in memory (``weights_for``) instead of re-reading the file.
+
+Knows nothing of stages; one state per process.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WEIGHTS_FILE = "model.safetensors"
+
+_HELD: dict = {}
+
+
+def fingerprint(checkpoint: str) -> tuple | None:
+    """What identifies a checkpoint's weights file on disk without reading it; None if absent."""
+    try:
+        st = os.stat(Path(checkpoint) / WEIGHTS_FILE)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class TrainerState:
+    """What one update leaves for the next: the DeepSpeed engine, its optimizer, the tokenizer,
+    the reference model (or None) and whether the optimizer state is sharded."""
+
+    engine: object
+    optimizer: object
+    tok: object
+    ref: object
+    sharded: bool
+    key: str  # the update and loss settings it was built for
+    saved: tuple | None = None  # the fingerprint of the checkpoint it wrote
+    extra: dict = field(default_factory=dict)
+
+
+def take(checkpoint: str, key: str) -> TrainerState | None:
+    """The held state if it wrote ``checkpoint`` (unaltered since) under settings ``key``; else
+    None, the held state released."""
+    state = _HELD.get("state")
+    if state is not None and state.key == key and state.saved is not None \
+            and state.saved == fingerprint(checkpoint):
+        return state
+    release()
+    return None
+
+
+def hold(state: TrainerState, checkpoint_written: str) -> None:
+    """Keep ``state`` for the next update; it answers for the weights just written to
+    ``checkpoint_written`` (a stage's temporary folder: the rename keeps the fingerprint)."""
+    state.saved = fingerprint(checkpoint_written)
+    _HELD["state"] = state
+
+
+def weights_for(checkpoint: str):
+    """The held model's parameters (a state dict, in memory) if the held state wrote
+    ``checkpoint`` and it is unaltered; else None."""
+    state = _HELD.get("state")
+    if state is None or state.saved is None or state.saved != fingerprint(checkpoint):
+        return None
+    return state.engine.module.state_dict()
+
+
+def release() -> None:
+    """Drop the held state and free its memory."""
+    if _HELD.pop("state", None) is not None:
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
