@@ -230,6 +230,11 @@ class RLConfig(Section):
         None, ge=1, description="weights kept on disk, of the last iterations' checkpoints, "
         "besides every keep_checkpoint_every-th; older ones are deleted once a newer one is "
         "written (their digests stay: the cache and reruns are unchanged). null keeps them all")
+    save_optimizer_every: int = Field(
+        1, ge=1, description="write the optimizer state with every k-th iteration's checkpoint "
+        "only (the weights with every one): a one-process update keeps it in memory between, "
+        "and a resume replays the updates since the last one saved from their cached "
+        "sequences, to the same weights bit for bit")
     keep_checkpoint_every: int = Field(0, ge=0, description="with keep_checkpoints: also keep "
                                        "the weights after every k-th iteration; 0: none")
 
@@ -297,6 +302,17 @@ class ExperimentConfig(Section):
             raise ValueError(f"warmup.enabled: the supervised warm-up writes countdown solution "
                              f"traces, which data.source {self.data.source!r} does not have; set "
                              f"warmup.enabled: false (start RL from model.path or model.gguf)")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_interval_needs_one_process(self):
+        u = self.algo.update
+        if self.rl.save_optimizer_every > 1 and (u.world_size > 1 or not u.resident):
+            raise ValueError(
+                f"rl.save_optimizer_every={self.rl.save_optimizer_every} keeps the optimizer state "
+                f"in the one-process resident trainer between saves; with "
+                f"algo.update.num_processes x nodes = {u.world_size} and resident: {u.resident} "
+                f"set rl.save_optimizer_every: 1")
         return self
 
     @model_validator(mode="after")

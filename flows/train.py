@@ -258,7 +258,9 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     trees = sample_trees(k, cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, rl.policy, data,
                          cap, store=run.rl_dir)
     scores = estimate_scores(k, cfg.algo, trees, store=run.rl_dir)
-    new = update_policy(k, cfg.algo, rl.policy, scores, reference, store=run.rl_dir)
+    # the optimizer state every rl.save_optimizer_every-th iteration (the weights every one)
+    new = update_policy(k, cfg.algo, rl.policy, scores, reference,
+                        (k + 1) % cfg.rl.save_optimizer_every == 0, store=run.rl_dir)
     metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"]}
     rl.decoded += metrics["tree/decoded_tokens"]
     rl.rl_wall += stage_seconds(metrics)

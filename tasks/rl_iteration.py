@@ -96,10 +96,11 @@ def estimate_scores(out: Path, iteration: int, algo: AlgoConfig, trees: StageRec
 @task(task_run_name="update_policy[it {iteration}]", cache_policy=NO_CACHE)
 @stage("it{iteration:04d}-policy", code="rl")
 def update_policy(out: Path, iteration: int, algo: AlgoConfig, policy: StageRecord,
-                  scores: StageRecord, ref: StageRecord) -> Output:
+                  scores: StageRecord, ref: StageRecord, save_optimizer: bool = True) -> Output:
     from ibtpo_core.rl import load_sequences
     from ibtpo_core.training.deepspeed_trainer import train_on_sequences
     from ibtpo_core.training.launch import launch_update
+    from ibtpo_core.training.replay import NOT_SAVED
 
     t0 = time.time()
     seqs_path = Path(scores["path"]) / "sequences.json"
@@ -107,11 +108,16 @@ def update_policy(out: Path, iteration: int, algo: AlgoConfig, policy: StageReco
         metrics = launch_update(policy["path"], str(out), str(seqs_path), algo.loss, algo.update,
                                 ref_dir=ref["path"])
         (out / "update_metrics.json").unlink()
-    else:
+    else:  # without the optimizer state, the next update replays from the last one saved
         metrics = train_on_sequences(policy["path"], str(out), load_sequences(seqs_path),
-                                     algo.loss, algo.update, ref_dir=ref["path"])
+                                     algo.loss, algo.update, ref_dir=ref["path"],
+                                     save_optimizer=save_optimizer, load_sequences=load_sequences)
     metrics["timing_s/update_policy"] = time.time() - t0
-    return Output(metrics, {"parent_checkpoint": policy["digest"], "data_digest": scores["digest"]})
+    lineage = {"parent_checkpoint": policy["digest"], "data_digest": scores["digest"],
+               "parent_path": policy["path"], "sequences": str(seqs_path)}
+    if not save_optimizer:
+        lineage["optimizer_state"] = NOT_SAVED
+    return Output(metrics, lineage)
 
 
 def keep_recent(checkpoints: list[str], keep_optimizer_states: int, keep_checkpoints: int,

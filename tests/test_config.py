@@ -43,6 +43,11 @@ def write(tmp_path, text):
             r"unknown engine 'vllmm' \(did you mean 'vllm'\?\); valid engines: hf, vllm",
         ),
         ("name: x\nmodel:\n  tiny: null\n", r"model needs path \(a checkpoint directory\), gguf"),
+        ("name: x\nrl:\n  save_optimizer_every: 3\nalgo:\n  update:\n    num_processes: 2\n",
+         r"rl.save_optimizer_every=3 keeps the optimizer state in the one-process resident"),
+        ("name: x\nalgo:\n  method: dapoo\n", r"unknown method 'dapoo' \(did you mean 'dapo'\?\)"),
+        ("name: x\nalgo:\n  reward:\n    overlong_buffer: -1\n", r"overlong_buffer must be >= 0"),
+        ("name: x\nalgo:\n  tree:\n    sampler: eptre\n", r"algo.tree.sampler: Input should be"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, text, match):

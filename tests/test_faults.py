@@ -163,3 +163,25 @@ def test_a_kill_inside_the_first_build_of_the_comm_op_does_not_hang_the_rerun(tm
     assert out.returncode == 0, out.stderr[-3000:]
     assert "left by a process killed while compiling it" in out.stderr + out.stdout
     assert not [p for p in locks if p.exists()]
+
+
+def test_a_kill_between_saved_optimizer_states_resumes_by_replay(tmp_path):
+    """rl.save_optimizer_every: 2 writes iteration 0's checkpoint without its optimizer state
+    (the resident trainer holds it). SIGKILL after that update: the rerun reuses the checkpoint,
+    replays its update from the start to rebuild the state, and ends on the uninterrupted run's
+    weights."""
+    sets = ("rl.iterations=3", "rl.save_optimizer_every=2")
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "killed").mkdir()
+    ref = result(run(tmp_path / "ref", sets=sets))
+    killed = run(tmp_path / "killed", "after_update_policy:0", sets=sets)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before = manifests(tmp_path / "killed")
+    rerun = run(tmp_path / "killed", sets=sets)
+    out = result(rerun)
+    assert "replaying 1 update(s)" in rerun.stderr
+    assert weights_digest(out["checkpoint"]) == weights_digest(ref["checkpoint"])
+    after = manifests(tmp_path / "killed")
+    assert all(after[p] == t for p, t in before.items())  # nothing done before was redone
+    its = sorted((tmp_path / "killed" / "stages").rglob("it000*-policy-*"))
+    assert [(p / "optimizer.pt").exists() for p in its] == [False, True, False]

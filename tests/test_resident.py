@@ -104,3 +104,65 @@ def test_the_rollout_engine_gets_the_new_weights_in_memory(tiny_model_dir, tmp_p
     for k, v in on_disk.items():
         assert torch.equal(got[k], v), k
     held._HELD.clear()
+
+
+def chain_without_optimizer_states(start, out: Path, seqs, saved_at: int):
+    """Three updates, the optimizer state written with the ``saved_at``-th only (1-based), each
+    checkpoint's manifest recording its parent and sequences as the update stage does."""
+    import json
+
+    from ibtpo_core.rl import save_sequences
+
+    spec = UpdateSpec(lr=1e-3, micro_batch_size=4)
+    dirs, parent = [], str(start)
+    out.mkdir(parents=True)
+    for k in range(3):
+        d = out / f"it{k}"
+        part = seqs[k:] + seqs[:k]
+        save_sequences(part, out / f"seqs{k}.json")
+        train_on_sequences(parent, str(d), part, LossSpec(), spec, save_optimizer=k + 1 == saved_at)
+        manifest = {"parent_path": parent, "sequences": str(out / f"seqs{k}.json")}
+        if k + 1 != saved_at:
+            manifest["optimizer_state"] = "not_saved"
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        dirs.append(d)
+        parent = str(d)
+    return dirs
+
+
+def test_a_lost_resident_state_is_replayed_from_the_last_saved_optimizer_state(
+        tiny_model_dir, tmp_path, builds):
+    from ibtpo_core.rl import load_sequences
+    from ibtpo_core.training import replay
+
+    seqs = sequences(tiny_model_dir)
+    dirs = chain_without_optimizer_states(tiny_model_dir, tmp_path / "run", seqs, saved_at=1)
+    assert not (dirs[1] / "optimizer.pt").exists() and (dirs[0] / "optimizer.pt").exists()
+    assert replay.plan(str(dirs[2])) == (str(dirs[0]), [(str(dirs[1]), str(tmp_path / "run" /
+                                                                          "seqs1.json")),
+                                                        (str(dirs[2]), str(tmp_path / "run" /
+                                                                          "seqs2.json"))])
+    # the uninterrupted run's fourth update, from the held state
+    spec = UpdateSpec(lr=1e-3, micro_batch_size=4)
+    train_on_sequences(str(dirs[2]), str(tmp_path / "kept"), seqs, LossSpec(), spec)
+    # a new process: nothing held; the fourth update replays it1 and it2 from it0's state
+    resident.release()
+    builds.clear()
+    train_on_sequences(str(dirs[2]), str(tmp_path / "replayed"), seqs, LossSpec(), spec,
+                       load_sequences=load_sequences)
+    assert builds == [str(dirs[0])]
+    assert_same_checkpoint(tmp_path / "kept", tmp_path / "replayed")
+    # a replay that does not reach a checkpoint's weights stops instead of training on
+    resident.release()
+    w = load_file(dirs[1] / "model.safetensors")
+    name = next(iter(w))
+    w[name] = w[name] + 1e-3
+    save_file(w, dirs[1] / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="did not give its weights"):
+        train_on_sequences(str(dirs[2]), str(tmp_path / "x"), seqs, LossSpec(), spec,
+                           load_sequences=load_sequences)
+    # and a build straight from a checkpoint without its state is refused
+    resident.release()
+    with pytest.raises(ValueError, match="resident"):
+        train_on_sequences(str(dirs[2]), str(tmp_path / "y"), seqs, LossSpec(),
+                           UpdateSpec(lr=1e-3, resident=False))

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ import torch
 
 from ibtpo_core.algo.losses import LossSpec, agg_units, policy_loss
 from ibtpo_core.algo.tree import TrainingSequence
-from ibtpo_core.training import resident
+from ibtpo_core.training import replay, resident
 from ibtpo_core.training.comm_op import prepare_comm_op
 from ibtpo_core.training.micro_batches import rank_micro_batches
 from ibtpo_core.training.old_logprobs import corrected, mismatch_sums, response_slice
@@ -212,10 +213,14 @@ def init_process_group(attempts: int = 3) -> None:
 
 def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, read in one place
         model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
-        spec: UpdateSpec, ref_dir: str | None = None) -> dict[str, float]:
+        spec: UpdateSpec, ref_dir: str | None = None, save_optimizer: bool = True,
+        load_sequences=None) -> dict[str, float]:
     """``spec.mini_batches`` optimizer steps on ``seqs`` (one per slice, in order); saves the new
-    policy (and optimizer state) to ``out_dir``. One process with ``spec.resident``: the engine
-    that wrote ``model_dir`` is reused if it is still held (resident.py), else built from it."""
+    policy (and, with ``save_optimizer``, the optimizer state) to ``out_dir``. One process with
+    ``spec.resident``: the engine that wrote ``model_dir`` is reused if it is still held
+    (resident.py), else built from it; a ``model_dir`` saved without its optimizer state is
+    rebuilt by replaying the updates since the last one saved with it (replay.py), reading each
+    update's sequences with ``load_sequences(path)``."""
     if not seqs:
         raise ValueError("no training sequences: every prompt of the iteration failed to sample")
     world = _ensure_dist_env()
@@ -228,12 +233,55 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
     key = json.dumps([dataclasses.asdict(spec), ds_cfg, ref_dir if loss.beta_kl > 0 else None],
                      sort_keys=True, default=str)
     state = resident.take(model_dir, key) if keep else None
+    if state is None and replay.optimizer_not_saved(model_dir):
+        if not keep:
+            raise ValueError(f"{model_dir} was saved without its optimizer state "
+                             f"(rl.save_optimizer_every), which only a one-process resident "
+                             f"update can replay: set algo.update.resident: true")
+        state = replay_to(model_dir, spec, loss, ds_cfg, ref_dir, key, load_sequences)
     if state is None:
         state = build_trainer(model_dir, spec, loss, ds_cfg, ref_dir, key)
+    sums = train_steps(state, seqs, loss, spec, world)
+    save_policy(state.engine, state.optimizer, state.tok, out_dir,
+                int(os.environ.get("RANK", "0")), state.sharded, save_optimizer)
+    if keep:
+        resident.hold(state, out_dir)
+    return sums
+
+
+def replay_to(checkpoint: str, spec: UpdateSpec, loss: LossSpec, ds_cfg: dict,
+              ref_dir: str | None, key: str, load_sequences) -> resident.TrainerState:
+    """The trainer state of ``checkpoint``, saved without its optimizer state: built from the
+    last checkpoint before it saved with one (or the start) and stepped through each later
+    update's sequences again. Each replayed step must give that checkpoint's weights bit for
+    bit, else this fails rather than train from a state that differs from the run's."""
+    from safetensors.torch import load_file
+
+    if load_sequences is None:
+        raise ValueError(f"{checkpoint} needs a replay, and no sequence loader was given")
+    base, steps = replay.plan(checkpoint)
+    print(f"update: replaying {len(steps)} update(s) from {base} to rebuild the optimizer state "
+          f"of {checkpoint} (rl.save_optimizer_every)", file=sys.stderr, flush=True)
+    state = build_trainer(base, spec, loss, ds_cfg, ref_dir, key)
+    for ckpt, seqs_path in steps:
+        train_steps(state, load_sequences(seqs_path), loss, spec, 1)
+        got = state.engine.module.state_dict()
+        for name, want in load_file(str(Path(ckpt) / resident.WEIGHTS_FILE)).items():
+            if not torch.equal(got[name].detach().cpu(), want):
+                raise RuntimeError(f"replaying the update that wrote {ckpt} did not give its "
+                                   f"weights ({name} differs): the replay is not deterministic "
+                                   f"here (threads, device); rerun with "
+                                   f"rl.save_optimizer_every: 1")
+    resident.hold(state, checkpoint)
+    return state
+
+
+def train_steps(state: resident.TrainerState, seqs: list[TrainingSequence], loss: LossSpec,
+                spec: UpdateSpec, world: int) -> dict[str, float]:
+    """``spec.mini_batches`` optimizer steps of ``state``'s engine on ``seqs``; the metrics."""
     for g in state.optimizer.param_groups:
         g["lr"] = spec.lr
-    engine, optimizer, tok, ref, sharded = (state.engine, state.optimizer, state.tok, state.ref,
-                                            state.sharded)
+    engine, tok, ref, sharded = state.engine, state.tok, state.ref, state.sharded
     model = engine.module
     model.train()
     device = engine.device
@@ -296,13 +344,10 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
         top["mismatch/ratio_max"] = float(peak)
     if "mismatch/ratio_mean" in sums:
         sums.update(top)
-    save_policy(engine, optimizer, tok, out_dir, rank, sharded)
-    if keep:
-        resident.hold(state, out_dir)
     sums["num_tokens"] = float(total_tokens)
     sums["num_sequences"] = float(len(seqs))
     sums["world_size"] = float(world)  # ranks that took the step together
-    sums.update(clip_metrics(norms, float(ds_cfg.get("gradient_clipping", 0.0) or 0.0)))
+    sums.update(clip_metrics(norms, state.clip))
     return sums
 
 
@@ -333,6 +378,9 @@ def build_trainer(model_dir: str, spec: UpdateSpec, loss: LossSpec, ds_cfg: dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_optimizer_state(model_dir)
+    if replay.optimizer_not_saved(model_dir):  # a fresh optimizer would silently change the run
+        raise ValueError(f"cannot build the trainer from {model_dir}: it was saved without its "
+                         f"optimizer state (rl.save_optimizer_every); replay_to rebuilds it")
     require_weights(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model, zero3_loading = load_for_training(model_dir, ds_cfg)
@@ -356,7 +404,8 @@ def build_trainer(model_dir: str, spec: UpdateSpec, loss: LossSpec, ds_cfg: dict
     if ref_dir is not None and loss.beta_kl > 0:
         ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=model.dtype).to(
             engine.device).eval()
-    return resident.TrainerState(engine, optimizer, tok, ref, sharded, key)
+    return resident.TrainerState(engine, optimizer, tok, ref, sharded, key,
+                                 clip=float(ds_cfg.get("gradient_clipping", 0.0) or 0.0))
 
 
 def load_for_training(model_dir: str, ds_cfg: dict):
@@ -425,10 +474,12 @@ def sequence_logprobs(model, batch, spec: UpdateSpec, entropy_grad: bool = False
     return token_logprobs(model, batch, spec.temperature)
 
 
-def save_policy(engine, optimizer, tok, out_dir: str, rank: int, sharded: bool) -> None:
-    """The new policy as a plain HF checkpoint (rank 0), plus the optimizer state: one file for
-    ZeRO 0, DeepSpeed's sharded checkpoint (every rank writes its part) for ZeRO 1-3. Under
-    ZeRO-3 the parameters are gathered from all ranks first (a collective call)."""
+def save_policy(engine, optimizer, tok, out_dir: str, rank: int, sharded: bool,
+                save_optimizer: bool = True) -> None:
+    """The new policy as a plain HF checkpoint (rank 0), plus (``save_optimizer``) the optimizer
+    state: one file for ZeRO 0, DeepSpeed's sharded checkpoint (every rank writes its part) for
+    ZeRO 1-3. Under ZeRO-3 the parameters are gathered from all ranks first (a collective
+    call)."""
     import contextlib
 
     import deepspeed
@@ -441,6 +492,8 @@ def save_policy(engine, optimizer, tok, out_dir: str, rank: int, sharded: bool) 
         if rank == 0:
             module.save_pretrained(out_dir, safe_serialization=True)
             tok.save_pretrained(out_dir)
+    if not save_optimizer:
+        return
     if sharded:
         engine.save_checkpoint(str(Path(out_dir) / ZERO_STATE_DIR), tag="state",
                                save_latest=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,8 +44,8 @@ class TrainerState:
     ref: object
     sharded: bool
     key: str  # the update and loss settings it was built for
+    clip: float = 0.0  # the DeepSpeed config's gradient_clipping (0: none)
     saved: tuple | None = None  # the fingerprint of the checkpoint it wrote
-    extra: dict = field(default_factory=dict)
 
 
 def take(checkpoint: str, key: str) -> TrainerState | None:
@@ -60,8 +60,9 @@ def take(checkpoint: str, key: str) -> TrainerState | None:
 
 
 def hold(state: TrainerState, checkpoint_written: str) -> None:
-    """Keep ``state`` for the next update; it answers for the weights just written to
-    ``checkpoint_written`` (a stage's temporary folder: the rename keeps the fingerprint)."""
+    """Keep ``state`` for the next update; it answers for the weights of ``checkpoint_written``
+    (just written to a stage's temporary folder: the rename keeps the fingerprint; or a
+    checkpoint the state was replayed to)."""
     state.saved = fingerprint(checkpoint_written)
     _HELD["state"] = state
 

@@ -14,16 +14,16 @@ OPTIMIZER_STATE = (OPTIMIZER_FILE, ZERO_STATE_DIR)  # what rl.keep_optimizer_sta
 
 
 def prune_optimizer_states(checkpoints: list[str], keep: int | None) -> int:
-    """Delete the optimizer state of every checkpoint of ``checkpoints`` (oldest first) but the
-    last ``keep`` (None: keep all); returns the bytes freed. The weights and the checkpoints'
-    digests stay."""
+    """Delete the optimizer state of every checkpoint of ``checkpoints`` (oldest first) that
+    holds one but the last ``keep`` of those (None: keep all); returns the bytes freed. The
+    weights and the checkpoints' digests stay. Checkpoints saved without a state
+    (``rl.save_optimizer_every``) do not count: the last states saved are what a replay needs."""
     from ibtpo_core.artifacts import prune
 
     if keep is None:
         return 0
-    return sum(
-        prune(Path(c), OPTIMIZER_STATE) for c in checkpoints[: max(0, len(checkpoints) - keep)]
-    )
+    holding = [c for c in checkpoints if any((Path(c) / n).exists() for n in OPTIMIZER_STATE)]
+    return sum(prune(Path(c), OPTIMIZER_STATE) for c in holding[: max(0, len(holding) - keep)])
 
 
 def weight_files(folder: Path) -> tuple[str, ...]:
