@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -241,7 +242,9 @@ def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, 
         state = replay_to(model_dir, spec, loss, ds_cfg, ref_dir, key, load_sequences)
     if state is None:
         state = build_trainer(model_dir, spec, loss, ds_cfg, ref_dir, key)
+    t0 = time.perf_counter()
     sums = train_steps(state, seqs, loss, spec, world)
+    sums["update/compute_s"] = time.perf_counter() - t0  # the steps alone: no build, no save
     save_policy(state.engine, state.optimizer, state.tok, out_dir,
                 int(os.environ.get("RANK", "0")), state.sharded, save_optimizer)
     if keep:
