@@ -76,9 +76,12 @@ def _at_step(client: MlflowClient, run_id: str, step: int) -> dict[str, float]:
 def read_cell(client: MlflowClient, run) -> CellRun | None:
     """The report's view of one training run; None if it has no final evaluation."""
     ev = _child(client, run, "evaluate")
-    iterations = int(float(run.data.params.get("rl.iterations", "0")))
     if ev is None:
         return None
+    # the final evaluation is logged at the iterations the run did: rl.iterations, or fewer
+    # where rl.decoded_tokens stopped it
+    steps = [s for s, _ in _history(client, ev.info.run_id, "accuracy")]
+    iterations = max(steps) if steps else int(float(run.data.params.get("rl.iterations", "0")))
     final, before = (
         _at_step(client, ev.info.run_id, iterations),
         _at_step(client, ev.info.run_id, 0),
@@ -111,7 +114,7 @@ def read_cell(client: MlflowClient, run) -> CellRun | None:
                    rl_wall=rl_wall, curve=curve,
                    ib={k: _history(client, rid, k) for k in IB_CURVES},
                    order=int(tags.get("ibtpo.cell_index", 0)),
-                   trees=run.data.params.get("algo.tree.sampler", "ibtree") == "ibtree",
+                   trees=run.data.params.get("algo.tree.sampler", "ibtree") != "independent",
                    train_reward_final=sum(rewards) / len(rewards) if rewards else math.nan,
                    split=run.data.params.get("eval.split", "test"))
 

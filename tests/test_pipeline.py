@@ -410,3 +410,10 @@ def test_the_peers_methods_run_through_the_flow(harness, method, extra):
         assert _history(run.info.run_id, "filter/draws") == ([0] if method == "dapo" else [0, 1])
     else:
         assert run.data.metrics["tree/shared_prefix_frac"] > 0  # forks share prefixes
+    # a sweep's report reads the final evaluation where the run stopped (1 of 3 iterations for
+    # dapo) and counts both peers' samplers as trees
+    from pipeline.report import read_cell
+
+    cell = read_cell(MlflowClient(), run)
+    assert cell is not None and cell.final["accuracy"] == pytest.approx(out["accuracy_after"])
+    assert cell.trees == (method != "dapo")
