@@ -53,8 +53,8 @@ METHOD_PRESETS: dict[str, dict] = {
              "filter_groups": {"enabled": True, "max_draws": 10}},
     "dr_grpo": {"tree": {"sampler": "independent"}, "advantage": {"name": "dr_grpo"},
                 "loss": {"agg": "seq_sum_norm"}},
-    # GSPO's band (3e-4) is narrower than the rollout engine's log-prob mismatch with the
-    # trainer, so pi_old is the trainer's, as in the reference code (docs/results/baselines.md)
+    # pi_old recomputed by the trainer, as verl's actor does for GSPO (here it changed nothing:
+    # docs/results/baselines.md)
     "gspo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
              "loss": {"name": "gspo", "eps_low": 3e-4, "eps_high": 4e-4},
              "update": {"old_logprobs": "recompute"}},
