@@ -75,7 +75,10 @@ def iteration_stats(rl_dir: Path) -> list[dict]:
         m = json.loads((folder / "manifest.json").read_text())
         it = int(folder.name[2:6])
         row = rows.setdefault(it, {"bytes_written": 0})
-        row["bytes_written"] += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        # what was written, files pruned since included (the manifest keeps their sizes)
+        sizes = [v[0] for v in m.get("stat", {}).values()]
+        row["bytes_written"] += sum(sizes) if sizes else sum(
+            f.stat().st_size for f in folder.rglob("*") if f.is_file())
         row.update(m.get("metrics", {}))
     out = []
     for it in sorted(rows):
