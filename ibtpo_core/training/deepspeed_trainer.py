@@ -212,7 +212,7 @@ def init_process_group(attempts: int = 3) -> None:
             os.environ["MASTER_PORT"] = os.environ[OWN_PORT_ENV] = str(free_port())
 
 
-def train_on_sequences(  # noqa: C901 - setup, the micro-batch loop and saving, read in one place
+def train_on_sequences(
         model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
         spec: UpdateSpec, ref_dir: str | None = None, save_optimizer: bool = True,
         load_sequences=None) -> dict[str, float]:

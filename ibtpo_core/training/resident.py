@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 WEIGHTS_FILE = "model.safetensors"
 
 _HELD: dict = {}
@@ -48,12 +50,19 @@ class TrainerState:
     saved: tuple | None = None  # the fingerprint of the checkpoint it wrote
 
 
+def _held_for(checkpoint: str) -> TrainerState | None:
+    """The held state if it wrote ``checkpoint`` and the file is unaltered since; else None."""
+    state = _HELD.get("state")
+    if state is None or state.saved is None or state.saved != fingerprint(checkpoint):
+        return None
+    return state
+
+
 def take(checkpoint: str, key: str) -> TrainerState | None:
     """The held state if it wrote ``checkpoint`` (unaltered since) under settings ``key``; else
     None, the held state released."""
-    state = _HELD.get("state")
-    if state is not None and state.key == key and state.saved is not None \
-            and state.saved == fingerprint(checkpoint):
+    state = _held_for(checkpoint)
+    if state is not None and state.key == key:
         return state
     release()
     return None
@@ -70,20 +79,13 @@ def hold(state: TrainerState, checkpoint_written: str) -> None:
 def weights_for(checkpoint: str):
     """The held model's parameters (a state dict, in memory) if the held state wrote
     ``checkpoint`` and it is unaltered; else None."""
-    state = _HELD.get("state")
-    if state is None or state.saved is None or state.saved != fingerprint(checkpoint):
-        return None
-    return state.engine.module.state_dict()
+    state = _held_for(checkpoint)
+    return None if state is None else state.engine.module.state_dict()
 
 
 def release() -> None:
     """Drop the held state and free its memory."""
     if _HELD.pop("state", None) is not None:
         gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
