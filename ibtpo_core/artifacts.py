@@ -153,7 +153,7 @@ def write_manifest(folder: Path, extra: dict) -> dict:
     return manifest
 
 
-def _load_manifest(folder: Path) -> dict | None:
+def load_manifest(folder: Path) -> dict | None:
     """The manifest as written, unchecked against the files; None if missing or unreadable."""
     path = Path(folder) / "manifest.json"
     if not path.is_file():
@@ -172,7 +172,7 @@ def read_manifest(folder: Path) -> dict | None:
     ones recorded is taken as written; one whose stat changed (touched, copied, rewritten) is
     hashed and must still match its digest; a missing or extra file fails at once. A manifest
     written before stats were recorded is checked by hashing every file."""
-    manifest = _load_manifest(folder)
+    manifest = load_manifest(folder)
     if manifest is None:
         return None
     folder = Path(folder)
@@ -207,7 +207,7 @@ def prune(folder: Path, names: tuple[str, ...]) -> int:
     folder = Path(folder)
     if not any((folder / n).exists() for n in names):
         return 0
-    manifest = _load_manifest(folder)
+    manifest = load_manifest(folder)
     if manifest is None:
         return 0
     gone = {k: v for k, v in manifest["files"].items() if _under(k, names)}
@@ -234,5 +234,5 @@ def prune(folder: Path, names: tuple[str, ...]) -> int:
 
 def pruned_files(folder: Path, names: tuple[str, ...] | None = None) -> list[str]:
     """What ``prune`` removed from a stage output (relative paths), all or under ``names``."""
-    manifest = _load_manifest(folder) or {}
+    manifest = load_manifest(folder) or {}
     return sorted(k for k in manifest.get("pruned", {}) if names is None or _under(k, names))

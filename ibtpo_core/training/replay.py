@@ -9,20 +9,15 @@ the manifest file.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ibtpo_core.artifacts import load_manifest
 
 NOT_SAVED = "not_saved"
 
 
 def _manifest(checkpoint: str) -> dict:
-    path = Path(checkpoint) / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
+    return load_manifest(Path(checkpoint)) or {}
 
 
 def optimizer_not_saved(checkpoint: str) -> bool:
