@@ -32,6 +32,7 @@ from ibtpo_core.algo.sampling import (
     _attach,
     finish,
     first_round,
+    leaf_depths,
     within_budget,
 )
 from ibtpo_core.algo.tree import Node, Tree
@@ -42,12 +43,10 @@ def fork_candidates(tree: Tree, top_n: int) -> list[tuple[float, Node, int, floa
     """The tree's fork points: per initial response, its ``top_n`` eligible tokens by surprisal,
     as ``(surprisal, node, offset, tokens after the fork)``, most surprising first (module
     docstring for what is eligible)."""
-    depth = {0: 0}
+    depth, below = leaf_depths(tree)
     chain = {0: -1}
     for n in tree.nodes[1:]:
-        depth[n.id] = depth[n.parent] + len(n.tokens)
         chain[n.id] = n.id if n.parent == 0 else chain[n.parent]
-    below = _mean_leaf_depth(tree, depth)
     per_chain: dict[int, list] = {}
     for n in tree.nodes[1:]:
         if n.final:
@@ -65,19 +64,6 @@ def fork_candidates(tree: Tree, top_n: int) -> list[tuple[float, Node, int, floa
         out += cands[:top_n]
     out.sort(key=lambda c: (-c[0], c[1].id, c[2]))
     return out
-
-
-def _mean_leaf_depth(tree: Tree, depth: dict[int, int]) -> dict[int, float]:
-    """Per node: the mean response length of the leaves below it."""
-    total = {n.id: 0.0 for n in tree.nodes}
-    count = {n.id: 0 for n in tree.nodes}
-    for n in reversed(tree.nodes):  # ids: parents precede children
-        if not n.children:
-            total[n.id], count[n.id] = float(depth[n.id]), 1
-        if n.parent is not None:
-            total[n.parent] += total[n.id]
-            count[n.parent] += count[n.id]
-    return {k: total[k] / max(1, count[k]) for k in total}
 
 
 def make_forks(tree: Tree, forks: list[tuple[Node, int]]) -> list[Node]:

@@ -379,26 +379,28 @@ def _expected_continuation(f: Forest, trees: list[Tree], cand: torch.Tensor) -> 
         rows = (cand & (f.tree == t)).nonzero().squeeze(1).tolist()
         if not rows:
             continue
-        depth_tokens = {0: 0}
-        for n in tree.nodes[1:]:
-            depth_tokens[n.id] = depth_tokens[n.parent] + len(n.tokens)
+        depth, below = leaf_depths(tree)
         for r in rows:
             node = r - f.offsets[t]
-            below = _leaves_below(tree, node)
-            out[r] = sum(depth_tokens[l] for l in below) / len(below) - depth_tokens[node]
+            out[r] = below[node] - depth[node]
     return out
 
 
-def _leaves_below(tree: Tree, node: int) -> list[int]:
-    stack, out = [node], []
-    while stack:
-        k = stack.pop()
-        ch = tree.nodes[k].children
-        if ch:
-            stack.extend(ch)
-        else:
-            out.append(k)
-    return out
+def leaf_depths(tree: Tree) -> tuple[dict[int, int], dict[int, float]]:
+    """Per node: its depth in tokens from the root, and the mean depth of the leaves below it
+    (its own, for a leaf). One pass from the last node back: parents precede their children."""
+    depth = {0: 0}
+    for n in tree.nodes[1:]:
+        depth[n.id] = depth[n.parent] + len(n.tokens)
+    total = {n.id: 0 for n in tree.nodes}
+    count = {n.id: 0 for n in tree.nodes}
+    for n in reversed(tree.nodes):
+        if not n.children:
+            total[n.id], count[n.id] = depth[n.id], 1
+        if n.parent is not None:
+            total[n.parent] += total[n.id]
+            count[n.parent] += count[n.id]
+    return depth, {k: total[k] / max(1, count[k]) for k in total}
 
 
 @SAMPLERS.register("independent")
