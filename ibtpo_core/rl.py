@@ -84,8 +84,8 @@ def grow_informative(grow, train_rows: Sequence[dict], iteration: int, n: int, s
     the iteration's ``n`` prompts, then on refills while fewer than ``n`` trees are informative,
     up to ``spec.max_draws`` draws and, with ``token_cap``, while fewer tokens than it were
     decoded. Returns the first ``n`` informative trees (the first draw's trees if none was), their
-    rows, and the first draw's metrics
-    with ``tree/decoded_tokens`` over every draw and ``filter/*`` counts."""
+    rows, and the first draw's metrics with ``tree/decoded_tokens`` over every draw and
+    ``filter/*`` counts."""
     kept: list[tuple[Tree, dict]] = []
     decoded = drawn = draws = 0
     first: dict = {}
