@@ -10,7 +10,7 @@ tokens and against depth, writes JSON and ends with one JSON line:
     {"task", "warmup_accuracy", "ceiling_unique_ratio", "min_detectable_effect",
      "budgets": [{"decoded_tokens", "methods": {NAME: {"acc_mean", "acc_se", "n_seeds",
        "diff_vs_grpo": {"mean", "ci95_low", "ci95_high"}, "paired_diff_vs_grpo": {..,
-       "n_pairs"}, "unique_vs_grpo",
+       "n_pairs"}, "unique_vs_grpo", "leaves_per_budget" (raw, duplicates included),
        "unique_leaves_per_budget", "pass_at_8_before", "pass_at_8_after", "eff_rate",
        "train_reward_final"}}}],
      "depths": [{"steps", "decoded_tokens", "warmup_accuracy", "ceiling_unique_ratio",
@@ -74,6 +74,7 @@ def budget_row(summary: dict) -> dict:
             "n_seeds": r["n_seeds"],
             **_diffs(r, base),
             f"unique_vs_{base}": r.get(f"unique_leaves_vs_{base}", math.nan),
+            "leaves_per_budget": r.get("leaves_per_budget", math.nan),  # raw, duplicates in
             "unique_leaves_per_budget": r["unique_leaves_per_budget"],
             f"{pk}_before": r[f"{pk}_before"],
             f"{pk}_after": r[pk],

@@ -18,6 +18,7 @@ def _module():
 
 def _row(acc, decoded, unique, **extra):
     return {"acc_mean": acc, "acc_se": 0.01, "n_seeds": 5, "unique_leaves_per_budget": unique,
+            "leaves_per_budget": 1.5,
             "pass_at_8_before": 0.5, "pass_at_8": 0.6, "eff_rate": 0.7,
             "train_reward_final": acc + 0.02, "decoded_tokens": decoded, **extra}
 
@@ -37,13 +38,14 @@ def test_budget_row_keeps_the_named_fields():
     ib = row["methods"]["ibtpo"]
     assert ib["diff_vs_grpo"] == {"mean": 0.05, "ci95_low": 0.01, "ci95_high": 0.09, "mde": 0.04}
     assert ib["unique_vs_grpo"] == 1.2 and ib["pass_at_8_before"] == 0.5
+    assert ib["leaves_per_budget"] == 1.5 and ib["unique_leaves_per_budget"] == 1.2
     assert ib["pass_at_8_after"] == 0.6 and ib["train_reward_final"] == 0.32
     assert ib["paired_diff_vs_grpo"] == {"mean": 0.05, "ci95_low": 0.03, "ci95_high": 0.07,
                                          "mde": 0.02, "n_pairs": 5}
     # a report without a paired interval (one written before it existed) gives nan, not an error
     assert math.isnan(row["methods"]["grpo"]["paired_diff_vs_grpo"]["mean"])
     assert set(ib) == {"acc_mean", "acc_se", "n_seeds", "diff_vs_grpo", "paired_diff_vs_grpo",
-                       "unique_vs_grpo",
+                       "unique_vs_grpo", "leaves_per_budget",
                        "unique_leaves_per_budget", "pass_at_8_before", "pass_at_8_after",
                        "eff_rate", "train_reward_final"}
 
