@@ -5,7 +5,8 @@ links the first's data, model, warm-up and evaluation stages, so only RL is comp
 
     before   algo.update.resident: false, rl.save_optimizer_every: 1 (an engine built from disk
              every iteration, the optimizer state written every iteration)
-    after    algo.update.resident: true, rl.save_optimizer_every: --save-every
+    after    algo.update.resident: true, rl.save_optimizer_every: --save-every, rl.save_every:
+             --weights-every (the weights written every k-th iteration and the last)
 
 and reports medians over the iterations of: the iteration's stage time, sampling, scoring, the
 update's optimizer steps (``update/compute_s``), everything else of the update (build, loads,
@@ -15,7 +16,7 @@ once, when published; a cache hit hashes nothing: tests/test_manifest.py). Print
 with one JSON line, writes JSON with --json. TRL's side by side run (issue 29) is not in it.
 
     python bench/iteration.py [--config configs/experiments/deep_ibtpo.yaml] [--iterations 6]
-        [--save-every 5] [--threads 2] [--json PATH]
+        [--save-every 5] [--weights-every 5] [--threads 2] [--json PATH]
 """
 from __future__ import annotations
 
@@ -105,7 +106,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/experiments/deep_ibtpo.yaml")
     ap.add_argument("--iterations", type=int, default=6)
-    ap.add_argument("--save-every", type=int, default=5)
+    ap.add_argument("--save-every", type=int, default=5,
+                    help="after: rl.save_optimizer_every (the optimizer state)")
+    ap.add_argument("--weights-every", type=int, default=5,
+                    help="after: rl.save_every (the weights; 1: every iteration)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -118,12 +122,14 @@ def main() -> None:
             work.mkdir()
         else:
             link_shared_stages(first, work)
-        extra = [f"rl.save_optimizer_every={args.save_every}"] if name == "after" else []
+        extra = ([f"rl.save_optimizer_every={args.save_every}",
+                  f"rl.save_every={args.weights_every}"] if name == "after" else [])
         result, wall, peak = run(args.config, work, sets + extra +
                                  [f"rl.iterations={args.iterations}"], args.threads)
         rows = iteration_stats(Path(result["iterations_dir"]))
         rows = rows[1:] if len(rows) > 1 else rows  # the first iteration builds everything
         stats = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        stats["bytes_written_per_iteration"] = [r["bytes_written"] for r in rows]
         stats["peak_rss_gb"] = peak
         stats["bytes_hashed"] = stats["bytes_written"]  # each output hashed once, when published
         out[name] = stats

@@ -24,7 +24,7 @@ from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
 from ibtpo_core.data.gym import ReasoningGymSpec
 from ibtpo_core.data.sources import DatasetSource
-from ibtpo_core.engines.base import ENGINE_MODULES
+from ibtpo_core.engines.base import ENGINE_MODULES, TAKES_STATE_DICT
 from ibtpo_core.evaluation import EvalSpec
 from ibtpo_core.models.gguf_checkpoint import GGUFSpec
 from ibtpo_core.models.tiny import TinyModelSpec
@@ -240,6 +240,12 @@ class RLConfig(Section):
         "sequences, to the same weights bit for bit")
     keep_checkpoint_every: int = Field(0, ge=0, description="with keep_checkpoints: also keep "
                                        "the weights after every k-th iteration; 0: none")
+    save_every: int = Field(
+        1, ge=1, description="write the weights with every k-th iteration's checkpoint only "
+        "(and the last, and those an evaluation or benchmark reads): the one-process resident "
+        "trainer keeps them in memory between and hands them to the rollout engine; a resume "
+        "replays the updates since the last one written. The optimizer state is written only "
+        "with weights (save_optimizer_every counts among those iterations)")
 
 
 class BenchmarkConfig(Section):
@@ -310,12 +316,19 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _optimizer_interval_needs_one_process(self):
         u = self.algo.update
-        if self.rl.save_optimizer_every > 1 and (u.world_size > 1 or not u.resident):
+        for name in ("save_optimizer_every", "save_every"):
+            every = getattr(self.rl, name)
+            if every > 1 and (u.world_size > 1 or not u.resident):
+                raise ValueError(
+                    f"rl.{name}={every} keeps state in the one-process resident trainer between "
+                    f"saves; with algo.update.num_processes x nodes = {u.world_size} and "
+                    f"resident: {u.resident} set rl.{name}: 1")
+        if self.rl.save_every > 1 and self.engine.name not in TAKES_STATE_DICT:
             raise ValueError(
-                f"rl.save_optimizer_every={self.rl.save_optimizer_every} keeps the optimizer state "
-                f"in the one-process resident trainer between saves; with "
-                f"algo.update.num_processes x nodes = {u.world_size} and resident: {u.resident} "
-                f"set rl.save_optimizer_every: 1")
+                f"rl.save_every={self.rl.save_every} hands the weights to the rollout engine in "
+                f"memory, which engine {self.engine.name!r} cannot take yet (it reads "
+                f"checkpoints from disk); set rl.save_every: 1, or engine.name: "
+                f"{sorted(TAKES_STATE_DICT)[0]}")
         return self
 
     @model_validator(mode="after")

@@ -258,9 +258,10 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     trees = sample_trees(k, cfg.algo, cfg.rl.rollout, cfg.engine, cfg.seed, rl.policy, data,
                          cap, store=run.rl_dir)
     scores = estimate_scores(k, cfg.algo, trees, store=run.rl_dir)
-    # the optimizer state every rl.save_optimizer_every-th iteration (the weights every one)
+    durable = saves_weights(cfg, k + 1, rl.decoded + trees["metrics"]["tree/decoded_tokens"])
     new = update_policy(k, cfg.algo, rl.policy, scores, reference,
-                        (k + 1) % cfg.rl.save_optimizer_every == 0, store=run.rl_dir)
+                        durable and (k + 1) % cfg.rl.save_optimizer_every == 0, durable,
+                        store=run.rl_dir)
     metrics = {**trees["metrics"], **scores["metrics"], **new["metrics"]}
     rl.decoded += metrics["tree/decoded_tokens"]
     rl.rl_wall += stage_seconds(metrics)
@@ -272,6 +273,19 @@ def rl_iteration(run: Run, k: int, rl: RLProgress, reference: StageRecord,
     rl.freed += keep_recent(rl.checkpoints, cfg.rl.keep_optimizer_states, cfg.rl.keep_checkpoints,
                             cfg.rl.keep_checkpoint_every)
     return metrics
+
+
+def saves_weights(cfg: ExperimentConfig, done: int, decoded: float) -> bool:
+    """Whether the checkpoint after ``done`` iterations (``decoded`` tokens in all) is written
+    with its weights: every ``rl.save_every``-th, the last (``rl.iterations`` or the token
+    budget) and those an evaluation or a benchmark reads; the others stay in memory (the
+    optimizer state is written with the ``rl.save_optimizer_every``-th, a multiple)."""
+    rl = cfg.rl
+    return (done % rl.save_every == 0 or done == rl.iterations
+            or bool(rl.decoded_tokens and decoded >= rl.decoded_tokens)
+            or bool(cfg.eval.every and done % cfg.eval.every == 0)
+            or bool(cfg.benchmark.enabled and cfg.benchmark.every
+                    and done % cfg.benchmark.every == 0))
 
 
 def stage_seconds(metrics: dict) -> float:

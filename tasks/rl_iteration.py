@@ -41,7 +41,7 @@ def sample_trees(out: Path, iteration: int, algo: AlgoConfig, rollout: RolloutCo
         probe_diagnostic,
         save_trees,
     )
-    from ibtpo_core.training.resident import weights_for
+    from ibtpo_core.training.replay import weights_home
     from ibtpo_core.training.retention import require_weights
 
     t0 = time.time()
@@ -49,8 +49,8 @@ def sample_trees(out: Path, iteration: int, algo: AlgoConfig, rollout: RolloutCo
     require_weights(policy["path"])
     tok = AutoTokenizer.from_pretrained(policy["path"])
     # the resident trainer's weights in memory, where it wrote this checkpoint (no file read)
-    rollout_engine = held_engine(engine.name, policy["path"], weights_for(policy["path"]),
-                                 **engine.kwargs())
+    rollout_engine = held_engine(engine.name, policy["path"], policy_weights(policy["path"], algo),
+                                 base_path=weights_home(policy["path"]), **engine.kwargs())
     steps = step_end_token_ids(tok, algo.tree.steps.delimiter)
 
     def grow(rows: list[dict], draw: int):
@@ -80,6 +80,22 @@ def sample_trees(out: Path, iteration: int, algo: AlgoConfig, rollout: RolloutCo
     return metrics
 
 
+def policy_weights(path: str, algo: AlgoConfig) -> dict | None:
+    """The weights of checkpoint ``path`` in memory where the resident trainer holds them; for
+    one saved without its weights (``rl.save_every``) and not held (a resumed run), rebuilt by
+    a replay from its last durable checkpoint. None: read them from the files."""
+    from ibtpo_core.rl import load_sequences
+    from ibtpo_core.training.replay import ref_path, weights_not_saved
+    from ibtpo_core.training.resident import weights_for
+
+    weights = weights_for(path)
+    if weights is None and weights_not_saved(path):
+        from ibtpo_core.training.deepspeed_trainer import held_weights
+
+        weights = held_weights(path, algo.update, algo.loss, ref_path(path), load_sequences)
+    return weights
+
+
 @task(task_run_name="estimate_scores[it {iteration}]", cache_policy=NO_CACHE)
 @stage("it{iteration:04d}-scores", code="rl")
 def estimate_scores(out: Path, iteration: int, algo: AlgoConfig, trees: StageRecord) -> dict:
@@ -96,7 +112,8 @@ def estimate_scores(out: Path, iteration: int, algo: AlgoConfig, trees: StageRec
 @task(task_run_name="update_policy[it {iteration}]", cache_policy=NO_CACHE)
 @stage("it{iteration:04d}-policy", code="rl")
 def update_policy(out: Path, iteration: int, algo: AlgoConfig, policy: StageRecord,
-                  scores: StageRecord, ref: StageRecord, save_optimizer: bool = True) -> Output:
+                  scores: StageRecord, ref: StageRecord, save_optimizer: bool = True,
+                  save_weights: bool = True) -> Output:
     from ibtpo_core.rl import load_sequences
     from ibtpo_core.training.deepspeed_trainer import train_on_sequences
     from ibtpo_core.training.launch import launch_update
@@ -111,12 +128,15 @@ def update_policy(out: Path, iteration: int, algo: AlgoConfig, policy: StageReco
     else:  # without the optimizer state, the next update replays from the last one saved
         metrics = train_on_sequences(policy["path"], str(out), load_sequences(seqs_path),
                                      algo.loss, algo.update, ref_dir=ref["path"],
-                                     save_optimizer=save_optimizer, load_sequences=load_sequences)
+                                     save_optimizer=save_optimizer and save_weights,
+                                     load_sequences=load_sequences, save_weights=save_weights)
     metrics["timing_s/update_policy"] = time.time() - t0
     lineage = {"parent_checkpoint": policy["digest"], "data_digest": scores["digest"],
                "parent_path": policy["path"], "sequences": str(seqs_path)}
-    if not save_optimizer:
+    if not save_optimizer or not save_weights:
         lineage["optimizer_state"] = NOT_SAVED
+    if not save_weights:  # held in memory; a resumed run replays to them (replay.py)
+        lineage.update(weights=NOT_SAVED, ref_path=ref["path"])
     return Output(metrics, lineage)
 
 

@@ -185,3 +185,27 @@ def test_a_kill_between_saved_optimizer_states_resumes_by_replay(tmp_path):
     assert all(after[p] == t for p, t in before.items())  # nothing done before was redone
     its = sorted((tmp_path / "killed" / "stages").rglob("it000*-policy-*"))
     assert [(p / "optimizer.pt").exists() for p in its] == [False, True, False]
+
+
+def test_a_kill_between_saved_weights_resumes_by_replay(tmp_path):
+    """rl.save_every: 2 writes iteration 0's checkpoint without its weights (the resident
+    trainer holds them and hands them to the rollout engine). SIGKILL after that update: the
+    rerun reuses the checkpoint, replays its update from the start to rebuild the weights for
+    iteration 1's sampling, and ends on the uninterrupted run's weights."""
+    sets = ("rl.iterations=3", "rl.save_every=2", "eval.every=0")
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "killed").mkdir()
+    ref = result(run(tmp_path / "ref", sets=sets))
+    ref_its = sorted((tmp_path / "ref" / "stages").rglob("it000*-policy-*"))
+    assert [(p / "model.safetensors").exists() for p in ref_its] == [False, True, True]
+    killed = run(tmp_path / "killed", "after_update_policy:0", sets=sets)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before = manifests(tmp_path / "killed")
+    rerun = run(tmp_path / "killed", sets=sets)
+    out = result(rerun)
+    assert "replaying 1 update(s)" in rerun.stderr
+    assert weights_digest(out["checkpoint"]) == weights_digest(ref["checkpoint"])
+    after = manifests(tmp_path / "killed")
+    assert all(after[p] == t for p, t in before.items())  # nothing done before was redone
+    its = sorted((tmp_path / "killed" / "stages").rglob("it000*-policy-*"))
+    assert [(p / "model.safetensors").exists() for p in its] == [False, True, True]

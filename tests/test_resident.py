@@ -166,3 +166,82 @@ def test_a_lost_resident_state_is_replayed_from_the_last_saved_optimizer_state(
     with pytest.raises(ValueError, match="resident"):
         train_on_sequences(str(dirs[2]), str(tmp_path / "y"), seqs, LossSpec(),
                            UpdateSpec(lr=1e-3, resident=False))
+
+
+def test_weights_kept_in_memory_are_handed_over_and_replayed_after_a_loss(
+        tiny_model_dir, tmp_path, builds):
+    """rl.save_every: the middle update of three writes no weights, only their checksum; the
+    next update takes the held trainer, the rollout engine the held weights; a new process
+    replays to them from the last durable checkpoint, bit for bit."""
+    import json
+
+    from ibtpo_core.engines import held
+    from ibtpo_core.rl import load_sequences, save_sequences
+    from ibtpo_core.training import replay
+
+    seqs = sequences(tiny_model_dir)
+    spec = UpdateSpec(lr=1e-3, micro_batch_size=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    a, b = run / "it0", run / "it1"
+    for k, (parent, d, save) in enumerate([(tiny_model_dir, a, True), (str(a), b, False)]):
+        save_sequences(seqs[k:] + seqs[:k], run / f"seqs{k}.json")
+        train_on_sequences(parent, str(d), seqs[k:] + seqs[:k], LossSpec(), spec,
+                           save_optimizer=save, save_weights=save)
+        manifest = {"parent_path": parent, "sequences": str(run / f"seqs{k}.json")}
+        if not save:
+            manifest.update(optimizer_state="not_saved", weights="not_saved")
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    assert not (b / "model.safetensors").exists() and not (b / "optimizer.pt").exists()
+    assert (b / "held.json").exists() and (b / "config.json").exists()
+    assert replay.weights_not_saved(str(b)) and replay.weights_home(str(b)) == str(a)
+    assert builds == [tiny_model_dir]
+    # the rollout engine: built from the durable checkpoint's files, then given the held weights
+    held._HELD.clear()
+    weights = resident.weights_for(str(b))
+    engine = held.held_engine("hf", str(b), weights, base_path=str(a))
+    assert held._HELD["loads_in_memory"] == 1
+    got = engine.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in weights.items() if k in got)
+    held._HELD.clear()
+    # the uninterrupted third update, from the held trainer (no build)
+    train_on_sequences(str(b), str(tmp_path / "kept"), seqs, LossSpec(), spec)
+    assert builds == [tiny_model_dir]
+    # a new process: the weights are rebuilt by replaying it1 from it0, then the update
+    resident.release()
+    builds.clear()
+    rebuilt = deepspeed_trainer.held_weights(str(b), spec, LossSpec(), None, load_sequences)
+    assert builds == [str(a)]
+    assert replay.checksum(rebuilt) == replay.read_held(str(b))
+    train_on_sequences(str(b), str(tmp_path / "replayed"), seqs, LossSpec(), spec,
+                       load_sequences=load_sequences)
+    assert builds == [str(a)]  # the replayed trainer is held, not built again
+    assert_same_checkpoint(tmp_path / "kept", tmp_path / "replayed")
+    # a replay that misses the recorded checksum stops
+    resident.release()
+    want = replay.read_held(str(b))
+    name = next(iter(want))
+    (b / "held.json").write_text(json.dumps({**want, name: want[name] + "0"}))
+    with pytest.raises(RuntimeError, match="did not give its weights"):
+        deepspeed_trainer.held_weights(str(b), spec, LossSpec(), None, load_sequences)
+
+
+def test_checksum_changes_with_any_one_byte():
+    base = {"w": torch.zeros(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)}
+    c0 = replay_checksum(base)
+    assert c0 == replay_checksum({k: v.clone() for k, v in base.items()})
+    flipped = base["w"].clone()
+    flipped.reshape(-1).view(torch.uint8)[17] = 1  # one byte of the fifth float
+    assert replay_checksum({**base, "w": flipped})["w"] != c0["w"]
+    assert replay_checksum({**base, "w": flipped})["b"] == c0["b"]
+    moved = base["w"].clone()
+    moved.reshape(-1).view(torch.uint8)[16] = 1
+    # bytes 0..: weights 1, 2, ...; byte 16 = 1 gives 17, byte 17 = 1 gives 18
+    assert replay_checksum({"w": moved})["w"] == "torch.float32:(3, 4):17"
+    assert replay_checksum({"w": flipped})["w"] == "torch.float32:(3, 4):18"
+
+
+def replay_checksum(state):
+    from ibtpo_core.training.replay import checksum
+
+    return checksum(state)

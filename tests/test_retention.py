@@ -95,6 +95,21 @@ def test_weights_kept_are_the_last_n_and_every_kth(tmp_path):
     assert prune_checkpoints(paths, 1, 0) == 3 * 9  # now only the last: 1, 3, 4 go too
 
 
+def test_the_last_optimizer_state_keeps_its_weights(tmp_path):
+    """rl.save_every: a replay starts from the last checkpoint holding an optimizer state, so
+    its weights stay even when newer checkpoints hold weights alone."""
+    from ibtpo_core.artifacts import prune
+    from ibtpo_core.training.retention import prune_checkpoints
+
+    paths = [_checkpoint(tmp_path / f"it{k}", str(k))["path"] for k in range(6)]
+    for k in (0, 2, 3, 4, 5):
+        prune(Path(paths[k]), ("optimizer.pt", "zero_state"))
+    # the last (it5) and the last state's (it1) stay; it0, it2, it3, it4 go, 9 bytes each
+    assert prune_checkpoints(paths, 1, 0) == 4 * 9
+    kept = [(Path(p) / "model.safetensors").exists() for p in paths]
+    assert kept == [False, True, False, False, False, True]
+
+
 def test_reading_deleted_weights_stops_with_the_fix(tmp_path):
     from configs.schema import EngineConfig, EvalConfig
     from ibtpo_core.algo.losses import LossSpec

@@ -17,18 +17,21 @@ _HELD: dict = {}
 
 
 def held_engine(name: str, model_path: str, weights: dict | None = None,
-                **kwargs) -> RolloutEngine:
+                base_path: str | None = None, **kwargs) -> RolloutEngine:
     """The process's engine for ``name`` / ``kwargs``, holding the weights of ``model_path``;
     ``weights``: that checkpoint's state dict already in memory (the resident trainer's), taken
-    instead of reading the file where the engine can. Its reusable prefixes are cleared, so a
-    stage's samples depend on its inputs only."""
+    instead of reading the file where the engine can. ``base_path``: a checkpoint of the same
+    model with its weights on disk, to build a new engine from when ``model_path`` has none (saved
+    without them, ``rl.save_every``; ``weights`` then replaces them). Its reusable prefixes are
+    cleared, so a stage's samples depend on its inputs only."""
     key = json.dumps([name, kwargs], sort_keys=True, default=str)
     engine = _HELD.get("engine")
     if engine is None or _HELD.get("key") != key:
         _HELD.clear()  # drop the old engine (and its memory) before building the next
-        engine = build_engine(name, model_path=model_path, **kwargs)
-        _HELD.update(engine=engine, key=key, path=model_path)
-    elif _HELD.get("path") != model_path:
+        source = base_path if weights is not None and base_path else model_path
+        engine = build_engine(name, model_path=source, **kwargs)
+        _HELD.update(engine=engine, key=key, path=source)
+    if _HELD.get("path") != model_path:
         in_memory = weights is not None and engine.load_state(weights)
         if not in_memory:
             engine.load_weights(model_path)

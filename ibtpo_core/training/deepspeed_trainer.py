@@ -215,24 +215,23 @@ def init_process_group(attempts: int = 3) -> None:
 def train_on_sequences(
         model_dir: str, out_dir: str, seqs: list[TrainingSequence], loss: LossSpec,
         spec: UpdateSpec, ref_dir: str | None = None, save_optimizer: bool = True,
-        load_sequences=None) -> dict[str, float]:
+        load_sequences=None, save_weights: bool = True) -> dict[str, float]:
     """``spec.mini_batches`` optimizer steps on ``seqs`` (one per slice, in order); saves the new
-    policy (and, with ``save_optimizer``, the optimizer state) to ``out_dir``. One process with
-    ``spec.resident``: the engine that wrote ``model_dir`` is reused if it is still held
-    (resident.py), else built from it; a ``model_dir`` saved without its optimizer state is
-    rebuilt by replaying the updates since the last one saved with it (replay.py), reading each
-    update's sequences with ``load_sequences(path)``."""
+    policy (and, with ``save_optimizer``, the optimizer state) to ``out_dir``; without
+    ``save_weights``, only its config, tokenizer and the weights' checksum (``replay.HELD_FILE``):
+    the weights stay in memory. One process with ``spec.resident``: the engine that wrote
+    ``model_dir`` is reused if it is still held (resident.py), else built from it; a
+    ``model_dir`` saved without its optimizer state (or weights) is rebuilt by replaying the
+    updates since the last one saved with it (replay.py), reading each update's sequences with
+    ``load_sequences(path)``."""
     if not seqs:
         raise ValueError("no training sequences: every prompt of the iteration failed to sample")
-    world = _ensure_dist_env()
-    if not torch.cuda.is_available():
-        prepare_comm_op(world)  # one rank builds nothing; a killed build's lock is cleared
-    if not torch.distributed.is_initialized():
-        init_process_group()
-    ds_cfg = _ds_config(spec.deepspeed_config, spec.micro_batch_size, world)
+    world, ds_cfg = _setup(spec)
     keep = spec.resident and world == 1
-    key = json.dumps([dataclasses.asdict(spec), ds_cfg, ref_dir if loss.beta_kl > 0 else None],
-                     sort_keys=True, default=str)
+    if not save_weights and not keep:
+        raise ValueError("only a one-process resident update can keep the weights in memory "
+                         "(rl.save_every > 1): set algo.update.resident: true, one process")
+    key = _resident_key(spec, ds_cfg, ref_dir, loss)
     state = resident.take(model_dir, key) if keep else None
     if state is None and replay.optimizer_not_saved(model_dir):
         if not keep:
@@ -245,36 +244,83 @@ def train_on_sequences(
     t0 = time.perf_counter()
     sums = train_steps(state, seqs, loss, spec, world)
     sums["update/compute_s"] = time.perf_counter() - t0  # the steps alone: no build, no save
-    save_policy(state.engine, state.optimizer, state.tok, out_dir,
-                int(os.environ.get("RANK", "0")), state.sharded, save_optimizer)
+    if save_weights:
+        save_policy(state.engine, state.optimizer, state.tok, out_dir,
+                    int(os.environ.get("RANK", "0")), state.sharded, save_optimizer)
+    else:
+        module = state.engine.module
+        module.config.save_pretrained(out_dir)
+        state.tok.save_pretrained(out_dir)
+        replay.write_held(out_dir, module.state_dict())
     if keep:
         resident.hold(state, out_dir)
     return sums
 
 
+def held_weights(checkpoint: str, spec: UpdateSpec, loss: LossSpec, ref_dir: str | None,
+                 load_sequences) -> dict:
+    """The weights of ``checkpoint`` in memory: the held trainer's if it wrote it, else rebuilt
+    by a replay (a new process resuming a run between durable checkpoints, ``rl.save_every``),
+    which then stays held for the next update."""
+    weights = resident.weights_for(checkpoint)
+    if weights is not None:
+        return weights
+    _, ds_cfg = _setup(spec)
+    key = _resident_key(spec, ds_cfg, ref_dir, loss)
+    return replay_to(checkpoint, spec, loss, ds_cfg, ref_dir, key,
+                     load_sequences).engine.module.state_dict()
+
+
+def _setup(spec: UpdateSpec) -> tuple[int, dict]:
+    """The process group (one rank builds nothing; a killed build's lock is cleared) and the
+    DeepSpeed config; returns the world size and the config."""
+    world = _ensure_dist_env()
+    if not torch.cuda.is_available():
+        prepare_comm_op(world)
+    if not torch.distributed.is_initialized():
+        init_process_group()
+    return world, _ds_config(spec.deepspeed_config, spec.micro_batch_size, world)
+
+
+def _resident_key(spec: UpdateSpec, ds_cfg: dict, ref_dir: str | None, loss: LossSpec) -> str:
+    """The settings a held trainer was built for: another key rebuilds it."""
+    return json.dumps([dataclasses.asdict(spec), ds_cfg, ref_dir if loss.beta_kl > 0 else None],
+                      sort_keys=True, default=str)
+
+
 def replay_to(checkpoint: str, spec: UpdateSpec, loss: LossSpec, ds_cfg: dict,
               ref_dir: str | None, key: str, load_sequences) -> resident.TrainerState:
-    """The trainer state of ``checkpoint``, saved without its optimizer state: built from the
-    last checkpoint before it saved with one (or the start) and stepped through each later
-    update's sequences again. Each replayed step must give that checkpoint's weights bit for
-    bit, else this fails rather than train from a state that differs from the run's."""
+    """The trainer state of ``checkpoint``, saved without its optimizer state (or weights):
+    built from the last checkpoint before it saved with one (or the start) and stepped through
+    each later update's sequences again. Each replayed step must give that checkpoint's weights
+    bit for bit (their file, or the checksum of those kept in memory), else this fails rather
+    than train from a state that differs from the run's."""
     from safetensors.torch import load_file
 
     if load_sequences is None:
         raise ValueError(f"{checkpoint} needs a replay, and no sequence loader was given")
     base, steps = replay.plan(checkpoint)
-    print(f"update: replaying {len(steps)} update(s) from {base} to rebuild the optimizer state "
-          f"of {checkpoint} (rl.save_optimizer_every)", file=sys.stderr, flush=True)
+    print(f"update: replaying {len(steps)} update(s) from {base} to rebuild the state of "
+          f"{checkpoint} (rl.save_optimizer_every, rl.save_every)", file=sys.stderr, flush=True)
     state = build_trainer(base, spec, loss, ds_cfg, ref_dir, key)
     for ckpt, seqs_path in steps:
         train_steps(state, load_sequences(seqs_path), loss, spec, 1)
         got = state.engine.module.state_dict()
-        for name, want in load_file(str(Path(ckpt) / resident.WEIGHTS_FILE)).items():
-            if not torch.equal(got[name].detach().cpu(), want):
-                raise RuntimeError(f"replaying the update that wrote {ckpt} did not give its "
-                                   f"weights ({name} differs): the replay is not deterministic "
-                                   f"here (threads, device); rerun with "
-                                   f"rl.save_optimizer_every: 1")
+        weights = Path(ckpt) / resident.WEIGHTS_FILE
+        if weights.is_file():
+            differ = (name for name, want in load_file(str(weights)).items()
+                      if not torch.equal(got[name].detach().cpu(), want))
+        elif (Path(ckpt) / replay.HELD_FILE).is_file():
+            want, have = replay.read_held(ckpt), replay.checksum(got)
+            differ = (name for name in want if have.get(name) != want[name])
+        else:  # weights pruned by rl.keep_checkpoints: nothing to check this step against
+            differ = iter(())
+        name = next(differ, None)
+        if name is not None:
+            raise RuntimeError(f"replaying the update that wrote {ckpt} did not give its "
+                               f"weights ({name} differs): the replay is not deterministic "
+                               f"here (threads, device); rerun with rl.save_every: 1 and "
+                               f"rl.save_optimizer_every: 1")
     resident.hold(state, checkpoint)
     return state
 

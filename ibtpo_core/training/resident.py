@@ -8,7 +8,8 @@ rename into place keeps. The next update asks for its parent checkpoint by path;
 fingerprint matches that path's weights file is taken, anything else (a cache hit on another
 process's checkpoint, a resume in a new process, a changed or rewritten file, other update or
 loss settings) is dropped and the update builds from disk as before. The rollout engine is
-handed the same weights in memory (``weights_for``) instead of re-reading the file.
+handed the same weights in memory (``weights_for``) instead of re-reading the file. A checkpoint
+saved without its weights (``rl.save_every``) is fingerprinted by its small ``HELD_FILE``.
 
 Knows nothing of stages; one state per process.
 """
@@ -21,18 +22,23 @@ from pathlib import Path
 
 import torch
 
+from ibtpo_core.training.replay import HELD_FILE
+
 WEIGHTS_FILE = "model.safetensors"
 
 _HELD: dict = {}
 
 
 def fingerprint(checkpoint: str) -> tuple | None:
-    """What identifies a checkpoint's weights file on disk without reading it; None if absent."""
-    try:
-        st = os.stat(Path(checkpoint) / WEIGHTS_FILE)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """What identifies a checkpoint's weights file on disk without reading it (or, for one saved
+    without its weights, its ``HELD_FILE``); None if neither is there."""
+    for name in (WEIGHTS_FILE, HELD_FILE):
+        try:
+            st = os.stat(Path(checkpoint) / name)
+        except OSError:
+            continue
+        return (name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return None
 
 
 @dataclass

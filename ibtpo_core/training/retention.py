@@ -34,20 +34,27 @@ def weight_files(folder: Path) -> tuple[str, ...]:
 
 def prune_checkpoints(checkpoints: list[str], keep_last: int | None, every: int) -> int:
     """Delete the weights of the checkpoints of ``checkpoints`` (oldest first: the one after
-    iteration i at index i - 1) but the last ``keep_last`` and every ``every``-th iteration's
-    (None: keep all; every 0: none besides the last); returns the bytes freed. Their digests
-    stay, so the cache and reruns are unchanged; a stage that must read deleted weights says so
-    (``require_weights``)."""
+    iteration i at index i - 1) but the last ``keep_last`` that hold weights, every ``every``-th
+    iteration's (every 0: none besides the last) and the last one holding an optimizer state
+    (what a replay starts from, ``rl.save_every``); None keeps all. Returns the bytes freed.
+    Their digests stay, so the cache and reruns are unchanged; a stage that must read deleted
+    weights says so (``require_weights``)."""
     from ibtpo_core.artifacts import prune
 
     if keep_last is None:
         return 0
+    names = {i: weight_files(Path(c)) if Path(c).is_dir() else ()
+             for i, c in enumerate(checkpoints)}
+    holding = [i for i in names if names[i]]
+    keep = set(holding[max(0, len(holding) - keep_last):])
+    states = [i for i, c in enumerate(checkpoints)
+              if any((Path(c) / n).exists() for n in OPTIMIZER_STATE)]
+    keep.update(states[-1:])
     freed = 0
-    for i, c in enumerate(checkpoints[: max(0, len(checkpoints) - keep_last)]):
-        if every and (i + 1) % every == 0:
+    for i in holding:
+        if i in keep or (every and (i + 1) % every == 0):
             continue
-        names = weight_files(Path(c)) if Path(c).is_dir() else ()
-        freed += prune(Path(c), names) if names else 0
+        freed += prune(Path(checkpoints[i]), names[i])
     return freed
 
 
