@@ -35,10 +35,12 @@ from ibtpo_core.training.warmup import WarmupSpec
 # method.md §6: each method is a set of defaults under the algo section; explicit keys win.
 METHOD_PRESETS: dict[str, dict] = {
     # IB-TPO: the library's defaults (the local term's was chosen on the validation split:
-    # docs/results/local_term.md). A default or preset changes only when a validation-split
-    # tuning sweep says so. Each baseline differs from its neighbour in the switches the table of
-    # docs/method.md §6 names.
-    "ibtpo": {},
+    # docs/results/local_term.md) with the paper figure's tree shape, one initial chain and
+    # binary branching, chosen on the validation split over M = G/2, B_root = G, B_max 3
+    # (docs/method.md §5, docs/results/tree_shapes.md). A default or preset changes only when a
+    # validation-split tuning sweep says so. Each baseline differs from its neighbour in the
+    # switches the table of docs/method.md §6 names.
+    "ibtpo": {"tree": {"M": 1, "B_root": 2, "B_max": 2}},
     "grpo": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"}},
     "grpo_clip_higher": {"tree": {"sampler": "independent"}, "advantage": {"name": "grpo"},
                          "loss": {"eps_high": 0.28}},
@@ -427,7 +429,7 @@ def apply_method_preset(raw: dict) -> dict:
     """Fill the algo section with the defaults of its ``method`` (explicit keys win), and
     Dr. GRPO's constant normaliser (``algo.loss.agg: seq_sum_norm``) with the rollout's
     ``max_new_tokens`` where it is not given."""
-    algo = raw.get("algo")
+    algo = raw.get("algo", {})  # no algo section: the default method's preset still applies
     if not isinstance(algo, dict):
         return raw
     preset = METHOD_PRESETS.get(algo.get("method", "ibtpo"))
