@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_json  # noqa: E402
+from _results import nan_to_null, write_json  # noqa: E402
 
 KEYS = {"score": "ib_probe/score_mean", "h": "ib_probe/h_mean", "i": "ib_probe/i_mean"}
 
@@ -51,14 +51,6 @@ def curves(histories: list[dict[str, list[tuple[int, float]]]]) -> dict:
             ses.append(se)
         out[f"{name}_mean"], out[f"{name}_se"] = means, ses
     return out
-
-
-def _clean(x):
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def read_histories(run_ids: list[str]) -> list[dict[str, list[tuple[int, float]]]]:
@@ -140,7 +132,7 @@ def main() -> int:
     if args.plot:
         plot(methods, Path(args.plot))
         print(f"plot: {args.plot}")
-    line = _clean({"sweep": args.sweep or str(report), "methods": methods})
+    line = nan_to_null({"sweep": args.sweep or str(report), "methods": methods})
     write_json(args.json, line)
     print(json.dumps(line))
     return 0

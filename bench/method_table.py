@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_json  # noqa: E402
+from _results import nan_to_null, write_json  # noqa: E402
 
 DEFAULT = ["configs/sweeps/deep_table.yaml", "configs/sweeps/deep_table_3x.yaml"]
 # the same comparison at other depths (default budget); deep_table is the 5-step point
@@ -44,14 +44,6 @@ DEFAULT_DEPTH = ["configs/sweeps/deep_depth5.yaml", "configs/sweeps/deep_depth7.
 TREATED, BASELINE = "ibtpo", "grpo"
 DIFF_KEYS = ("mean", "ci95_low", "ci95_high", "mde")
 PAIRED_KEYS = (*DIFF_KEYS, "n_pairs")
-
-
-def _clean(x):
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def _diffs(row: dict, base: str) -> dict:
@@ -245,14 +237,14 @@ def main() -> int:
         ],
         "depths": [{k: v for k, v in d.items() if k not in ("sweep", "wall_s")} for d in depths],
     }
-    line = _clean(line)
+    line = nan_to_null(line)
     if args.plot:
         plot(line["budgets"], line["depths"] if len(depths) > 1 else [], Path(args.plot))
         print(f"plot: {args.plot}")
     runs = [{k: v for k, v in b.items() if k != "summary"} for b in budgets]
-    write_json(args.json, {**line, "runs": _clean(runs),
-                           "depth_runs": _clean([{"sweep": d["sweep"], "wall_s": d.get("wall_s")}
-                                                 for d in depths])})
+    depth_runs = [{"sweep": d["sweep"], "wall_s": d.get("wall_s")} for d in depths]
+    write_json(args.json, {**line, "runs": nan_to_null(runs),
+                           "depth_runs": nan_to_null(depth_runs)})
     print(json.dumps(line))
     return 0
 

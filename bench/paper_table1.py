@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,17 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_json  # noqa: E402
+from _results import nan_to_null, write_json  # noqa: E402
 
 FIELDS = ("acc_mean", "acc_se", "leaves_per_budget", "unique_leaves_per_budget",
           "decoded_tokens", "wall_s", "acc_at_equal_tokens", "acc_at_equal_wall",
           "distinct_correct", "eff_rate")
-
-
-def _clean(x):
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def main() -> int:
@@ -62,7 +55,7 @@ def main() -> int:
             m[f"diff_vs_{base}"] = {k: d[k] for k in ("mean", "ci95_low", "ci95_high")}
             m[f"unique_leaves_vs_{base}"] = row.get(f"unique_leaves_vs_{base}")
         methods[name] = m
-    result = _clean({"methods": methods, "sweep_wall_s": round(wall, 1),
+    result = nan_to_null({"methods": methods, "sweep_wall_s": round(wall, 1),
                      "sweep_run_id": out["sweep_run_id"]})
     write_json(args.json, {**result, "report": summary})
     print(json.dumps({"methods": result["methods"]}))

@@ -36,4 +36,4 @@ def test_one_seed_has_no_band_and_nan_becomes_null():
     mod = _module()
     c = mod.curves([_run([(0, 0.2)], [(0, 1.0)], [(0, 0.1)])])
     assert c["score_mean"] == [0.2] and math.isnan(c["score_se"][0])
-    assert mod._clean(c)["score_se"] == [None]
+    assert mod.nan_to_null(c)["score_se"] == [None]

@@ -51,7 +51,7 @@ def test_budget_row_keeps_the_named_fields():
 
 
 def test_nan_becomes_null_in_the_json_line():
-    assert _module()._clean({"a": [math.nan, 1.0], "b": {"c": math.nan}}) == {"a": [None, 1.0],
+    assert _module().nan_to_null({"a": [math.nan, 1.0], "b": {"c": math.nan}}) == {"a": [None, 1.0],
                                                                              "b": {"c": None}}
 
 
