@@ -88,12 +88,11 @@ def policy_weights(path: str, algo: AlgoConfig) -> dict | None:
     from ibtpo_core.training.replay import ref_path, weights_not_saved
     from ibtpo_core.training.resident import weights_for
 
-    weights = weights_for(path)
-    if weights is None and weights_not_saved(path):
-        from ibtpo_core.training.deepspeed_trainer import held_weights
+    if not weights_not_saved(path):
+        return weights_for(path)
+    from ibtpo_core.training.deepspeed_trainer import held_weights
 
-        weights = held_weights(path, algo.update, algo.loss, ref_path(path), load_sequences)
-    return weights
+    return held_weights(path, algo.update, algo.loss, ref_path(path), load_sequences)
 
 
 @task(task_run_name="estimate_scores[it {iteration}]", cache_policy=NO_CACHE)
