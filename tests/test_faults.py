@@ -165,12 +165,10 @@ def test_a_kill_inside_the_first_build_of_the_comm_op_does_not_hang_the_rerun(tm
     assert not [p for p in locks if p.exists()]
 
 
-def test_a_kill_between_saved_optimizer_states_resumes_by_replay(tmp_path):
-    """rl.save_optimizer_every: 2 writes iteration 0's checkpoint without its optimizer state
-    (the resident trainer holds it). SIGKILL after that update: the rerun reuses the checkpoint,
-    replays its update from the start to rebuild the state, and ends on the uninterrupted run's
-    weights."""
-    sets = ("rl.iterations=3", "rl.save_optimizer_every=2")
+def kill_between_durable_checkpoints(tmp_path, sets) -> tuple[list[Path], list[Path]]:
+    """An uninterrupted run and one SIGKILLed after iteration 0's update, then rerun: the rerun
+    replays that one update, reuses everything written before the kill and ends on the
+    uninterrupted run's weights. Returns both runs' update folders, oldest first."""
     (tmp_path / "ref").mkdir()
     (tmp_path / "killed").mkdir()
     ref = result(run(tmp_path / "ref", sets=sets))
@@ -183,7 +181,17 @@ def test_a_kill_between_saved_optimizer_states_resumes_by_replay(tmp_path):
     assert weights_digest(out["checkpoint"]) == weights_digest(ref["checkpoint"])
     after = manifests(tmp_path / "killed")
     assert all(after[p] == t for p, t in before.items())  # nothing done before was redone
-    its = sorted((tmp_path / "killed" / "stages").rglob("it000*-policy-*"))
+    return tuple(sorted((tmp_path / name / "stages").rglob("it000*-policy-*"))
+                 for name in ("ref", "killed"))
+
+
+def test_a_kill_between_saved_optimizer_states_resumes_by_replay(tmp_path):
+    """rl.save_optimizer_every: 2 writes iteration 0's checkpoint without its optimizer state
+    (the resident trainer holds it). SIGKILL after that update: the rerun reuses the checkpoint,
+    replays its update from the start to rebuild the state, and ends on the uninterrupted run's
+    weights."""
+    _, its = kill_between_durable_checkpoints(tmp_path, ("rl.iterations=3",
+                                                         "rl.save_optimizer_every=2"))
     assert [(p / "optimizer.pt").exists() for p in its] == [False, True, False]
 
 
@@ -192,20 +200,7 @@ def test_a_kill_between_saved_weights_resumes_by_replay(tmp_path):
     trainer holds them and hands them to the rollout engine). SIGKILL after that update: the
     rerun reuses the checkpoint, replays its update from the start to rebuild the weights for
     iteration 1's sampling, and ends on the uninterrupted run's weights."""
-    sets = ("rl.iterations=3", "rl.save_every=2", "eval.every=0")
-    (tmp_path / "ref").mkdir()
-    (tmp_path / "killed").mkdir()
-    ref = result(run(tmp_path / "ref", sets=sets))
-    ref_its = sorted((tmp_path / "ref" / "stages").rglob("it000*-policy-*"))
+    ref_its, its = kill_between_durable_checkpoints(
+        tmp_path, ("rl.iterations=3", "rl.save_every=2", "eval.every=0"))
     assert [(p / "model.safetensors").exists() for p in ref_its] == [False, True, True]
-    killed = run(tmp_path / "killed", "after_update_policy:0", sets=sets)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    before = manifests(tmp_path / "killed")
-    rerun = run(tmp_path / "killed", sets=sets)
-    out = result(rerun)
-    assert "replaying 1 update(s)" in rerun.stderr
-    assert weights_digest(out["checkpoint"]) == weights_digest(ref["checkpoint"])
-    after = manifests(tmp_path / "killed")
-    assert all(after[p] == t for p, t in before.items())  # nothing done before was redone
-    its = sorted((tmp_path / "killed" / "stages").rglob("it000*-policy-*"))
     assert [(p / "model.safetensors").exists() for p in its] == [False, True, True]
