@@ -24,7 +24,7 @@ from ibtpo_core.algo.sampling import TreeSpec
 from ibtpo_core.data.countdown import CountdownSpec
 from ibtpo_core.data.gym import ReasoningGymSpec
 from ibtpo_core.data.sources import DatasetSource
-from ibtpo_core.engines.base import ENGINE_MODULES, TAKES_STATE_DICT
+from ibtpo_core.engines.base import ENGINE_MODULES
 from ibtpo_core.evaluation import EvalSpec
 from ibtpo_core.models.gguf_checkpoint import GGUFSpec
 from ibtpo_core.models.tiny import TinyModelSpec
@@ -325,12 +325,6 @@ class ExperimentConfig(Section):
                     f"rl.{name}={every} keeps state in the one-process resident trainer between "
                     f"saves; with algo.update.num_processes x nodes = {u.world_size} and "
                     f"resident: {u.resident} set rl.{name}: 1")
-        if self.rl.save_every > 1 and self.engine.name not in TAKES_STATE_DICT:
-            raise ValueError(
-                f"rl.save_every={self.rl.save_every} hands the weights to the rollout engine in "
-                f"memory, which engine {self.engine.name!r} cannot take yet (it reads "
-                f"checkpoints from disk); set rl.save_every: 1, or engine.name: "
-                f"{sorted(TAKES_STATE_DICT)[0]}")
         return self
 
     @model_validator(mode="after")

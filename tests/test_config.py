@@ -47,10 +47,6 @@ def write(tmp_path, text):
          r"rl.save_optimizer_every=3 keeps state in the one-process resident trainer"),
         ("name: x\nrl:\n  save_every: 2\nalgo:\n  update:\n    resident: false\n",
          r"rl.save_every=2 keeps state .* resident: False set rl.save_every: 1"),
-        ("name: x\nrl:\n  save_every: 2\nengine:\n  name: vllm\nalgo:\n  score:\n"
-         "    entropy_estimator: surprisal\n",
-         r"rl.save_every=2 hands the weights to the rollout engine in memory, which engine "
-         r"'vllm' cannot take yet"),
         ("name: x\nalgo:\n  method: dapoo\n", r"unknown method 'dapoo' \(did you mean 'dapo'\?\)"),
         ("name: x\nalgo:\n  reward:\n    overlong_buffer: -1\n", r"overlong_buffer must be >= 0"),
         ("name: x\nalgo:\n  tree:\n    sampler: eptre\n", r"algo.tree.sampler: Input should be"),

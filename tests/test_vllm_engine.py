@@ -130,7 +130,7 @@ def test_ibtree_sampling_runs_on_vllm(setup):
 
 def test_reloaded_weights_change_the_samples(setup, model_dir, tmp_path):
     """An update saved as a checkpoint and loaded into the running engine: the samples change,
-    and their log-probs are the new model's. Last in the module: it changes the engine."""
+    and their log-probs are the new model's. Near the end of the module: it changes the engine."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -147,3 +147,30 @@ def test_reloaded_weights_change_the_samples(setup, model_dir, tmp_path):
     assert_logprobs_match(new.eval(), prompts, b)
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         engine.load_weights(str(tmp_path / "missing"))
+
+
+def test_weights_from_memory_equal_the_same_weights_from_disk(setup, model_dir, tmp_path):
+    """``load_state`` (the resident trainer's hand-off, no file): a state dict in memory gives
+    the samples and log-probs of the same weights loaded from a checkpoint, and going back to the
+    first model's state gives that model's log-probs (the tied head re-packed too)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok, engine, model, stop, prompts = setup
+    new = AutoModelForCausalLM.from_pretrained(model_dir)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    new.save_pretrained(tmp_path)
+    engine.load_weights(str(tmp_path))
+    from_disk = engine.generate(prompts, num_samples=4, max_new_tokens=10, stop=stop, seed=9)
+    assert engine.load_state(model.state_dict()) is True
+    first = engine.generate(prompts, num_samples=4, max_new_tokens=10, stop=stop, seed=9)
+    assert_logprobs_match(model, prompts, first)
+    engine.load_state(new.state_dict())
+    from_memory = engine.generate(prompts, num_samples=4, max_new_tokens=10, stop=stop, seed=9)
+    assert [c.token_ids for c in from_memory] == [c.token_ids for c in from_disk]
+    assert [c.token_ids for c in first] != [c.token_ids for c in from_disk]
+    assert_logprobs_match(new.eval(), prompts, from_memory)
+    assert engine.stats["load_state"] == 2

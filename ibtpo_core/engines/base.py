@@ -18,8 +18,6 @@ ENGINES: Registry[Callable[..., "RolloutEngine"]] = Registry("engine")
 # The engines this project ships, by name -> the module that registers it (imported when first
 # built: the hf engine needs transformers, the vllm one vLLM). Configs check names against this.
 ENGINE_MODULES: dict[str, str] = {"hf": "ibtpo_core.engines.hf", "vllm": "ibtpo_core.engines.vllm"}
-# the engines whose ``load_state`` takes weights from memory (what rl.save_every > 1 needs)
-TAKES_STATE_DICT: frozenset[str] = frozenset({"hf"})
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Building a vLLM engine costs tens of seconds and most of a GPU's free memory, so the RL
 iterations and the evaluations of one run share a single engine: it is built on first use and,
 when a later stage asks for another checkpoint of the same config, the new weights are loaded
-into it: from memory where the resident trainer still holds them (training/resident.py) and the
-engine takes a state dict (the HF engines), else from the checkpoint's files. A different engine
+into it: from memory where the resident trainer still holds them (training/resident.py), as
+both shipped engines take a state dict, else from the checkpoint's files. A different engine
 config replaces it.
 """
 from __future__ import annotations

@@ -7,7 +7,10 @@
   tree methods on this engine use ``entropy_estimator: surprisal``.
 - New policy weights are loaded into the running engine (``collective_rpc("reload_weights")``,
   the tied output head re-processed, then ``reset_prefix_cache()``): the engine is built once
-  per process and kept alive across RL iterations.
+  per process and kept alive across RL iterations. ``load_state`` takes them from memory instead
+  (the resident trainer's state dict, serialised in memory, sent to the workers by
+  ``collective_rpc`` and copied in by vLLM's in-place reload): no checkpoint is written or read
+  (``rl.save_every``).
 - Seeded per prefix: prefix ``i`` of a call with seed ``s`` samples with its own seed derived
   from ``(s, i)``, so the same inputs give the same samples however vLLM batches them.
 
@@ -58,9 +61,10 @@ class VLLMEngine(RolloutEngine):
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.model_path = model_path
+        self._dtype = self.llm.llm_engine.model_config.dtype  # a torch dtype ("auto" resolved)
         self._max_context = int(self.llm.llm_engine.model_config.max_model_len)
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0,
-                      "load_weights": 0}
+                      "load_weights": 0, "load_state": 0}
 
     @property
     def max_context(self) -> int:
@@ -79,6 +83,25 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         self.model_path = path
         self.stats["load_weights"] += 1
+
+    def load_state(self, state: dict) -> bool:
+        """Load the weights of ``state`` (a state dict with the checkpoint's names, on any device)
+        into the running engine without a file: cast to the engine's dtype (half the bytes of
+        fp32 master weights in bf16), serialised in memory by safetensors, sent to every worker
+        and copied in place; cached prefixes are forgotten as after ``load_weights``."""
+        from safetensors.torch import save
+
+        cpu, seen = {}, set()
+        for k, v in state.items():
+            v = v.detach().to("cpu", self._dtype if v.is_floating_point() else v.dtype)
+            if v.data_ptr() in seen:  # a tied head shares the embedding: safetensors wants one
+                continue              # copy, and vLLM's loader skips a tied head anyway
+            seen.add(v.data_ptr())
+            cpu[k] = v.contiguous()
+        self.llm.collective_rpc("load_state", args=(save(cpu),))
+        self.llm.reset_prefix_cache()
+        self.stats["load_state"] += 1
+        return True
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 
 class WorkerExtension:
+    def load_state(self, blob: bytes) -> int:
+        """Copy the weights in ``blob`` (a state dict with the checkpoint's names, serialised by
+        safetensors in memory: vLLM's RPC decodes bare tensors as lists) into the served model,
+        in place, by vLLM's in-place reload (what ``reload_weights`` does with a checkpoint path:
+        it restores the parameters that post-load processing repacked, maps checkpoint names to
+        vLLM's fused ones, casts, and processes them again); then the tied head as after a
+        reload. Returns how many tensors were given."""
+        from safetensors.torch import load
+
+        state = load(blob)
+        self.reload_weights(weights_iterator=iter(state.items()))
+        self.refresh_tied_lm_head()
+        return len(state)
+
     def refresh_tied_lm_head(self) -> bool:
         """Redo the output head's weight processing after an in-place reload.
 
