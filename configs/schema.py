@@ -147,12 +147,27 @@ class EngineConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict, description="engine-specific keyword "
                                     "arguments (vllm: gpu_memory_utilization, "
                                     "tensor_parallel_size, max_model_len, enforce_eager, "
-                                    "block_size)")
+                                    "block_size; hf: seed_per_prefix)")
+    replicas: int = Field(1, ge=1, description="copies of the engine, one process each (one per "
+                          "GPU: replica r sees GPU r), that split every sampling call; the "
+                          "samples are one engine's (hf needs options.seed_per_prefix: true)")
 
     def kwargs(self) -> dict:
         """Keyword arguments of ``build_engine`` besides the model path."""
+        extra = {"replicas": self.replicas} if self.replicas > 1 else {}
         return {"device": self.device, "dtype": self.dtype, "max_batch": self.max_batch,
-                "prefix_cache_tokens": self.prefix_cache_tokens, **self.options}
+                "prefix_cache_tokens": self.prefix_cache_tokens, **self.options, **extra}
+
+    @model_validator(mode="after")
+    def _replicas_need_seeds_per_prefix(self):
+        if self.replicas > 1 and self.name == "hf" and not self.options.get("seed_per_prefix"):
+            raise ValueError(
+                f"engine.replicas: {self.replicas} splits each sampling call between the "
+                f"replicas, which gives one engine's samples only if every prefix draws from its "
+                f"own seed; the hf engine draws one generator per call unless told: set "
+                f"engine.options.seed_per_prefix: true (it changes the draws, so compare runs "
+                f"that both set it)")
+        return self
 
     @field_validator("name")
     @classmethod

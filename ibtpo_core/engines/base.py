@@ -55,6 +55,13 @@ class RolloutEngine(ABC):
     fresh_options: dict = {}
 
     @property
+    def seeds_per_prefix(self) -> bool:
+        """Whether each prefix samples from its own seed, derived from the call's seed and the
+        prefix's index (``first_index`` + its place in the call), so its samples do not depend on
+        the other prefixes of the call: what lets replicas split a call (engines/replicas.py)."""
+        return False
+
+    @property
     @abstractmethod
     def max_context(self) -> int:
         """Longest prefix + continuation the model accepts, in tokens."""
@@ -86,12 +93,15 @@ class RolloutEngine(ABC):
 
     def generate(self, prefixes: Sequence[Sequence[int]], *, num_samples: int = 1,
                  temperature: float = 1.0, max_new_tokens: int | Sequence[int],
-                 stop: StopConditions, seed: int | None = None) -> list[Completion]:
+                 stop: StopConditions, seed: int | None = None,
+                 first_index: int = 0) -> list[Completion]:
         """Sample ``num_samples`` continuations of every prefix.
 
         ``max_new_tokens`` is one limit for all prefixes or one per prefix.
         Returns ``len(prefixes) * num_samples`` completions, prefix-major (all samples of
-        prefix 0 first). The same seed and inputs give the same samples.
+        prefix 0 first). The same seed and inputs give the same samples. ``first_index``: this
+        call's prefixes are those from ``first_index`` on of a larger call split into parts (for
+        their seeds; engines that ``seeds_per_prefix`` only).
         """
         prefixes = [list(p) for p in prefixes]
         if isinstance(max_new_tokens, int):
@@ -104,6 +114,13 @@ class RolloutEngine(ABC):
         validate_request(prefixes, num_samples, temperature, limits, self.max_context)
         if not prefixes:
             return []
+        if first_index:
+            if not self.seeds_per_prefix:
+                raise ValueError(f"{type(self).__name__} samples a call with one generator, so a "
+                                 f"part of a call (first_index {first_index}) cannot get its own "
+                                 f"prefixes' samples; use an engine that seeds per prefix")
+            return self._generate(prefixes, num_samples, temperature, limits, stop, seed,
+                                  first_index=first_index)
         return self._generate(prefixes, num_samples, temperature, limits, stop, seed)
 
 
@@ -139,8 +156,8 @@ def engine_class(name: str) -> type[RolloutEngine]:
     return ENGINES.get(name)
 
 
-def build_engine(name: str, **kwargs) -> RolloutEngine:
-    """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed)."""
+def check_options(name: str, kwargs: dict) -> type[RolloutEngine]:
+    """The class of engine ``name``, after checking that it takes every keyword in ``kwargs``."""
     cls = engine_class(name)
     import inspect
 
@@ -150,4 +167,16 @@ def build_engine(name: str, **kwargs) -> RolloutEngine:
         valid = ", ".join(k for k in accepted if k != "model_path")
         raise ValueError(f"engine {name!r} has no option(s) {unknown} (from engine.options); "
                          f"its options: {valid}")
+    return cls
+
+
+def build_engine(name: str, replicas: int = 1, **kwargs) -> RolloutEngine:
+    """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed); with
+    ``replicas`` > 1, that many copies in processes of their own that split each call
+    (engines/replicas.py)."""
+    cls = check_options(name, kwargs)
+    if replicas > 1:
+        from ibtpo_core.engines.replicas import ReplicatedEngine
+
+        return ReplicatedEngine(name, replicas, **kwargs)
     return cls(**kwargs)

@@ -45,6 +45,6 @@ def stage_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:
     """An engine for one stage outside the RL loop (an evaluation): the process's held one for
     engines built once per process (vLLM), else a fresh one with the engine's fresh options."""
     cls = engine_class(name)
-    if cls.one_per_process:
+    if cls.one_per_process or kwargs.get("replicas", 1) > 1:  # replicas: processes to keep
         return held_engine(name, model_path, **kwargs)
     return build_engine(name, model_path=model_path, **{**kwargs, **cls.fresh_options})

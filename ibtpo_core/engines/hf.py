@@ -15,13 +15,52 @@ from ibtpo_core.engines.lean import LeanDecoder
 from ibtpo_core.engines.prefix_store import PrefixStore
 
 
-def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _sample(probs: torch.Tensor, gen: torch.Generator | None,
+            u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row by inverse CDF: a single uniform per row (``multinomial`` draws one
-    exponential per vocabulary entry, which dominated small-model decode steps)."""
+    exponential per vocabulary entry, which dominated small-model decode steps), from ``gen`` or
+    given as ``u`` (B,)."""
     cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device, dtype=cdf.dtype)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device, dtype=cdf.dtype)
+    else:
+        u = u.to(device=probs.device, dtype=cdf.dtype)[:, None]
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
     return tok.clamp_(max=probs.shape[1] - 1)
+
+
+# splitmix64 (Steele, Lea and Flood 2014) in signed int64: torch's int64 products wrap
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+
+
+def _wrap(x: int) -> int:
+    """A Python integer as the int64 that its low 64 bits are."""
+    return (x + 2**63) % 2**64 - 2**63
+
+
+def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function of ``z`` (int64, elementwise)."""
+    z = (z ^ _lsr(z, 30)) * _M1
+    z = (z ^ _lsr(z, 27)) * _M2
+    return z ^ _lsr(z, 31)
+
+
+def row_keys(seed: int, prefix_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: one key per sampled row, from the call's seed, the row's prefix (its index in
+    the whole call) and its sample number; nothing else about the call enters."""
+    base = mix64(torch.full_like(prefix_index, int(seed) % 2**63) + _GOLDEN)
+    return mix64(mix64(base + (prefix_index + 1) * _GOLDEN) + (sample_index + 1) * _GOLDEN)
+
+
+def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """(B,) float64 in [0, 1): each row's uniform at decode step ``step``."""
+    return _lsr(mix64(keys + _wrap((step + 1) * _GOLDEN)), 11).double() * 2.0**-53
 
 
 @ENGINES.register("hf")
@@ -30,7 +69,8 @@ class HFEngine(RolloutEngine):
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32",
                  max_batch: int = 256, prefix_cache_tokens: int = 1_000_000,
-                 reuse_prefixes: bool = True, trust_remote_code: bool = False):
+                 reuse_prefixes: bool = True, trust_remote_code: bool = False,
+                 seed_per_prefix: bool = False):
         from transformers import AutoModelForCausalLM  # heavy import kept local
 
         self.device = torch.device(device)
@@ -41,11 +81,19 @@ class HFEngine(RolloutEngine):
         self.max_batch = max_batch
         self.reuse_prefixes = reuse_prefixes
         self.store = PrefixStore(prefix_cache_tokens)
+        # each row's uniforms from (seed, prefix index, sample, step) instead of one generator
+        # per call: a prefix's samples do not depend on the rest of the call, so replicas can
+        # split it (engines/replicas.py); off by default, which keeps the published runs' draws
+        self.seed_per_prefix = seed_per_prefix
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0}
 
     @property
     def max_context(self) -> int:
         return int(self.model.config.max_position_embeddings)
+
+    @property
+    def seeds_per_prefix(self) -> bool:
+        return self.seed_per_prefix
 
     def load_weights(self, path: str) -> None:
         import glob
@@ -80,15 +128,25 @@ class HFEngine(RolloutEngine):
     def reset_prefix_cache(self) -> None:
         self.store.clear()
 
-    def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed):
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed,
+                  first_index=0):
+        seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        gen = None
+        if not self.seed_per_prefix:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
         rows_per_prefix = max(1, self.max_batch // num_samples)
         out: list[Completion] = []
         for start in range(0, len(prefixes), rows_per_prefix):
             chunk = prefixes[start:start + rows_per_prefix]
             limits = max_new_tokens[start:start + rows_per_prefix]
-            for c in self._generate_chunk(chunk, num_samples, temperature, limits, stop, gen):
+            keys = None
+            if self.seed_per_prefix:
+                index = torch.arange(len(chunk)).repeat_interleave(num_samples)
+                keys = row_keys(seed, index + first_index + start,
+                                torch.arange(num_samples).repeat(len(chunk)))
+            for c in self._generate_chunk(chunk, num_samples, temperature, limits, stop, gen,
+                                          keys):
                 c.prefix_index += start
                 out.append(c)
         return out
@@ -101,7 +159,8 @@ class HFEngine(RolloutEngine):
         temperature: float,
         limits: list[int],
         stop: StopConditions,
-        gen: torch.Generator,
+        gen: torch.Generator | None,
+        keys: torch.Tensor | None = None,
     ) -> list[Completion]:
         dev = self.device
         P = len(prefixes)
@@ -151,7 +210,7 @@ class HFEngine(RolloutEngine):
         for t in range(max_new):
             logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
             probs = logp.exp()  # (B, V)
-            tok = _sample(probs, gen)  # (B,)
+            tok = _sample(probs, gen, None if keys is None else row_uniforms(keys, t))  # (B,)
             new_tok[:, t] = tok
             new_lp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
             new_ent[:, t] = -(probs * logp).sum(-1)

@@ -33,6 +33,7 @@ def request_seed(seed: int, prefix_index: int) -> int:
 @ENGINES.register("vllm")
 class VLLMEngine(RolloutEngine):
     one_per_process = True
+    seeds_per_prefix = True  # request_seed(seed, index)
 
     def __init__(self, model_path: str, device: str = "cuda", dtype: str = "bfloat16",
                  max_batch: int = 256, prefix_cache_tokens: int = 0, reuse_prefixes: bool = True,
@@ -106,7 +107,8 @@ class VLLMEngine(RolloutEngine):
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
-    def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed):
+    def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed,
+                  first_index=0):
         import random
 
         from vllm import SamplingParams
@@ -118,7 +120,8 @@ class VLLMEngine(RolloutEngine):
         step_set = set(stop.step_end_token_ids) if stop.stop_at_step_end else set()
         stop_ids = sorted(eos_set | step_set)
         params = [SamplingParams(n=num_samples, temperature=temperature, max_tokens=limit,
-                                 seed=request_seed(seed, i), logprobs=0, stop_token_ids=stop_ids,
+                                 seed=request_seed(seed, first_index + i), logprobs=0,
+                                 stop_token_ids=stop_ids,
                                  ignore_eos=True,  # only ``stop`` ends a sample, as in hf
                                  detokenize=False, skip_special_tokens=False)
                   for i, limit in enumerate(max_new_tokens)]
