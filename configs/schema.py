@@ -147,7 +147,7 @@ class EngineConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict, description="engine-specific keyword "
                                     "arguments (vllm: gpu_memory_utilization, "
                                     "tensor_parallel_size, max_model_len, enforce_eager, "
-                                    "block_size; hf: seed_per_prefix)")
+                                    "block_size, sleep_during_update; hf: seed_per_prefix)")
     replicas: int = Field(1, ge=1, description="copies of the engine, one process each (one per "
                           "GPU: replica r sees GPU r), that split every sampling call; the "
                           "samples are one engine's (hf needs options.seed_per_prefix: true)")
@@ -157,6 +157,16 @@ class EngineConfig(Section):
         extra = {"replicas": self.replicas} if self.replicas > 1 else {}
         return {"device": self.device, "dtype": self.dtype, "max_batch": self.max_batch,
                 "prefix_cache_tokens": self.prefix_cache_tokens, **self.options, **extra}
+
+    @model_validator(mode="after")
+    def _sleep_needs_vllm_on_a_gpu(self):
+        if self.options.get("sleep_during_update") and (self.name != "vllm"
+                                                       or self.device == "cpu"):
+            raise ValueError(
+                f"engine.options.sleep_during_update frees the GPU memory of a vLLM engine while "
+                f"the update trains (vLLM's sleep mode, CUDA only); engine {self.name!r} on "
+                f"{self.device!r} has nothing to free: drop the option")
+        return self
 
     @model_validator(mode="after")
     def _replicas_need_seeds_per_prefix(self):

@@ -113,12 +113,14 @@ def estimate_scores(out: Path, iteration: int, algo: AlgoConfig, trees: StageRec
 def update_policy(out: Path, iteration: int, algo: AlgoConfig, policy: StageRecord,
                   scores: StageRecord, ref: StageRecord, save_optimizer: bool = True,
                   save_weights: bool = True) -> Output:
+    from ibtpo_core.engines.held import sleep_held
     from ibtpo_core.rl import load_sequences
     from ibtpo_core.training.deepspeed_trainer import train_on_sequences
     from ibtpo_core.training.launch import launch_update
     from ibtpo_core.training.replay import NOT_SAVED
 
     t0 = time.time()
+    sleep_held()  # a vLLM engine with sleep_during_update frees the GPU for the update
     seqs_path = Path(scores["path"]) / "sequences.json"
     if algo.update.world_size > 1:
         metrics = launch_update(policy["path"], str(out), str(seqs_path), algo.loss, algo.update,

@@ -140,3 +140,39 @@ def test_replicas_of_an_engine_without_per_prefix_seeds_are_refused(tmp_path):
     path.write_text("name: x\nengine:\n  replicas: 2\n")
     with pytest.raises(ValueError, match="set engine.options.seed_per_prefix: true"):
         load_config(str(path))
+
+
+def test_sleep_during_update_needs_vllm_on_a_gpu(tmp_path):
+    from configs.schema import load_config
+
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\nengine:\n  options: {sleep_during_update: true}\n")
+    with pytest.raises(ValueError, match="sleep_during_update frees the GPU memory .* 'hf' on "
+                                         "'cpu' has nothing to free"):
+        load_config(str(path))
+
+
+def test_the_update_puts_the_held_engine_to_sleep_and_the_next_use_wakes_it(tiny_model_dir):
+    """The order a vLLM engine with sleep_during_update sees: sampling (awake), the update stage
+    (asleep: its GPU memory is the update's), the next sampling (woken before it samples)."""
+    from ibtpo_core.engines import held
+    from ibtpo_core.engines.hf import HFEngine
+
+    calls = []
+
+    class Sleepy(HFEngine):
+        def sleep(self):
+            calls.append("sleep")
+
+        def wake(self):
+            calls.append("wake")
+
+    held._HELD.clear()
+    engine = Sleepy(tiny_model_dir)
+    held._HELD.update(engine=engine, key=held.json.dumps(["hf", {}], sort_keys=True), path="p")
+    held.sleep_held()
+    assert held.held_engine("hf", "p") is engine
+    assert calls == ["sleep", "wake"]
+    held._HELD.clear()
+    held.sleep_held()  # nothing held: nothing to do
+    assert calls == ["sleep", "wake"]

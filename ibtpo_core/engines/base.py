@@ -91,6 +91,13 @@ class RolloutEngine(ABC):
     def reset_prefix_cache(self) -> None:  # noqa: B027 - a no-op unless the engine keeps prefixes
         """Forget reusable prefixes, so results depend only on the inputs of this call on."""
 
+    def sleep(self) -> None:  # noqa: B027 - a no-op unless the engine can free its memory
+        """Free the accelerator memory the engine holds (its KV cache; its weights kept off the
+        GPU) while the update trains on the same GPUs; ``wake`` before the next call."""
+
+    def wake(self) -> None:  # noqa: B027
+        """Take back what ``sleep`` freed (a no-op when awake)."""
+
     def generate(self, prefixes: Sequence[Sequence[int]], *, num_samples: int = 1,
                  temperature: float = 1.0, max_new_tokens: int | Sequence[int],
                  stop: StopConditions, seed: int | None = None,

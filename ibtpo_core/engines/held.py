@@ -31,6 +31,7 @@ def held_engine(name: str, model_path: str, weights: dict | None = None,
         source = base_path if weights is not None and base_path else model_path
         engine = build_engine(name, model_path=source, **kwargs)
         _HELD.update(engine=engine, key=key, path=source)
+    engine.wake()  # asleep since the last update (sleep_held), if the engine sleeps
     if _HELD.get("path") != model_path:
         in_memory = weights is not None and engine.load_state(weights)
         if not in_memory:
@@ -39,6 +40,14 @@ def held_engine(name: str, model_path: str, weights: dict | None = None,
         _HELD["loads_in_memory"] = _HELD.get("loads_in_memory", 0) + int(in_memory)
     engine.reset_prefix_cache()
     return engine
+
+
+def sleep_held() -> None:
+    """Put the process's held engine to sleep, if there is one (the update stage, before it
+    trains on the GPUs the engine shares); the next ``held_engine`` call wakes it."""
+    engine = _HELD.get("engine")
+    if engine is not None:
+        engine.sleep()
 
 
 def stage_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:

@@ -140,6 +140,12 @@ class ReplicatedEngine(RolloutEngine):
     def reset_prefix_cache(self) -> None:
         self._all("reset_prefix_cache")
 
+    def sleep(self) -> None:
+        self._all("sleep")
+
+    def wake(self) -> None:
+        self._all("wake")
+
     def close(self) -> None:
         """Stop the replicas' processes (also when the engine is dropped)."""
         for conn, proc in zip(self._conns, self._procs):

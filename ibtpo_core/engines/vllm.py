@@ -39,7 +39,8 @@ class VLLMEngine(RolloutEngine):
                  max_batch: int = 256, prefix_cache_tokens: int = 0, reuse_prefixes: bool = True,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None,
-                 enforce_eager: bool | None = None, block_size: int | None = None):
+                 enforce_eager: bool | None = None, block_size: int | None = None,
+                 sleep_during_update: bool = False):
         if device == "cpu":
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -60,7 +61,13 @@ class VLLMEngine(RolloutEngine):
             kwargs["block_size"] = block_size
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if sleep_during_update:
+            if device == "cpu":
+                raise ValueError("engine.options.sleep_during_update frees GPU memory for the "
+                                 "update; vLLM's sleep mode needs a GPU: drop the option on CPU")
+            kwargs["enable_sleep_mode"] = True
         self.llm = LLM(**kwargs)
+        self._sleeps, self._asleep = sleep_during_update, False
         self.model_path = model_path
         self._dtype = self.llm.llm_engine.model_config.dtype  # a torch dtype ("auto" resolved)
         self._max_context = int(self.llm.llm_engine.model_config.max_model_len)
@@ -106,6 +113,18 @@ class VLLMEngine(RolloutEngine):
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """With ``sleep_during_update``: vLLM's sleep level 1, the weights offloaded to host
+        memory and the KV cache discarded, so the update has the GPU's memory."""
+        if self._sleeps and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def _generate(self, prefixes, num_samples, temperature, max_new_tokens, stop, seed,
                   first_index=0):
