@@ -130,6 +130,10 @@ def train_steps(run: Run) -> dict:
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", eff_rate=f"{metrics['eff_rate']:.2f}",
                         decoded=f"{rl.decoded:.0f}")
     bar.close()
+    if cfg.algo.update.resident_ranks:  # the resident update ranks free their memory
+        from ibtpo_core.training.server import stop_server
+
+        stop_server()
     if rl.freed:  # one line, not one an iteration
         get_run_logger().info(f"deleted {rl.freed / 2**20:.0f} MiB of older optimizer states "
                               f"and weights (rl.keep_optimizer_states: "

@@ -43,8 +43,10 @@ from ibtpo_core.training.retention import (
 # itself keys the update (it sets the float order of the gradient all-reduce).
 # ``resident`` (one process: keep the engine and optimizer in memory between iterations,
 # resident.py) takes the same step as a rebuild from disk, bit for bit (tests/test_resident.py).
+# ``resident_ranks`` (the ranks of a multi-process update stay alive across iterations,
+# server.py) likewise: the held shards take the step a relaunch takes (tests/test_update_server.py).
 LAUNCH_SETTINGS = ("launcher", "num_processes", "nodes", "node_hosts", "node_launch", "rdzv_port",
-                   "resident")
+                   "resident", "resident_ranks")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,10 @@ class UpdateSpec:
     # the rollout engine gets the new weights in memory (resident.py); the checkpoint is still
     # written every iteration
     resident: bool = True
+    # several processes on one node: the ranks start once and stay alive across iterations,
+    # each keeping its part of the engine and optimizer (server.py); the checkpoint and the
+    # optimizer state are still written every iteration
+    resident_ranks: bool = False
 
     @property
     def world_size(self) -> int:
@@ -227,14 +233,16 @@ def train_on_sequences(
     if not seqs:
         raise ValueError("no training sequences: every prompt of the iteration failed to sample")
     world, ds_cfg = _setup(spec)
-    keep = spec.resident and world == 1
-    if not save_weights and not keep:
+    served = os.environ.get("IBTPO_UPDATE_SERVER") == "1"  # a rank of server.py's ranks
+    keep = spec.resident and (world == 1 or served)
+    if not save_weights and not (keep and world == 1):
         raise ValueError("only a one-process resident update can keep the weights in memory "
                          "(rl.save_every > 1): set algo.update.resident: true, one process")
     key = _resident_key(spec, ds_cfg, ref_dir, loss)
     state = resident.take(model_dir, key) if keep else None
+    held = state is not None
     if state is None and replay.optimizer_not_saved(model_dir):
-        if not keep:
+        if not keep or world > 1:
             raise ValueError(f"{model_dir} was saved without its optimizer state "
                              f"(rl.save_optimizer_every), which only a one-process resident "
                              f"update can replay: set algo.update.resident: true")
@@ -244,6 +252,7 @@ def train_on_sequences(
     t0 = time.perf_counter()
     sums = train_steps(state, seqs, loss, spec, world)
     sums["update/compute_s"] = time.perf_counter() - t0  # the steps alone: no build, no save
+    sums["update/held"] = float(held)  # 1: the trainer of the last update, kept in memory
     if save_weights:
         save_policy(state.engine, state.optimizer, state.tok, out_dir,
                     int(os.environ.get("RANK", "0")), state.sharded, save_optimizer)
@@ -253,6 +262,8 @@ def train_on_sequences(
         state.tok.save_pretrained(out_dir)
         replay.write_held(out_dir, module.state_dict())
     if keep:
+        if world > 1:  # rank 0 has written the weights file every rank fingerprints
+            torch.distributed.barrier()
         resident.hold(state, out_dir)
     return sums
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--sequences", required=True)
-    ap.add_argument("--loss", required=True)
+    ap.add_argument("--serve", default=None, help="a resident server's folder (server.py): "
+                    "take updates from it until told to stop")
+    ap.add_argument("--model")
+    ap.add_argument("--out")
+    ap.add_argument("--sequences")
+    ap.add_argument("--loss")
     ap.add_argument("--update", required=True)
     ap.add_argument("--ref", default=None)
     a = ap.parse_args()
@@ -30,10 +32,17 @@ def main() -> None:
 
     up = json.loads(a.update)
     up["betas"] = tuple(up["betas"])
-    metrics = train_on_sequences(a.model, a.out, load_sequences(Path(a.sequences)),
-                                 LossSpec(**json.loads(a.loss)), UpdateSpec(**up), ref_dir=a.ref)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (Path(a.out) / "update_metrics.json").write_text(json.dumps(metrics))
+    up["node_hosts"] = tuple(up.get("node_hosts", ()))
+    if a.serve:
+        from ibtpo_core.training.server import serve
+
+        serve(a.serve, UpdateSpec(**up))
+    else:
+        metrics = train_on_sequences(a.model, a.out, load_sequences(Path(a.sequences)),
+                                     LossSpec(**json.loads(a.loss)), UpdateSpec(**up),
+                                     ref_dir=a.ref)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (Path(a.out) / "update_metrics.json").write_text(json.dumps(metrics))
     # no rank leaves while another still writes; then leave at once, without the interpreter's
     # teardown: there, C++ threads of gloo and DeepSpeed still joinable at destruction aborted
     # the rank ("terminate called without an active exception", SIGABRT) after a correct update
