@@ -223,6 +223,8 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tiny_model_dir, tmp_path
     ({"nodes": 2}, "needs node_hosts with 2 addresses"),
     ({"nodes": 2, "node_hosts": ("a", "b"), "launcher": "deepspeed"}, "set launcher: torchrun"),
     ({"node_launch": "ssh"}, "must name {host}"),
+    ({"nodes": 2, "node_hosts": ("a", "b"), "resident_ranks": True},
+     "with nodes=2 set resident_ranks: false"),
 ])
 def test_bad_multi_node_settings_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -125,6 +125,10 @@ class UpdateSpec:
         if self.node_launch and "{host}" not in self.node_launch:
             raise ValueError(f"node_launch {self.node_launch!r} must name {{host}}, e.g. "
                              f"'ssh {{host}}' or 'srun --nodes=1 --ntasks=1 --nodelist={{host}}'")
+        if self.resident_ranks and self.nodes > 1:
+            raise ValueError(f"resident_ranks keeps the ranks of one node alive (training/"
+                             f"server.py); with nodes={self.nodes} set resident_ranks: false "
+                             f"(each update launches its agents)")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         if self.micro_batch_size < 1:
