@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from ibtpo_core.data.tokenizer import step_end_token_ids
 from ibtpo_core.engines.base import StopConditions, build_engine
 from ibtpo_core.engines.hf import mix64, row_uniforms
-from ibtpo_core.engines.replicas import split_evenly
+from ibtpo_core.engines.replicas import build, split_evenly
 from tests.engine_checks import forward_logprobs
 
 
@@ -109,7 +109,7 @@ def _floats(trees, key):
 def test_two_engine_processes_grow_the_trees_of_one_engine(setup, tiny_model_dir):
     tok, stop, prompts = setup
     one = build_engine("hf", model_path=tiny_model_dir, seed_per_prefix=True)
-    two = build_engine("hf", model_path=tiny_model_dir, seed_per_prefix=True, replicas=2)
+    two = build("hf", model_path=tiny_model_dir, seed_per_prefix=True, replicas=2)
     try:
         assert two.max_context == one.max_context
         expected, m1 = _trees(one, tok, seed=5)

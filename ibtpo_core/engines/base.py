@@ -177,13 +177,7 @@ def check_options(name: str, kwargs: dict) -> type[RolloutEngine]:
     return cls
 
 
-def build_engine(name: str, replicas: int = 1, **kwargs) -> RolloutEngine:
-    """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed); with
-    ``replicas`` > 1, that many copies in processes of their own that split each call
-    (engines/replicas.py)."""
-    cls = check_options(name, kwargs)
-    if replicas > 1:
-        from ibtpo_core.engines.replicas import ReplicatedEngine
-
-        return ReplicatedEngine(name, replicas, **kwargs)
-    return cls(**kwargs)
+def build_engine(name: str, **kwargs) -> RolloutEngine:
+    """Build the engine registered as ``name`` (``hf``; ``vllm`` where installed); several
+    copies that split each call: ``replicas.build``."""
+    return check_options(name, kwargs)(**kwargs)

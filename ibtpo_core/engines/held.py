@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 
-from ibtpo_core.engines.base import RolloutEngine, build_engine, engine_class
+from ibtpo_core.engines.base import RolloutEngine, engine_class
+from ibtpo_core.engines.replicas import build
 
 _HELD: dict = {}
 
@@ -29,7 +30,7 @@ def held_engine(name: str, model_path: str, weights: dict | None = None,
     if engine is None or _HELD.get("key") != key:
         _HELD.clear()  # drop the old engine (and its memory) before building the next
         source = base_path if weights is not None and base_path else model_path
-        engine = build_engine(name, model_path=source, **kwargs)
+        engine = build(name, model_path=source, **kwargs)
         _HELD.update(engine=engine, key=key, path=source)
     engine.wake()  # asleep since the last update (sleep_held), if the engine sleeps
     if _HELD.get("path") != model_path:
@@ -56,4 +57,4 @@ def stage_engine(name: str, model_path: str, **kwargs) -> RolloutEngine:
     cls = engine_class(name)
     if cls.one_per_process or kwargs.get("replicas", 1) > 1:  # replicas: processes to keep
         return held_engine(name, model_path, **kwargs)
-    return build_engine(name, model_path=model_path, **{**kwargs, **cls.fresh_options})
+    return build(name, model_path=model_path, **{**kwargs, **cls.fresh_options})

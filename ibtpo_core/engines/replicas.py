@@ -16,7 +16,7 @@ import multiprocessing as mp
 import os
 import traceback
 
-from ibtpo_core.engines.base import Completion, RolloutEngine
+from ibtpo_core.engines.base import Completion, RolloutEngine, build_engine, check_options
 
 
 def _serve(conn, name: str, kwargs: dict, env: dict) -> None:
@@ -24,8 +24,6 @@ def _serve(conn, name: str, kwargs: dict, env: dict) -> None:
     send back ``("ok", result)`` or ``("error", traceback)``; ``None`` stops it."""
     os.environ.update(env)
     try:
-        from ibtpo_core.engines.base import build_engine
-
         engine = build_engine(name, **kwargs)
         conn.send(("ok", {"max_context": engine.max_context,
                           "seeds_per_prefix": engine.seeds_per_prefix}))
@@ -43,6 +41,15 @@ def _serve(conn, name: str, kwargs: dict, env: dict) -> None:
             conn.send(("ok", result))
         except Exception:  # noqa: BLE001
             conn.send(("error", traceback.format_exc()))
+
+
+def build(name: str, replicas: int = 1, **kwargs) -> RolloutEngine:
+    """Engine ``name`` built with ``kwargs``: one, or with ``replicas`` > 1 that many copies in
+    processes of their own that split each call (options checked here, before any starts)."""
+    if replicas > 1:
+        check_options(name, kwargs)
+        return ReplicatedEngine(name, replicas, **kwargs)
+    return build_engine(name, **kwargs)
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
