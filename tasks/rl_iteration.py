@@ -122,7 +122,7 @@ def update_policy(out: Path, iteration: int, algo: AlgoConfig, policy: StageReco
     t0 = time.time()
     sleep_held()  # a vLLM engine with sleep_during_update frees the GPU for the update
     seqs_path = Path(scores["path"]) / "sequences.json"
-    if algo.update.world_size > 1 and algo.update.resident_ranks and algo.update.nodes == 1:
+    if algo.update.world_size > 1 and algo.update.resident_ranks:  # one node (UpdateSpec)
         from ibtpo_core.training.server import served_update
 
         metrics = served_update(policy["path"], str(out), str(seqs_path), algo.loss, algo.update,

@@ -47,6 +47,8 @@ from ibtpo_core.training.retention import (
 # server.py) likewise: the held shards take the step a relaunch takes (tests/test_update_server.py).
 LAUNCH_SETTINGS = ("launcher", "num_processes", "nodes", "node_hosts", "node_launch", "rdzv_port",
                    "resident", "resident_ranks")
+# set in the ranks of server.py's resident launch: each keeps its state across updates
+SERVING_ENV = "IBTPO_UPDATE_SERVER"
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,7 @@ def train_on_sequences(
     if not seqs:
         raise ValueError("no training sequences: every prompt of the iteration failed to sample")
     world, ds_cfg = _setup(spec)
-    served = os.environ.get("IBTPO_UPDATE_SERVER") == "1"  # a rank of server.py's ranks
+    served = os.environ.get(SERVING_ENV) == "1"  # a rank of server.py's resident launch
     keep = spec.resident and (world == 1 or served)
     if not save_weights and not (keep and world == 1):
         raise ValueError("only a one-process resident update can keep the weights in memory "

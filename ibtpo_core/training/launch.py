@@ -30,8 +30,7 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
     from ibtpo_core.runtime import free_port
 
     require_optimizer_state(model_dir)  # before any rank starts
-    if not torch.cuda.is_available():  # said here, where the run's log shows it, not in a rank
-        clear_stale_lock()
+    clear_stale_lock_on_cpu()
     port = free_port()
     bindir = Path(sys.executable).parent
     args = ["-m", "ibtpo_core.training.update_main", "--model", model_dir, "--out", out_dir,
@@ -43,15 +42,12 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
     if spec.nodes > 1:
         cmds = node_agent_commands(spec, bindir / "torchrun", args, out_dir)
     elif spec.launcher == "torchrun":
-        cmds = [[str(bindir / "torchrun"), "--nproc_per_node", n, "--master_addr", "127.0.0.1",
-                 "--master_port", str(port)] + args]
+        cmds = [local_torchrun(spec.num_processes, port) + args]
     else:  # the deepspeed launcher; on CPU --num_gpus counts CPU ranks
         cmds = [[str(bindir / "deepspeed"), "--no_local_rank", "--num_gpus", n,
                  "--master_addr", "127.0.0.1", "--master_port", str(port), "--module"] + args[1:]]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     # tethered: a killed run takes its launchers and ranks with it
-    procs = [tether.spawn(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    procs = [tether.spawn(c, env=rank_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True) for c in cmds]
     try:
         errs = [p.communicate()[1] for p in procs]
@@ -65,6 +61,29 @@ def launch_update(model_dir: str, out_dir: str, seqs_path: str, loss: LossSpec, 
         raise RuntimeError(f"the {spec.launcher} update with {spec.nodes} x {n} processes failed"
                            f"{where} (exit {code}):\n{stderr[-3000:]}")
     return json.loads((Path(out_dir) / "update_metrics.json").read_text())
+
+
+def clear_stale_lock_on_cpu() -> None:
+    """Before ranks start on CPU: clear a killed build's lock of DeepSpeed's communication op
+    (said in this process, where the run's log shows it, not in a rank)."""
+    if not torch.cuda.is_available():
+        clear_stale_lock()
+
+
+def local_torchrun(num_processes: int, port: int) -> list[str]:
+    """The torchrun command that starts ``num_processes`` ranks on this machine (the module and
+    its arguments to follow)."""
+    import sys
+
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node",
+            str(num_processes), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
+def rank_env() -> dict[str, str]:
+    """This process's environment without the rank variables of a launch it may run in: the
+    ranks it starts get theirs from their own launcher."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def node_agent_commands(spec: UpdateSpec, torchrun: Path, args: list[str], out_dir: str

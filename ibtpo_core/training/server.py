@@ -17,14 +17,12 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ibtpo_core.algo.losses import LossSpec
-from ibtpo_core.training.deepspeed_trainer import UpdateSpec
+from ibtpo_core.training.deepspeed_trainer import SERVING_ENV, UpdateSpec
 
-SERVING_ENV = "IBTPO_UPDATE_SERVER"  # set in the ranks of a server: keep state across updates
 POLL_S = 0.05
 _SERVER: dict = {}
 
@@ -72,23 +70,16 @@ def _server_for(spec: UpdateSpec) -> dict:
 def _start(spec: UpdateSpec) -> dict:
     import tempfile
 
-    import torch
-
     from ibtpo_core import tether
     from ibtpo_core.runtime import free_port
-    from ibtpo_core.training.comm_op import clear_stale_lock
+    from ibtpo_core.training.launch import clear_stale_lock_on_cpu, local_torchrun, rank_env
 
-    if not torch.cuda.is_available():
-        clear_stale_lock()
+    clear_stale_lock_on_cpu()
     folder = tempfile.mkdtemp(prefix="ibtpo-update-server-")
-    bindir = Path(sys.executable).parent
-    cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(spec.num_processes),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "ibtpo_core.training.update_main", "--serve", folder,
-           "--update", json.dumps(dataclasses.asdict(spec))]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env[SERVING_ENV] = "1"
+    cmd = local_torchrun(spec.num_processes, free_port()) + [
+        "-m", "ibtpo_core.training.update_main", "--serve", folder,
+        "--update", json.dumps(dataclasses.asdict(spec))]
+    env = {**rank_env(), SERVING_ENV: "1"}
     log = open(Path(folder) / "ranks.log", "w")  # a file: a long-lived pipe would fill and block
     proc = tether.spawn(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()

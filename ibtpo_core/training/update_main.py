@@ -32,7 +32,6 @@ def main() -> None:
 
     up = json.loads(a.update)
     up["betas"] = tuple(up["betas"])
-    up["node_hosts"] = tuple(up.get("node_hosts", ()))
     if a.serve:
         from ibtpo_core.training.server import serve
 
